@@ -1,0 +1,27 @@
+# The two set-up commands (README): `make demo` runs the main job, `make test` runs the tests.
+# Each creates .venv and installs what it needs; torch is pinned through constraints.txt so a CPU
+# machine takes the local CPU wheel and never pulls CUDA packages.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: demo test verify bench clean
+demo: $(STAMP)
+	$(VENV)/bin/xent verify
+
+verify: $(STAMP)
+	$(VENV)/bin/xent verify
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_cross_entropy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info

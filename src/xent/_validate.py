@@ -1,0 +1,285 @@
+"""Argument checking: turns the public arguments into one normalized `Problem`.
+
+Everything torch checks is checked here, in torch's order and with torch's exception types, so that the
+kernels only ever see well-formed input. The order matters to users who test error handling: torch
+raises the batch-size ValueError before a target-dtype RuntimeError, the weight-shape error before an
+out-of-range target, and so on (see ../shared/reference/torch-semantics.md).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# torch's C++ names for scalar types, used in its messages ("expected scalar type Float but found Double").
+_SCALAR_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def scalar_name(dtype: torch.dtype) -> str:
+    return _SCALAR_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _shape(t: Tensor | torch.Size | tuple) -> str:
+    return "[" + ", ".join(str(s) for s in (t.shape if isinstance(t, Tensor) else t)) + "]"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scalar arguments
+
+
+def resolve_reduction(reduction, size_average=None, reduce=None) -> str:
+    """Map legacy `size_average`/`reduce` (with torch's warning) and check `reduction`."""
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce)
+    if isinstance(reduction, str) and reduction == "elementwise_mean":
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+                      stacklevel=3)
+        return "mean"
+    if not (isinstance(reduction, str) and reduction in REDUCTIONS):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def legacy_reduction(size_average, reduce) -> str:
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    result = "mean" if (size_average and reduce) else ("sum" if reduce else "none")
+    warnings.warn(f"size_average and reduce args will be deprecated, please use reduction='{result}' instead.",
+                  stacklevel=3)
+    return result
+
+
+def check_tensor(value, name: str, fn: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(value).__name__}")
+
+
+def as_index(value, name: str, fn: str) -> int:
+    """An integer argument as torch parses it: ints, numpy ints and 0-d integer tensors; not bool/float."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{fn}(): argument '{name}' must be int, not bool")
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}(): argument '{name}' must be int, not {type(value).__name__}") from None
+    if not -(2**63) <= result < 2**63:
+        raise ValueError(f"{fn}(): argument '{name}' = {result} does not fit in a 64-bit integer")
+    return result
+
+
+def as_float(value, name: str, fn: str) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{fn}(): argument '{name}' must be float, not {type(value).__name__}")
+
+
+def check_label_smoothing(eps: float) -> float:
+    """torch: > 1 raises, < 0 and NaN mean 'no smoothing'."""
+    if eps > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps:g}")
+    return eps if eps > 0.0 else 0.0
+
+
+def check_float_input(input: Tensor, fn: str) -> None:
+    if input.dtype not in FLOAT_DTYPES:
+        raise NotImplementedError(
+            f"{fn}: input must hold floating point scores (float32, float64, bfloat16 or float16), "
+            f"but got {scalar_name(input.dtype)}")
+
+
+def check_same_device(t: Tensor, input: Tensor, what: str) -> None:
+    if t.device != input.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device: {what} is on {t.device}, "
+                           f"input is on {input.device}")
+
+
+def check_weight_shape(weight: Tensor | None, num_classes: int, prefix: str = "") -> None:
+    if weight is not None and (weight.dim() != 1 or weight.numel() != num_classes):
+        raise RuntimeError(f"{prefix}weight tensor should be defined either for all {num_classes} classes or no "
+                           f"classes but got weight tensor of shape: {_shape(weight)}")
+
+
+def check_optional_positive(value, name: str, fn: str, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    v = as_float(value, name, fn)
+    if math.isnan(v) or v < 0 or (allow_none and v == 0):
+        raise ValueError(f"{fn}: {name} must be {'> 0' if allow_none else '>= 0'}, got {v:g}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------
+# The normalized problem
+
+
+@dataclass(frozen=True)
+class Options:
+    """The scalar options of one loss computation, after validation."""
+
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0  # 0 when torch would not smooth (eps <= 0 or NaN)
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """One cross-entropy, normalized to a (N, C, D) layout.
+
+    Every input shape torch accepts maps onto it: unbatched (C,) is (1, C, 1), (N, C) is (N, C, 1) and
+    (N, C, d1..dk) is (N, C, d1*...*dk). A *row* is one (n, d) position, R = N * D rows in all, ordered
+    n-major so that `target.reshape(-1)` and the per-row loss line up.
+    """
+
+    logits: Tensor  # (N, C, D) view of the caller's input (no copy)
+    target: Tensor  # class indices (N, D), or class probabilities (N, C, D)
+    weight: Tensor | None  # (C,)
+    probabilities: bool
+    options: Options
+    input_shape: torch.Size
+    output_shape: tuple  # shape of the reduction='none' result
+    output_dtype: torch.dtype
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_rows(self) -> int:
+        return self.logits.shape[0] * self.logits.shape[2]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """fp32 for fp32/bf16/fp16 (our math and reductions never run in half precision), else fp64."""
+        return torch.float64 if self.output_dtype == torch.float64 or self.logits.dtype == torch.float64 \
+            else torch.float32
+
+
+def _as_3d(t: Tensor) -> Tensor:
+    """(C,) -> (1, C, 1); (N, C) -> (N, C, 1); (N, C, d...) -> (N, C, D). A view whenever torch can make one."""
+    if t.dim() == 1:
+        return t.view(1, t.shape[0], 1)
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def check_index_target(input: Tensor, target: Tensor) -> None:
+    """torch's nll_loss shape and dtype checks, in its order (batch, rank, dtype)."""
+    if input.dim() == 0:
+        raise ValueError("Expected 1 or more dimensions (got 0)")
+    if input.dim() != 1:
+        target_batch = target.shape[0] if target.dim() > 0 else 0
+        if input.shape[0] != target_batch:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                             f"({target_batch}).")
+    if input.dim() <= 2 and target.dim() > 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    if input.dim() >= 3:
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise RuntimeError(f"Expected target size {_shape(expected)}, got {_shape(target)}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_name(target.dtype)}")
+    if input.dim() == 1 and target.numel() != 1:
+        raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
+    check_same_device(target, input, "target")
+
+
+def check_index_weight(input: Tensor, weight: Tensor | None) -> None:
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    check_weight_shape(weight, num_classes)
+    if weight is not None:
+        if weight.dtype != input.dtype:
+            raise RuntimeError(f"expected scalar type {scalar_name(input.dtype)} but found "
+                               f"{scalar_name(weight.dtype)}")
+        check_same_device(weight, input, "weight")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("the loss is not differentiable with respect to 'weight' when target holds class "
+                               "indices (as in torch); pass weight.detach() or use class-probability targets")
+
+
+def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """IndexError naming the first target that is neither a class nor ignore_index (as torch on CPU)."""
+    if target.numel() == 0:
+        return
+    flat = target.reshape(-1)
+    bad = (flat >= num_classes) & (flat != ignore_index)
+    if target.dtype != torch.uint8:  # uint8 cannot be negative
+        bad |= (flat < 0) & (flat != ignore_index)
+    if bool(bad.any()):
+        first = int(flat[bad.nonzero()[0, 0]])
+        raise IndexError(f"Target {first} is out of bounds. (It must be a class index in [0, {num_classes - 1}] "
+                         f"or ignore_index={ignore_index}.)")
+
+
+def cross_entropy_problem(input, target, weight, *, reduction, ignore_index, label_smoothing, z_loss=0.0,
+                          softcap=None, fn: str = "cross_entropy") -> Problem:
+    """Validate cross_entropy's arguments, in torch's order, into a Problem.
+
+    `reduction` must already be resolved (torch checks it before anything else).
+    """
+    check_tensor(input, "input", fn)
+    check_tensor(target, "target", fn)
+    check_tensor(weight, "weight", fn, optional=True)
+    ignore_index = as_index(ignore_index, "ignore_index", fn)
+    label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
+    z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
+    softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
+    options = Options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    if input.shape == target.shape:
+        return _probability_problem(input, target, weight, options, fn)
+    options = replace(options, label_smoothing=check_label_smoothing(label_smoothing))
+    check_float_input(input, fn)
+    if input.dim() == 0:
+        raise IndexError(f"{fn}: input must have a class dimension, got a 0-d tensor")
+    check_index_target(input, target)
+    check_index_weight(input, weight)
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    check_target_range(target, num_classes, options.ignore_index)
+    if input.dim() == 1:
+        output_shape = ()
+        target = target.reshape(1, 1)
+    else:
+        output_shape = (input.shape[0],) + tuple(input.shape[2:])
+        target = target.reshape(input.shape[0], math.prod(input.shape[2:]))
+    return Problem(_as_3d(input), target, weight, False, options, input.shape, output_shape, input.dtype)
+
+
+def _probability_problem(input: Tensor, target: Tensor, weight, options: Options, fn: str) -> Problem:
+    if not target.is_floating_point():
+        raise RuntimeError(f"Expected floating point type for target with class probabilities, got "
+                           f"{scalar_name(target.dtype)}")
+    if options.ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    if input.dim() == 0:
+        raise IndexError(f"{fn}: input must have a class dimension, got a 0-d tensor")
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    check_weight_shape(weight, num_classes, prefix="cross_entropy: ")
+    check_float_input(input, fn)
+    options = replace(options, label_smoothing=check_label_smoothing(options.label_smoothing))
+    check_same_device(target, input, "target")
+    dtypes = [input.dtype, target.dtype] + ([weight.dtype] if weight is not None else [])
+    output_dtype = dtypes[0]
+    for d in dtypes[1:]:
+        output_dtype = torch.promote_types(output_dtype, d)
+    if weight is not None:
+        check_same_device(weight, input, "weight")
+    output_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    return Problem(_as_3d(input), _as_3d(target), weight, True, options, input.shape, output_shape, output_dtype)

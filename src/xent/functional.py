@@ -1,0 +1,114 @@
+"""xent's functional API: drop-in replacements for torch.nn.functional.cross_entropy and nll_loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _autograd
+from ._validate import (_as_3d, as_index, check_float_input, check_index_target, check_index_weight,
+                        check_target_range, check_tensor, cross_entropy_problem, resolve_reduction)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
+                  ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None) -> Tensor:
+    r"""Cross-entropy between logits and targets; the same signature, result and errors as
+    :func:`torch.nn.functional.cross_entropy`, computed by xent's fused kernel.
+
+    The loss and its gradient come from one read of the logits per cache-sized chunk of rows; backward
+    scales the gradient buffer in place. Peak extra memory is the gradient itself (torch: about three
+    times the logits). bf16/fp16 inputs are computed and reduced in fp32, so the result is *more*
+    accurate than torch's, which accumulates in half precision.
+
+    Args:
+        input (Tensor): unnormalized scores (logits), shape :math:`(C)`, :math:`(N, C)` or
+            :math:`(N, C, d_1, ..., d_K)`; float32, float64, bfloat16 or float16.
+        target (Tensor): class indices in :math:`[0, C)` (int64 or uint8, shape :math:`()`, :math:`(N)` or
+            :math:`(N, d_1, ..., d_K)`), or class probabilities of the same shape as ``input``.
+        weight (Tensor, optional): a weight per class, shape :math:`(C)`.
+        size_average, reduce: deprecated; mapped to ``reduction`` with torch's warning.
+        ignore_index (int): a target value that contributes neither to the loss nor to the 'mean'
+            denominator (class-index targets only). Default: -100.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+        label_smoothing (float): in [0, 1]; mixes the target with the uniform distribution. With class
+            weights, the uniform part is weighted per class, as torch does (not by the target's weight).
+        z_loss (float, keyword-only): adds ``z_loss * lse**2`` per non-ignored row (lse = log-sum-exp of
+            its logits), unweighted; 'mean' divides by the same denominator as the cross-entropy.
+        softcap (float, keyword-only): replaces the logits by ``softcap * tanh(logits / softcap)`` first.
+
+    Shape:
+        - Output: scalar for 'mean'/'sum'; for 'none' the target's shape without the class dimension:
+          :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`.
+
+    Examples::
+
+        >>> logits = torch.randn(3, 5, requires_grad=True)
+        >>> target = torch.tensor([1, 0, 4])
+        >>> loss = xent.cross_entropy(logits, target, label_smoothing=0.1)
+        >>> loss.backward()
+        >>> probs = torch.randn(3, 5).softmax(dim=1)
+        >>> xent.cross_entropy(logits, probs, reduction="none").shape
+        torch.Size([3])
+    """
+    reduction = resolve_reduction(reduction, size_average, reduce)
+    problem = cross_entropy_problem(input, target, weight, reduction=reduction, ignore_index=ignore_index,
+                                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return _autograd.cross_entropy(problem, input, target, weight)
+
+
+def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
+             ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean") -> Tensor:
+    r"""Negative log-likelihood of log-probabilities; the same signature, result and errors as
+    :func:`torch.nn.functional.nll_loss`.
+
+    ``loss_i = -weight[y_i] * input[i, y_i]`` for non-ignored rows; 'mean' divides by the sum of
+    ``weight[y_i]`` over them. bf16/fp16 are reduced in fp32.
+
+    Args:
+        input (Tensor): log-probabilities, shape :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
+        target (Tensor): class indices (int64 or uint8), shape :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`.
+        weight (Tensor, optional): a weight per class, shape :math:`(C)`, same dtype as ``input``.
+        size_average, reduce: deprecated; mapped to ``reduction`` with torch's warning.
+        ignore_index (int): a target value that is skipped. Default: -100.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+
+    Shape:
+        - Output: scalar for 'mean'/'sum'; the target's shape for 'none'.
+
+    Examples::
+
+        >>> log_probs = torch.randn(3, 5).log_softmax(dim=1).requires_grad_()
+        >>> xent.nll_loss(log_probs, torch.tensor([1, 0, 4])).backward()
+    """
+    reduction = resolve_reduction(reduction, size_average, reduce)
+    fn = "nll_loss"
+    check_tensor(input, "input", fn)
+    check_tensor(target, "target", fn)
+    check_tensor(weight, "weight", fn, optional=True)
+    ignore_index = as_index(ignore_index, "ignore_index", fn)
+    check_index_target(input, target)
+    check_index_weight(input, weight)
+    check_float_input(input, fn)
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    check_target_range(target, num_classes, ignore_index)
+
+    # A gather of the target column: autograd's own backward (a scatter) gives the gradient and its
+    # derivative, so no custom kernel is needed.
+    compute_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = _as_3d(input)
+    n, _, d = x.shape
+    t = target.reshape(n, 1, d)
+    valid = t != ignore_index
+    index = torch.where(valid, t, 0).long()
+    picked = x.gather(1, index).to(compute_dtype)
+    w_y = weight.to(compute_dtype)[index] if weight is not None else torch.ones_like(picked)
+    w_y = torch.where(valid, w_y, 0)
+    loss = torch.where(valid, -w_y * picked, 0)
+    if reduction == "none":
+        out = loss.reshape(() if input.dim() == 1 else (n,) + tuple(input.shape[2:]))
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / w_y.sum()
+    return out.to(input.dtype)

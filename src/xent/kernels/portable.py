@@ -1,0 +1,199 @@
+"""Portable cross-entropy: the row kernel (rows.py) driven over cache-sized chunks with plain torch ops.
+
+Runs on any device torch runs on. For each chunk of rows the logits are read once (row max, then
+exp(z - max) written straight into the gradient buffer), the loss comes from the log-sum-exp, and the
+gradient is finished in place while the chunk is still in cache. Nothing of size (rows, classes) is
+allocated except the gradient itself; without a gradient only one chunk-sized scratch buffer is.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .._validate import Problem
+from . import rows
+
+# Logits per chunk: 2^20 fp32 values (4 MiB) keep a chunk and its few row vectors inside the L2 caches
+# of a typical CPU while making the per-chunk Python overhead negligible (benchmarks/RESULTS.md).
+CHUNK_ELEMENTS = 1 << 20
+
+
+class IndexRows:
+    """Per-row facts about class-index targets, computed once per batch (O(rows), not O(rows x classes))."""
+
+    def __init__(self, target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype):
+        target = target.reshape(-1)
+        self.valid = target != ignore_index
+        self.index = torch.where(self.valid, target, 0).long()  # ignored rows point at class 0, harmlessly
+        w_y = weight.to(dtype)[self.index] if weight is not None else torch.ones(target.shape, dtype=dtype,
+                                                                                  device=target.device)
+        self.weight = torch.where(self.valid, w_y, 0)  # w[y_i], 0 on ignored rows
+
+    def denominator(self) -> Tensor:
+        """torch's 'mean' denominator: sum of w[y_i] over non-ignored rows."""
+        return self.weight.sum()
+
+    def scale(self, reduction: str, denominator: Tensor) -> Tensor:
+        """d(reduced loss) / d(row loss): 1/D (mean) or 1, and exactly 0 on ignored rows.
+
+        A valid row over D = 0 gets 1/0 = inf, so its gradient is 0 * inf = NaN, as torch's.
+        """
+        one = denominator.reciprocal() if reduction == "mean" else torch.ones_like(denominator)
+        return torch.where(self.valid, one, 0)
+
+
+def chunk_blocks(n: int, c: int, d: int, budget: int) -> Iterator[tuple[int, int, int, int]]:
+    """(n0, n1, d0, d1) blocks of the (N, C, D) layout, about `budget` logits each, in row order."""
+    if d == 1 or c * d <= budget:
+        step = max(1, budget // max(1, c * d))
+        for n0 in range(0, n, step):
+            yield n0, min(n, n0 + step), 0, d
+    else:
+        step = max(1, budget // max(1, c))
+        for n0 in range(n):
+            for d0 in range(0, d, step):
+                yield n0, n0 + 1, d0, min(d, d0 + step)
+
+
+def cross_entropy_forward(problem: Problem, need_grad: bool,
+                          chunk_elements: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """The loss as the caller asked for it, and d(loss)/d(input) for a unit upstream gradient.
+
+    The gradient (input dtype, laid out (N, C, D) contiguous) is what backward scales in place.
+    """
+    x = problem.logits
+    n, c, d = x.shape
+    num_rows = n * d
+    opts = problem.options
+    eps, cap = opts.label_smoothing, opts.softcap
+    cd = problem.compute_dtype
+    dev = x.device
+    budget = chunk_elements or CHUNK_ELEMENTS
+    grad = torch.empty((n, c, d), dtype=x.dtype, device=dev) if need_grad else None
+    weight = problem.weight.to(cd) if problem.weight is not None else None
+
+    # The loss terms (rows.py): a * (lse - z_y) + b * <u, lse - z> + z_loss * lse^2 per row.
+    if problem.probabilities:
+        index_rows = None
+        # torch divides by numel / C, which is 0 / 0 = nan when there are no classes
+        denominator = torch.tensor(float(num_rows) if c else float("nan"), dtype=cd, device=dev)
+        scale = torch.full((num_rows,), 1.0 / max(num_rows, 1) if opts.reduction == "mean" else 1.0, dtype=cd,
+                           device=dev)
+        terms = rows.RowTerms(a=None, b=1.0, z_loss=opts.z_loss)
+        dense_mass = torch.empty(num_rows, dtype=cd, device=dev)  # U = sum_c u_c, per row
+    else:
+        index_rows = IndexRows(problem.target, problem.weight, opts.ignore_index, cd)
+        denominator = index_rows.denominator()
+        scale = index_rows.scale(opts.reduction, denominator)
+        terms = rows.RowTerms(a=(1.0 - eps) * index_rows.weight, b=eps / c if eps > 0 else 0.0, z_loss=opts.z_loss)
+        dense_mass = weight.sum() if weight is not None else float(c)
+
+    shift = torch.empty(num_rows, dtype=cd, device=dev)  # per row: exp(z - shift) is what the pass sums
+    sumexp = torch.empty(num_rows, dtype=cd, device=dev)
+    dense_rel = torch.empty(num_rows, dtype=cd, device=dev) if terms.b else None  # <u, z - shift>
+    # Without z_loss the gradient coefficients do not depend on lse: form them once, outside the pass.
+    early_coefs = grad is not None and not problem.probabilities and not opts.z_loss
+    if early_coefs:
+        softmax_all, target_all, dense_all = terms.gradient_coefs(None, scale, dense_mass)
+    # exp(z) without the max shift saves two passes, but deciding per chunk needs a host sync: CPU only.
+    unshifted = dev.type == "cpu"
+
+    if num_rows and c:
+        direct = d == 1 and x.dtype == cd and cap is None  # the pass reads the caller's logits in place
+        in_grad = d == 1 and grad is not None and grad.dtype == cd  # the workspace is the gradient itself
+        chunk = max(1, min(budget, num_rows * c) // c) * c
+
+        def scratch(wanted: bool) -> Tensor | None:
+            return torch.empty(chunk, dtype=cd, device=dev) if wanted else None
+
+        work_buf, chain_buf = scratch(not in_grad), scratch(cap is not None and need_grad)
+        probs_buf = scratch(problem.probabilities)
+
+        for n0, n1, d0, d1 in chunk_blocks(n, c, d, budget):
+            r0, r1 = n0 * d + d0, (n1 - 1) * d + d1
+            r = r1 - r0
+            block = x[n0:n1, :, d0:d1]
+            ws = grad[n0:n1, :, 0] if in_grad else work_buf[: r * c].view(r, c)
+            source = block[:, :, 0] if direct else None
+
+            def load() -> Tensor | None:
+                """Put this chunk's z in the workspace (unless read in place); returns the softcap chain."""
+                if direct:
+                    return None
+                _copy_rows(ws, block)
+                if cap is None:
+                    return None
+                return rows.softcap_(ws, cap, None if chain_buf is None else chain_buf[: r * c].view(r, c))
+
+            chain = load()
+            dense = weight
+            if problem.probabilities:
+                dense = probs_buf[: r * c].view(r, c)
+                _copy_rows(dense, problem.target[n0:n1, :, d0:d1])
+                if eps > 0:
+                    dense.mul_(1.0 - eps).add_(eps / c)
+                if weight is not None:
+                    dense.mul_(weight)
+                torch.sum(dense, 1, out=dense_mass[r0:r1])
+            dense_args = dict(dense=dense, dense_is_ones=dense is None, dense_out=dense_rel[r0:r1]) if terms.b \
+                else {}
+            if not rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], source=source, unshifted=unshifted,
+                                  **dense_args):
+                chain = load()  # some row over/underflowed exp(z): redo this chunk with the max shift
+                rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], source=source)
+
+            if grad is not None:
+                if early_coefs:
+                    softmax_coef, target_coef = softmax_all[r0:r1], target_all[r0:r1]
+                    dense_coef = dense_all[r0:r1] if dense_all is not None else None
+                else:
+                    lse = shift[r0:r1] + sumexp[r0:r1].log()
+                    mass = dense_mass[r0:r1] if problem.probabilities else dense_mass
+                    softmax_coef, target_coef, dense_coef = terms.rows(r0, r1).gradient_coefs(lse, scale[r0:r1], mass)
+                target = index_rows.index[r0:r1].unsqueeze(1) if index_rows is not None else None
+                rows.gradient_(ws, softmax_coef / sumexp[r0:r1], target=target, target_coef=target_coef,
+                               dense=dense, dense_coef=dense_coef, chain=chain)
+                if not in_grad:
+                    _copy_rows_back(grad[n0:n1, :, d0:d1], ws)
+
+    # The loss of every row at once, from the per-row statistics of the pass (in float64: see log_sum_exp).
+    if c == 0:  # no classes: every row is ignored (index targets) or sums over nothing (probabilities)
+        loss_rows = torch.zeros(num_rows, dtype=cd, device=dev)
+    else:
+        lse = rows.log_sum_exp(shift, sumexp)
+        z_target = None
+        if index_rows is not None:
+            z_target = x.gather(1, index_rows.index.view(n, 1, d)).reshape(num_rows).double()
+            if cap is not None:
+                z_target = cap * torch.tanh(z_target / cap)
+        loss_rows = terms.loss(lse, z_target, shift, dense_mass, dense_rel).to(cd)
+    if index_rows is not None:
+        loss_rows = torch.where(index_rows.valid, loss_rows, 0)  # NaN logits in an ignored row stay out
+
+    loss = _reduce(loss_rows, opts.reduction, denominator)
+    loss = loss.reshape(problem.output_shape) if opts.reduction == "none" else loss
+    return loss.to(problem.output_dtype), grad
+
+
+def _copy_rows(workspace: Tensor, block: Tensor) -> None:
+    """workspace (r, C) <- a (n, C, d) block of the (N, C, D) layout, rows in (n, d) order, cast."""
+    n, c, d = block.shape
+    if d == 1:
+        workspace.copy_(block[:, :, 0])
+    else:
+        workspace.view(n, d, c).copy_(block.permute(0, 2, 1))
+
+
+def _copy_rows_back(block: Tensor, workspace: Tensor) -> None:
+    n, c, d = block.shape
+    block.copy_(workspace.view(n, d, c).permute(0, 2, 1))
+
+
+def _reduce(loss_rows: Tensor, reduction: str, denominator: Tensor) -> Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / denominator if reduction == "mean" else total

@@ -1,0 +1,94 @@
+"""nn.Module forms of the losses: drop-in for torch.nn.CrossEntropyLoss and torch.nn.NLLLoss."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import functional as F
+from ._validate import legacy_reduction
+
+
+class _WeightedLoss(nn.Module):
+    """Holds `weight` as a buffer and `reduction` as torch's _WeightedLoss does, so state_dicts match."""
+
+    def __init__(self, weight: Tensor | None, size_average, reduce, reduction: str) -> None:
+        super().__init__()
+        self.reduction = legacy_reduction(size_average, reduce) if (size_average is not None or
+                                                                     reduce is not None) else reduction
+        self.register_buffer("weight", weight)
+        self.weight: Tensor | None
+
+
+class CrossEntropyLoss(_WeightedLoss):
+    r"""Module form of :func:`xent.cross_entropy`, drop-in for :class:`torch.nn.CrossEntropyLoss`.
+
+    Args:
+        weight, size_average, ignore_index, reduce, reduction, label_smoothing: as torch's
+            CrossEntropyLoss; see :func:`xent.cross_entropy`.
+        z_loss (float, keyword-only): weight of the ``lse**2`` auxiliary term. Default: 0.
+        softcap (float, keyword-only): logit soft-capping value. Default: None.
+
+    Shape:
+        - Input: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
+        - Target: class indices of shape :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`, or class
+          probabilities of the input's shape.
+        - Output: scalar, or the target's batch shape for ``reduction='none'``.
+
+    Examples::
+
+        >>> loss_fn = xent.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1)
+        >>> loss = loss_fn(torch.randn(4, 3, requires_grad=True), torch.tensor([0, 2, 1, 1]))
+        >>> loss.backward()
+    """
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 softcap: float | None = None) -> None:
+        super().__init__(weight, size_average, reduce, reduction)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                               softcap=self.softcap)
+
+    def extra_repr(self) -> str:
+        extras = [f"z_loss={self.z_loss}"] if self.z_loss else []
+        return ", ".join(extras + ([f"softcap={self.softcap}"] if self.softcap is not None else []))
+
+
+class NLLLoss(_WeightedLoss):
+    r"""Module form of :func:`xent.nll_loss`, drop-in for :class:`torch.nn.NLLLoss`.
+
+    Args:
+        weight, size_average, ignore_index, reduce, reduction: as torch's NLLLoss.
+
+    Shape:
+        - Input: log-probabilities :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
+        - Target: :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)` class indices.
+        - Output: scalar, or the target's shape for ``reduction='none'``.
+
+    Examples::
+
+        >>> loss_fn = xent.NLLLoss()
+        >>> loss = loss_fn(torch.randn(4, 3).log_softmax(1), torch.tensor([0, 2, 1, 1]))
+    """
+
+    __constants__ = ["ignore_index", "reduction"]
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean") -> None:
+        super().__init__(weight, size_average, reduce, reduction)
+        self.ignore_index = ignore_index
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                          reduction=self.reduction)
+
+
+__all__ = ["CrossEntropyLoss", "NLLLoss"]

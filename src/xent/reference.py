@@ -1,0 +1,96 @@
+"""Cross-entropy written straight from the formulas, in float64: the executable form of docs/formulas.md.
+
+Readable rather than fast: it builds log-softmax and the smoothed target over the whole batch. Tests and
+`xent verify` use it as a second oracle beside torch, and xent differentiates it (in the input's compute
+dtype) for the rare gradients its fused kernel does not produce: double backward, and gradients with
+respect to a probability target or class weights. It expects arguments the public API has validated.
+
+Notation: rows i, classes c, lp = log_softmax(z) over classes, w = class weights (ones if None),
+eps = label_smoothing, C = number of classes, v_i = [y_i != ignore_index].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def log_softmax(z: Tensor, dim: int = -1) -> Tensor:
+    """lp = z - max - log(sum(exp(z - max))): the max only keeps exp() finite, it cancels exactly."""
+    shifted = z - z.amax(dim, keepdim=True).detach()
+    return shifted - shifted.exp().sum(dim, keepdim=True).log()
+
+
+def logsumexp(z: Tensor, dim: int = -1) -> Tensor:
+    m = z.amax(dim, keepdim=True).detach()
+    return (m + (z - m).exp().sum(dim, keepdim=True).log()).squeeze(dim)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: float | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """torch.nn.functional.cross_entropy's value (plus xent's z_loss and softcap), computed in `dtype`.
+
+    class indices (input.shape != target.shape):
+        l_i = v_i * [ (1-eps) * w[y_i] * (-lp[i, y_i])  +  (eps/C) * sum_c w[c] * (-lp[i, c])  +  z_loss * lse_i^2 ]
+        mean = sum_i l_i / sum_i v_i * w[y_i]
+    class probabilities P (same shape as input):
+        T = (1-eps) * P + eps/C;   l_i = -sum_c w[c] * T[i, c] * lp[i, c]  +  z_loss * lse_i^2
+        mean = sum_i l_i / (number of rows)
+    """
+    class_dim = 0 if input.dim() == 1 else 1
+    z = input.to(dtype).movedim(class_dim, -1)  # rows x classes, class dimension last
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    num_classes = z.shape[-1]
+    w = weight.to(dtype) if weight is not None else torch.ones(num_classes, dtype=dtype, device=z.device)
+    eps = label_smoothing if label_smoothing > 0 else 0.0
+    lp = log_softmax(z)
+    lse = logsumexp(z)
+
+    if input.shape == target.shape:  # class probabilities
+        p = target.to(dtype).movedim(class_dim, -1)
+        t = (1 - eps) * p + eps / num_classes if eps > 0 else p
+        loss = -(w * t * lp).sum(-1) + z_loss * lse**2
+        denominator = loss.numel()
+    else:  # class indices
+        valid = target != ignore_index
+        y = torch.where(valid, target, 0).long()
+        nll = -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        smooth = -(w * lp).sum(-1)
+        w_y = torch.where(valid, w[y], 0)
+        loss = torch.where(valid, (1 - eps) * w_y * nll + (eps / num_classes) * smooth + z_loss * lse**2, 0)
+        denominator = w_y.sum()
+
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / denominator
+
+
+def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
+             reduction: str = "mean", dtype: torch.dtype = torch.float64) -> Tensor:
+    """l_i = -v_i * w[y_i] * input[i, y_i];  mean = sum_i l_i / sum_i v_i * w[y_i]."""
+    class_dim = 0 if input.dim() == 1 else 1
+    x = input.to(dtype).movedim(class_dim, -1)
+    w = weight.to(dtype) if weight is not None else torch.ones(x.shape[-1], dtype=dtype, device=x.device)
+    valid = target != ignore_index
+    y = torch.where(valid, target, 0).long()
+    w_y = torch.where(valid, w[y], 0)
+    loss = torch.where(valid, -w_y * x.gather(-1, y.unsqueeze(-1)).squeeze(-1), 0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / w_y.sum()
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None,
+                         **options) -> Tensor:
+    """cross_entropy(input @ linear_weight.T + linear_bias, target) over the last dimension of input."""
+    logits = input.to(torch.float64) @ linear_weight.to(torch.float64).T
+    if linear_bias is not None:
+        logits = logits + linear_bias.to(torch.float64)
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), **options).reshape(
+        target.shape if options.get("reduction") == "none" else ())

@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI runs a fixed, reproducible set of examples; XENT_HYPOTHESIS=explore draws fresh ones locally.
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=150, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("explore", deadline=None, max_examples=2000, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("explore" if os.environ.get("XENT_HYPOTHESIS") == "explore" else "ci")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force many tiny chunks so the chunk loop (and its row/column bookkeeping) is exercised."""
+    from xent.kernels import portable
+
+    def set_budget(elements: int) -> None:
+        monkeypatch.setattr(portable, "CHUNK_ELEMENTS", elements)
+
+    return set_budget

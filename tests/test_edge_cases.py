@@ -1,0 +1,162 @@
+"""The edge-case table of ../shared/reference/torch-semantics.md, each row checked against torch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent
+
+from helpers import assert_close
+
+inf, nan = math.inf, math.nan
+
+
+def both(fn_args, **kwargs):
+    """(ours, torch's) loss and input gradient for the same arguments."""
+    out = []
+    for fn in (xent.cross_entropy, F.cross_entropy):
+        x, t = fn_args
+        x = x.detach().clone().requires_grad_()
+        loss = fn(x, t, **kwargs)
+        grad = torch.autograd.grad(loss.sum(), x, allow_unused=True)[0] if loss.requires_grad else None
+        out.append((loss.detach(), grad))
+    return out
+
+
+@pytest.mark.parametrize("reduction,expected", [("mean", nan), ("sum", 0.0), ("none", [0.0, 0.0, 0.0])])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_all_targets_ignored(reduction, expected, label_smoothing):
+    (ours, g_ours), (theirs, g_theirs) = both((torch.randn(3, 5), torch.full((3,), -100)), reduction=reduction,
+                                              label_smoothing=label_smoothing)
+    assert_close(ours, torch.tensor(expected))
+    assert_close(ours, theirs)
+    assert torch.equal(g_ours, torch.zeros(3, 5)) and torch.equal(g_theirs, torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape,target_shape", [((0, 4), (0,)), ((0, 4, 3), (0, 3)), ((2, 4, 0), (2, 0))])
+def test_no_rows(reduction, shape, target_shape):
+    (ours, g_ours), (theirs, g_theirs) = both((torch.randn(shape), torch.zeros(target_shape, dtype=torch.long)),
+                                              reduction=reduction)
+    assert ours.shape == theirs.shape
+    assert_close(ours, theirs)
+    assert g_ours.shape == torch.Size(shape)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_unbatched_gives_a_scalar(reduction, probabilities):
+    x = torch.randn(6)
+    t = torch.rand(6) if probabilities else torch.tensor(4)
+    (ours, g_ours), (theirs, g_theirs) = both((x, t), reduction=reduction)
+    assert ours.shape == () == theirs.shape
+    assert_close(ours, theirs)
+    assert_close(g_ours, g_theirs)
+
+
+def test_unbatched_with_a_one_element_target():
+    """torch accepts a (1,) target for a (C,) input but its backward then fails ('size mismatch');
+    xent differentiates it like the 0-d target it stands for."""
+    x = torch.randn(6, requires_grad=True)
+    ours = xent.cross_entropy(x, torch.tensor([4]), reduction="none")
+    theirs = F.cross_entropy(x, torch.tensor([4]), reduction="none")
+    assert ours.shape == theirs.shape == ()
+    assert_close(ours, theirs)
+    expected = torch.autograd.grad(F.cross_entropy(x, torch.tensor(4)), x)[0]
+    assert_close(torch.autograd.grad(ours, x)[0], expected)
+
+
+@pytest.mark.parametrize("row,target,label_smoothing", [
+    ([1.0, nan, 0.5], 0, 0.0),  # NaN anywhere in a row: that row is NaN
+    ([1.0, inf, 0.5], 0, 0.0),  # +inf logit: NaN
+    ([1.0, inf, 0.5], 1, 0.0),
+    ([1.0, -inf, 0.5], 1, 0.0),  # -inf at the target: inf
+    ([1.0, -inf, 0.5], 0, 0.0),  # -inf elsewhere: finite
+    ([1.0, -inf, 0.5], 0, 0.1),  # ... but smoothing puts weight on it: inf
+    ([-inf, -inf, -inf], 0, 0.0),  # every logit -inf: NaN
+])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_non_finite_logits(row, target, label_smoothing, reduction):
+    x = torch.tensor([row, [0.3, 0.2, 0.1]])
+    y = torch.tensor([target, 2])
+    (ours, g_ours), (theirs, g_theirs) = both((x, y), reduction=reduction, label_smoothing=label_smoothing)
+    assert_close(ours, theirs)
+    assert_close(g_ours, g_theirs)
+
+
+def test_nan_in_an_ignored_row_leaves_the_loss_finite():
+    x = torch.tensor([[1.0, nan, 0.5], [0.3, 0.2, 0.1]])
+    y = torch.tensor([-100, 2])
+    (ours, g_ours), (theirs, g_theirs) = both((x, y), reduction="none")
+    assert_close(ours, theirs)
+    assert torch.isfinite(ours).all()
+    assert_close(g_ours, g_theirs)  # torch: NaN gradient on the NaN row, exactly 0 elsewhere
+
+
+def test_zero_class_weights_give_torch_nan_mean():
+    (ours, g_ours), (theirs, g_theirs) = both((torch.randn(3, 4), torch.tensor([0, 1, 3])), weight=torch.zeros(4))
+    assert ours.isnan() and theirs.isnan()
+    assert_close(g_ours, g_theirs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_classes(reduction):
+    for t in (torch.full((3,), -100), torch.randn(3, 0)):
+        (ours, _), (theirs, _) = both((torch.randn(3, 0), t), reduction=reduction)
+        assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 2, 7, 255])
+def test_ignore_index_in_range_out_of_range_and_negative(ignore_index):
+    y = torch.tensor([0, ignore_index, 3, 1, ignore_index])
+    x = torch.randn(5, 4)
+    for kwargs in (dict(), dict(weight=torch.rand(4), label_smoothing=0.3)):
+        (ours, g_ours), (theirs, g_theirs) = both((x, y), ignore_index=ignore_index, **kwargs)
+        assert_close(ours, theirs)
+        assert_close(g_ours, g_theirs)
+
+
+def test_probability_target_with_negative_ignore_index_is_accepted_and_ignored():
+    (ours, _), (theirs, _) = both((torch.randn(3, 4), torch.rand(3, 4)), ignore_index=-7)
+    assert_close(ours, theirs)
+
+
+def test_dtype_promotion_of_probability_targets():
+    for x_dtype, t_dtype, w_dtype in [(torch.bfloat16, torch.float32, None), (torch.float32, torch.bfloat16, None),
+                                      (torch.float32, torch.float32, torch.float64),
+                                      (torch.float16, torch.float64, None)]:
+        x = torch.randn(3, 4, dtype=x_dtype)
+        t = torch.rand(3, 4, dtype=t_dtype)
+        w = torch.rand(4, dtype=w_dtype) if w_dtype else None
+        ours, theirs = xent.cross_entropy(x, t, weight=w), F.cross_entropy(x, t, weight=w)
+        assert ours.dtype == theirs.dtype
+
+
+def test_seed_tutorial_appendix_weight_and_smoothing():
+    """../shared/seed: the appendix's weighted + smoothed example, whose code (not formula) torch follows."""
+    logits = torch.tensor([[1.5, 2.0, 0.5], [1.0, 0.5, 2.5]])
+    targets = torch.tensor([1, 2])
+    loss = xent.cross_entropy(logits, targets, weight=torch.tensor([0.7, 0.2, 0.1]), label_smoothing=0.1)
+    assert abs(float(loss) - 0.7722168564796448) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 95.0, -120.0, 800.0, -900.0])
+def test_large_and_small_logits_stay_exact(dtype, offset):
+    """Rows far from zero (where exp(z) over/underflows without a max shift) match torch."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 50, generator=gen, dtype=torch.float64) * 3)
+    x[1] += offset  # one row shifted far out, the others not: mixed in one chunk
+    x[4, 7] += offset  # one logit far out
+    x = x.to(dtype)
+    y = torch.randint(0, 50, (6,), generator=gen)
+    for kwargs in (dict(reduction="none"), dict(label_smoothing=0.2, reduction="none")):
+        (ours, g_ours), (theirs, g_theirs) = both((x, y), **kwargs)
+        if dtype == torch.bfloat16:  # torch's own bf16 rounding differs; the float64 formula decides
+            theirs = xent.reference.cross_entropy(x, y, **kwargs).to(dtype)
+        assert_close(ours, theirs, scale=4.0)
+        assert_close(g_ours.float(), g_theirs.float(), torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)

@@ -1,0 +1,150 @@
+"""gradcheck / gradgradcheck in float64, and the autograd contract (retain_graph, no work without grad)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import xent
+from xent.kernels import portable
+
+from helpers import assert_close
+
+INDEX_OPTIONS = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.3),
+    dict(weight=True, label_smoothing=0.2, ignore_index=1),
+    dict(weight=True, reduction="none", ignore_index=0),
+    dict(z_loss=0.1, softcap=3.0, label_smoothing=0.1),
+]
+
+
+def _index_inputs(shape=(4, 5), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    batch = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    y = torch.randint(0, shape[0 if len(shape) == 1 else 1], batch, generator=gen)
+    return x, y, gen
+
+
+@pytest.mark.parametrize("options", INDEX_OPTIONS)
+@pytest.mark.parametrize("shape", [(4, 5), (5,), (2, 3, 4)])
+def test_gradcheck_and_gradgradcheck_class_indices(options, shape):
+    x, y, gen = _index_inputs(shape)
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(shape[0 if len(shape) == 1 else 1], generator=gen, dtype=torch.float64)
+    if options.get("ignore_index") is not None:  # one ignored row, unless that would be the only row
+        ii = options["ignore_index"]
+        if y.dim():
+            y.view(-1)[0] = ii
+        elif y == ii:
+            y = (y + 1) % x.shape[0]
+    fn = lambda inp: xent.cross_entropy(inp, y, **options)  # noqa: E731
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_probability_targets_wrt_input_target_and_weight(label_smoothing, reduction):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, b, c: xent.cross_entropy(a, b, weight=c, reduction=reduction,  # noqa: E731
+                                            label_smoothing=label_smoothing)
+    assert gradcheck(fn, (x, p, w))
+    assert gradgradcheck(fn, (x, p, w))
+
+
+def test_double_backward_matches_torch_hessian_vector_product():
+    x, y, _ = _index_inputs((6, 7), seed=3)
+    v = torch.randn_like(x)
+    hvps = []
+    for fn in (xent.cross_entropy, F.cross_entropy):
+        (g,) = torch.autograd.grad(fn(x, y, label_smoothing=0.1), x, create_graph=True)
+        (hvp,) = torch.autograd.grad((g * v).sum(), x)
+        hvps.append(hvp)
+    assert_close(hvps[0], hvps[1])
+
+
+def test_retain_graph_second_backward_gives_the_same_gradient():
+    x = torch.randn(8, 11, requires_grad=True)
+    y = torch.randint(0, 11, (8,))
+    loss = xent.cross_entropy(x, y, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(torch.tensor(2.0))
+    assert_close(x.grad, 3 * first)
+
+
+def test_retain_graph_detects_logits_modified_in_place():
+    x = torch.randn(4, 5, requires_grad=True)
+    logits = x * 1.0
+    loss = xent.cross_entropy(logits, torch.tensor([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_logits_modified_after_forward_do_not_break_the_first_backward():
+    """As with torch (which saves log_softmax, not the logits), the first backward uses no saved logits."""
+    x = torch.randn(4, 5, requires_grad=True)
+    logits = x * 1.0
+    y = torch.tensor([0, 1, 2, 3])
+    expected = torch.autograd.grad(F.cross_entropy(x * 1.0, y), x)[0]
+    loss = xent.cross_entropy(logits, y)
+    with torch.no_grad():
+        logits.mul_(0.0)
+    loss.backward()
+    assert_close(x.grad, expected)
+
+
+def test_no_gradient_buffer_without_autograd(monkeypatch):
+    """no_grad, inference_mode and inputs that do not require grad never build the gradient buffer."""
+    calls = []
+    original = portable.cross_entropy_forward
+
+    def spy(problem, need_grad, **kw):
+        calls.append(need_grad)
+        return original(problem, need_grad, **kw)
+
+    monkeypatch.setattr(portable, "cross_entropy_forward", spy)
+    x = torch.randn(5, 6, requires_grad=True)
+    y = torch.randint(0, 6, (5,))
+    with torch.no_grad():
+        xent.cross_entropy(x, y)
+    with torch.inference_mode():
+        xent.cross_entropy(x, y)
+    xent.cross_entropy(x.detach(), y)
+    assert calls == [False, False, False]
+    xent.cross_entropy(x, y)
+    assert calls[-1] is True
+
+
+def test_upstream_gradient_scales_per_row_for_reduction_none():
+    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (3, 2))
+    up = torch.randn(3, 2, dtype=torch.float64)
+    ours = torch.autograd.grad(xent.cross_entropy(x, y, reduction="none"), x, up)[0]
+    theirs = torch.autograd.grad(F.cross_entropy(x, y, reduction="none"), x, up)[0]
+    assert_close(ours, theirs)
+
+
+def test_weight_requiring_grad_with_class_indices_raises_like_torch():
+    w = torch.rand(4, requires_grad=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2])
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, y, weight=w)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to 'weight'"):
+        xent.cross_entropy(x, y, weight=w)
+    with torch.no_grad():  # without autograd there is nothing to differentiate: both accept it
+        assert_close(xent.cross_entropy(x, y, weight=w), F.cross_entropy(x, y, weight=w))

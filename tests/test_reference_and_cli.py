@@ -1,0 +1,61 @@
+"""xent.reference (the formulas) against torch, and `xent verify`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent
+from xent import cli
+
+from helpers import assert_close
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(reduction="none", ignore_index=2),
+                                    dict(weight=torch.rand(5, dtype=torch.float64), label_smoothing=0.3),
+                                    dict(weight=torch.rand(5, dtype=torch.float64), reduction="sum")])
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_reference_matches_torch_in_float64(kwargs, probabilities):
+    x = torch.randn(6, 5, 2, dtype=torch.float64)
+    if probabilities:
+        t = torch.rand(6, 5, 2, dtype=torch.float64)
+        kwargs = {k: v for k, v in kwargs.items() if k != "ignore_index"}
+    else:
+        t = torch.randint(0, 5, (6, 2))
+    assert_close(xent.reference.cross_entropy(x, t, **kwargs), F.cross_entropy(x, t, **kwargs))
+
+
+def test_reference_log_softmax_matches_torch():
+    x = torch.randn(4, 9, dtype=torch.float64) * 20
+    assert_close(xent.reference.log_softmax(x, 1), torch.log_softmax(x, 1))
+
+
+def test_reference_nll_matches_torch():
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 3, -100, 1, 1])
+    w = torch.rand(4, dtype=torch.float64)
+    for red in ("none", "sum", "mean"):
+        assert_close(xent.reference.nll_loss(x, y, w, reduction=red), F.nll_loss(x, y, w, reduction=red))
+
+
+def test_verify_passes_and_shows_the_tutorial_formula_is_wrong(capsys):
+    assert cli.main(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 4 and "FAIL" not in out
+    assert "DISAGREES with torch" in out and "agrees with torch" in out
+
+
+def test_verify_fails_when_a_result_is_wrong(monkeypatch, capsys):
+    real = xent.cross_entropy
+    monkeypatch.setattr(xent, "cross_entropy", lambda *a, **k: real(*a, **k) * 1.001)
+    assert cli.main(["verify"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_console_script_entry_point():
+    done = subprocess.run([sys.executable, "-m", "xent.cli", "verify"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
