@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 .PHONY: demo test verify bench clean
 demo: $(STAMP)
-	$(VENV)/bin/xent verify
+	$(VENV)/bin/xent bench
 
 verify: $(STAMP)
 	$(VENV)/bin/xent verify
@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_cross_entropy.py
+	$(VENV)/bin/python benchmarks/bench_linear_cross_entropy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info

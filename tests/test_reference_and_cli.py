@@ -59,3 +59,24 @@ def test_verify_fails_when_a_result_is_wrong(monkeypatch, capsys):
 def test_console_script_entry_point():
     done = subprocess.run([sys.executable, "-m", "xent.cli", "verify"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_bench_runs_small_and_reports_every_implementation(capsys):
+    assert cli.main(["bench", "--tokens", "32", "--hidden", "8", "--vocab", "100", "--repeats", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cross_entropy N=32 V=100", "linear_cross_entropy N=32 H=8 V=100", "xent", "torch", "naive",
+                 "torch-chunked"):
+        assert name in out
+    rows = [line.split() for line in out.splitlines()
+            if len(line.split()) == 7 and line.split()[0] in ("xent", "naive", "torch", "torch-chunked")]
+    assert len(rows) == 5
+    for row in rows:
+        assert float(row[-1]) < 1e-4 and float(row[-2]) < 1e-4  # max |d grad|, |d loss| against the baseline
+
+
+def test_bench_plot(tmp_path, capsys):
+    out_file = tmp_path / "bench.png"
+    assert cli.main(["bench", "--what", "ce", "--tokens", "16", "--hidden", "4", "--vocab", "32", "--repeats", "1",
+                     "--quiet", "--no-memory", "--plot", str(out_file), "--plot-vocabs", "16,32",
+                     "--plot-repeats", "1"]) == 0
+    assert out_file.stat().st_size > 1000 and out_file.read_bytes()[:4] == b"\x89PNG"

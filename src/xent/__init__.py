@@ -2,7 +2,9 @@
 
 Public API:
     cross_entropy, nll_loss                 drop-ins for torch.nn.functional's
-    CrossEntropyLoss, NLLLoss               drop-ins for torch.nn's modules
+    linear_cross_entropy                    loss of a linear head without materializing its logits
+    CrossEntropyLoss, NLLLoss,
+    LinearCrossEntropyLoss                  drop-ins for torch.nn's modules
     one_hot, LabelEncoder                   targets from labels that are not integers
     reference                               the formulas, in readable float64 code
 """
@@ -10,9 +12,10 @@ Public API:
 from . import reference
 from .functional import cross_entropy, nll_loss
 from .labels import LabelEncoder, one_hot
-from .modules import CrossEntropyLoss, NLLLoss
+from .linear import linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_entropy", "nll_loss", "CrossEntropyLoss", "NLLLoss", "one_hot", "LabelEncoder", "reference",
-           "__version__"]
+__all__ = ["cross_entropy", "nll_loss", "linear_cross_entropy", "CrossEntropyLoss", "NLLLoss",
+           "LinearCrossEntropyLoss", "one_hot", "LabelEncoder", "reference", "__version__"]

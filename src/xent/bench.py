@@ -151,9 +151,17 @@ def _reset_peak() -> bool:
         return False
 
 
-def peak_growth_here(w: Workload, impl: str) -> dict:
-    """Peak memory growth of one forward + backward, measured in *this* process (call it in a fresh one)."""
+def peak_growth_here(w: Workload, impl: str, warm: bool = True) -> dict:
+    """Peak memory growth of one forward + backward, measured in *this* process (call it in a fresh one).
+
+    warm: first run one identical step and free it, so that one-time allocations (BLAS packing buffers
+    sized by the matmul shapes, torch's lazy initialization: ~10-20 MB around a large matmul, paid by every
+    implementation) are not counted. The measurement is then a training step's, not a cold start's.
+    """
     step, grads = make_step(w, impl)
+    if warm:
+        step()
+        step.release()
     if w.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -170,12 +178,12 @@ def peak_growth_here(w: Workload, impl: str) -> dict:
         peak = _status_bytes("VmHWM") - base
     grad_bytes = sum(g.numel() * g.element_size() for g in grads() if g is not None)
     return {"impl": impl, "peak_growth_bytes": peak, "grad_bytes": grad_bytes, "logits_bytes": w.logits_bytes,
-            "peak_reset": exact if not w.device.startswith("cuda") else True}
+            "peak_reset": exact if not w.device.startswith("cuda") else True, "warm": warm}
 
 
-def peak_growth_fresh(w: Workload, impl: str, threads: int | None = None) -> dict:
+def peak_growth_fresh(w: Workload, impl: str, threads: int | None = None, warm: bool = True) -> dict:
     """Run peak_growth_here in a new Python process and return its result."""
-    spec = json.dumps({"workload": w.__dict__, "impl": impl, "threads": threads})
+    spec = json.dumps({"workload": w.__dict__, "impl": impl, "threads": threads, "warm": warm})
     env = dict(os.environ)
     done = subprocess.run([sys.executable, "-m", "xent.bench", spec], capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -187,7 +195,7 @@ def _probe_main(spec: str) -> None:
     args = json.loads(spec)
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
-    print(json.dumps(peak_growth_here(Workload(**args["workload"]), args["impl"])))
+    print(json.dumps(peak_growth_here(Workload(**args["workload"]), args["impl"], args.get("warm", True))))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The `xent` command line: `xent verify` (and, from issue 3 on, `xent bench`)."""
+"""The `xent` command line.
+
+    xent bench     time, peak memory and accuracy of xent against torch on this machine (the main job)
+    xent verify    the seed tutorial's appendix: formula vs xent vs torch
+"""
 
 from __future__ import annotations
 
@@ -89,14 +93,177 @@ def verify(tolerance: float = 1e-6) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------
+# xent bench: xent against torch on the user's machine
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, one line per step otherwise)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * self.done // max(1, self.total)
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label}"
+        sys.stderr.write(("\r" + line.ljust(100)) if self.tty else line + "\n")
+        if self.tty and self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _max_diff(ours: list, theirs: list) -> float:
+    return max((float((a.double() - b.double()).abs().max()) for a, b in zip(ours, theirs)
+                if a is not None and b is not None and a.numel()), default=0.0)
+
+
+def _bench_workload(w, impls: tuple, repeats: int, progress: Progress, memory: bool) -> list[dict]:
+    from .bench import make_step, median, peak_growth_fresh, time_interleaved
+
+    baseline = impls[-1] if w.kind == "ce" else "naive"
+    steps, results = {}, {}
+    for impl in impls:
+        step, grads = make_step(w, impl)
+        loss = step()
+        results[impl] = (loss, [g.detach().clone() for g in grads()])
+        step.release()
+        steps[impl] = step
+    times = time_interleaved(steps, repeats, warmup=0, device=w.device,
+                             on_step=lambda: progress.step(f"timing {w.label()}"))
+    del steps
+    rows = []
+    for impl in impls:
+        mem = peak_growth_fresh(w, impl) if memory else None
+        if memory:
+            progress.step(f"memory {impl}")
+        extra = mem["peak_growth_bytes"] - (mem["grad_bytes"] if w.kind == "linear" else 0) if mem else None
+        rows.append(dict(workload=w.label(), impl=impl, time=median(times[impl]),
+                         time_ratio=median(times[impl]) / median(times[baseline]),
+                         peak_mb=mem["peak_growth_bytes"] / 2**20 if mem else float("nan"),
+                         mem_ratio=extra / w.logits_bytes if mem else float("nan"),
+                         loss_diff=abs(float(results[impl][0]) - float(results[baseline][0])),
+                         grad_diff=_max_diff(results[impl][1], results[baseline][1])))
+    return rows
+
+
+def bench(args) -> int:
+    import warnings
+
+    from .bench import CE_IMPLS, LINEAR_IMPLS, Workload
+
+    warnings.filterwarnings("ignore", message=".*LinearCrossEntropy.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workloads = []
+    if args.what in ("all", "ce"):
+        workloads.append((Workload("ce", args.tokens, args.vocab, dtype=args.dtype, device=args.device), CE_IMPLS))
+    if args.what in ("all", "linear"):
+        workloads.append((Workload("linear", args.tokens, args.vocab, hidden=args.hidden, dtype=args.dtype,
+                                   device=args.device), LINEAR_IMPLS))
+    memory = not args.no_memory
+    total = sum(args.repeats * len(impls) + (len(impls) if memory else 0) for _, impls in workloads)
+    progress = Progress(total, enabled=not args.quiet)
+    print(f"xent bench: torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; "
+          f"medians of {args.repeats} interleaved runs, forward + backward, mean loss")
+    rows = []
+    for w, impls in workloads:
+        rows += _bench_workload(w, impls, args.repeats, progress, memory)
+    _print_table(rows)
+    if args.plot:
+        _plot(args, progress_enabled=not args.quiet)
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    print()
+    print("ratio: time over torch's (cross_entropy) or over the naive matmul + cross_entropy (linear).")
+    print("x logits: peak memory growth (beyond the returned gradients, for linear) over the full logits' bytes.")
+    print("|d loss|, |d grad|: largest difference from that baseline.")
+    header = f"  {'impl':<15}{'time (s)':>10}{'ratio':>8}{'peak (MB)':>11}{'x logits':>10}{'|d loss|':>11}{'|d grad|':>11}"
+    last = None
+    for r in rows:
+        if r["workload"] != last:
+            print(f"\n{r['workload']}\n{header}")
+            last = r["workload"]
+        print(f"  {r['impl']:<15}{r['time']:>10.3f}{r['time_ratio']:>8.2f}{r['peak_mb']:>11.1f}"
+              f"{r['mem_ratio']:>10.3f}{r['loss_diff']:>11.2e}{r['grad_diff']:>11.2e}")
+
+
+def _plot(args, progress_enabled: bool) -> None:
+    """Time and peak memory against vocabulary size, for both workloads."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("xent bench --plot needs matplotlib: pip install 'xent[plot]'") from None
+    from .bench import CE_IMPLS, LINEAR_IMPLS, Workload
+
+    vocabs = [int(v) for v in args.plot_vocabs.split(",")]
+    series = {}
+    per_impl = args.plot_repeats + (0 if args.no_memory else 1)
+    progress = Progress(len(vocabs) * per_impl * (len(CE_IMPLS) + len(LINEAR_IMPLS)), enabled=progress_enabled)
+    for v in vocabs:
+        for w, impls in ((Workload("ce", args.tokens, v, dtype=args.dtype, device=args.device), CE_IMPLS),
+                         (Workload("linear", args.tokens, v, hidden=args.hidden, dtype=args.dtype,
+                                   device=args.device), LINEAR_IMPLS)):
+            for r in _bench_workload(w, impls, args.plot_repeats, progress, memory=not args.no_memory):
+                series.setdefault((w.kind, r["impl"]), []).append((v, r["time"], r["peak_mb"]))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for col, kind in enumerate(("ce", "linear")):
+        for (k, impl), pts in series.items():
+            if k != kind:
+                continue
+            vs, ts, ms = zip(*pts)
+            axes[0, col].plot(vs, ts, marker="o", label=impl)
+            axes[1, col].plot(vs, ms, marker="o", label=impl)
+        title = "cross_entropy" if kind == "ce" else f"linear_cross_entropy (H={args.hidden})"
+        axes[0, col].set_title(f"{title}, N={args.tokens}, {args.dtype}")
+        axes[0, col].set_ylabel("forward + backward (s)")
+        axes[1, col].set_ylabel("peak memory growth (MB)")
+        for ax in axes[:, col]:
+            ax.set_xlabel("vocabulary size")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"\nplot written to {args.plot}")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xent", description="Fused cross-entropy for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p_bench = sub.add_parser("bench", help="time and memory of xent against torch on this machine")
+    p_bench.add_argument("--what", choices=["all", "ce", "linear"], default="all",
+                         help="cross_entropy, linear_cross_entropy, or both (default)")
+    p_bench.add_argument("--tokens", type=int, default=1024, help="rows / tokens N (default 1024)")
+    p_bench.add_argument("--hidden", type=int, default=512, help="hidden size H of the linear head (default 512)")
+    p_bench.add_argument("--vocab", type=int, default=32768, help="classes / vocabulary V (default 32768)")
+    p_bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
+    p_bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p_bench.add_argument("--repeats", type=int, default=5, help="timed rounds per implementation (default 5)")
+    p_bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p_bench.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
+    p_bench.add_argument("--plot", metavar="FILE.png", help="also write time and memory against vocabulary size")
+    p_bench.add_argument("--plot-vocabs", default="8192,16384,32768,65536", help="vocabulary sizes for --plot")
+    p_bench.add_argument("--plot-repeats", type=int, default=2)
+    p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
     p_verify = sub.add_parser("verify", help="reproduce the seed tutorial's appendix: formula vs xent vs torch")
     p_verify.add_argument("--tolerance", type=float, default=1e-6)
     args = parser.parse_args(argv)
     if args.command == "verify":
         return verify(args.tolerance)
+    if args.command == "bench":
+        return bench(args)
     return 2
 
 

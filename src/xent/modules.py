@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from . import functional as F
 from ._validate import legacy_reduction
+from .linear import linear_cross_entropy
 
 
 class _WeightedLoss(nn.Module):
@@ -91,4 +94,56 @@ class NLLLoss(_WeightedLoss):
                           reduction=self.reduction)
 
 
-__all__ = ["CrossEntropyLoss", "NLLLoss"]
+class LinearCrossEntropyLoss(_WeightedLoss):
+    r"""A linear layer and cross-entropy in one module, drop-in for :class:`torch.nn.LinearCrossEntropyLoss`.
+
+    Owns ``self.linear`` (an :class:`nn.Linear` of ``in_features -> num_classes``), so state_dicts match
+    torch's (``linear.weight``, ``linear.bias``, and ``weight`` for class weights). The loss is computed by
+    :func:`xent.linear_cross_entropy`, never materializing the logits.
+
+    Args:
+        in_features (int): size of each input sample (the hidden size H).
+        num_classes (int): number of classes V.
+        out_features (tuple): K-dim loss dimensions, as torch (computed through the logits).
+        bias (bool): whether ``self.linear`` has a bias. Default: False.
+        device, dtype: of the linear layer's parameters.
+        weight, reduction, ignore_index, label_smoothing: as :func:`xent.linear_cross_entropy`
+            (``ignore_index=None`` means -100, as torch).
+        z_loss, softcap, options, memory_budget: as :func:`xent.linear_cross_entropy`.
+
+    Shape:
+        - Input: :math:`(..., H)`; target: :math:`(...)` class indices; output: scalar or target's shape.
+
+    Examples::
+
+        >>> head = xent.LinearCrossEntropyLoss(64, 32000, label_smoothing=0.1)
+        >>> loss = head(torch.randn(8, 64), torch.randint(0, 32000, (8,)))
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: Tensor | None = None,
+                 ignore_index: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: float | None = None, options=None, memory_budget: int | None = None) -> None:
+        super().__init__(weight, None, None, reduction)
+        self.in_features, self.num_classes, self.out_features = in_features, num_classes, tuple(out_features)
+        self.linear = nn.Linear(in_features, num_classes * math.prod(self.out_features), bias=bias, device=device,
+                                dtype=dtype)
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.z_loss, self.softcap, self.options, self.memory_budget = z_loss, softcap, options, memory_budget
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        shape = (self.num_classes, *self.out_features)
+        w = self.linear.weight.reshape(*shape, self.in_features)
+        b = self.linear.bias.reshape(shape) if self.linear.bias is not None else None
+        return linear_cross_entropy(input, w, target, linear_bias=b, weight=self.weight, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                    z_loss=self.z_loss, softcap=self.softcap, options=self.options,
+                                    memory_budget=self.memory_budget)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, out_features={self.out_features}, "
+                f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
+
+
+__all__ = ["CrossEntropyLoss", "NLLLoss", "LinearCrossEntropyLoss"]

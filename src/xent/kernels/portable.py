@@ -21,30 +21,6 @@ from . import rows
 CHUNK_ELEMENTS = 1 << 20
 
 
-class IndexRows:
-    """Per-row facts about class-index targets, computed once per batch (O(rows), not O(rows x classes))."""
-
-    def __init__(self, target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype):
-        target = target.reshape(-1)
-        self.valid = target != ignore_index
-        self.index = torch.where(self.valid, target, 0).long()  # ignored rows point at class 0, harmlessly
-        w_y = weight.to(dtype)[self.index] if weight is not None else torch.ones(target.shape, dtype=dtype,
-                                                                                  device=target.device)
-        self.weight = torch.where(self.valid, w_y, 0)  # w[y_i], 0 on ignored rows
-
-    def denominator(self) -> Tensor:
-        """torch's 'mean' denominator: sum of w[y_i] over non-ignored rows."""
-        return self.weight.sum()
-
-    def scale(self, reduction: str, denominator: Tensor) -> Tensor:
-        """d(reduced loss) / d(row loss): 1/D (mean) or 1, and exactly 0 on ignored rows.
-
-        A valid row over D = 0 gets 1/0 = inf, so its gradient is 0 * inf = NaN, as torch's.
-        """
-        one = denominator.reciprocal() if reduction == "mean" else torch.ones_like(denominator)
-        return torch.where(self.valid, one, 0)
-
-
 def chunk_blocks(n: int, c: int, d: int, budget: int) -> Iterator[tuple[int, int, int, int]]:
     """(n0, n1, d0, d1) blocks of the (N, C, D) layout, about `budget` logits each, in row order."""
     if d == 1 or c * d <= budget:
@@ -77,7 +53,7 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
 
     # The loss terms (rows.py): a * (lse - z_y) + b * <u, lse - z> + z_loss * lse^2 per row.
     if problem.probabilities:
-        index_rows = None
+        targets = None
         # torch divides by numel / C, which is 0 / 0 = nan when there are no classes
         denominator = torch.tensor(float(num_rows) if c else float("nan"), dtype=cd, device=dev)
         scale = torch.full((num_rows,), 1.0 / max(num_rows, 1) if opts.reduction == "mean" else 1.0, dtype=cd,
@@ -85,19 +61,16 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
         terms = rows.RowTerms(a=None, b=1.0, z_loss=opts.z_loss)
         dense_mass = torch.empty(num_rows, dtype=cd, device=dev)  # U = sum_c u_c, per row
     else:
-        index_rows = IndexRows(problem.target, problem.weight, opts.ignore_index, cd)
-        denominator = index_rows.denominator()
-        scale = index_rows.scale(opts.reduction, denominator)
-        terms = rows.RowTerms(a=(1.0 - eps) * index_rows.weight, b=eps / c if eps > 0 else 0.0, z_loss=opts.z_loss)
-        dense_mass = weight.sum() if weight is not None else float(c)
+        targets = rows.IndexTargets(problem.target, problem.weight, ignore_index=opts.ignore_index,
+                                    label_smoothing=eps, z_loss=opts.z_loss, reduction=opts.reduction,
+                                    num_classes=c, dtype=cd)
+        denominator, scale, terms, dense_mass = targets.denominator, targets.scale(), targets.terms, \
+            targets.dense_mass
 
     shift = torch.empty(num_rows, dtype=cd, device=dev)  # per row: exp(z - shift) is what the pass sums
     sumexp = torch.empty(num_rows, dtype=cd, device=dev)
     dense_rel = torch.empty(num_rows, dtype=cd, device=dev) if terms.b else None  # <u, z - shift>
-    # Without z_loss the gradient coefficients do not depend on lse: form them once, outside the pass.
-    early_coefs = grad is not None and not problem.probabilities and not opts.z_loss
-    if early_coefs:
-        softmax_all, target_all, dense_all = terms.gradient_coefs(None, scale, dense_mass)
+    coefficients = rows.ChunkCoefficients(terms, scale, dense_mass) if need_grad else None
     # exp(z) without the max shift saves two passes, but deciding per chunk needs a host sync: CPU only.
     unshifted = dev.type == "cpu"
 
@@ -143,37 +116,28 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
             if not rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], source=source, unshifted=unshifted,
                                   **dense_args):
                 chain = load()  # some row over/underflowed exp(z): redo this chunk with the max shift
-                rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], source=source)
+                rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], source=source, **dense_args)
 
             if grad is not None:
-                if early_coefs:
-                    softmax_coef, target_coef = softmax_all[r0:r1], target_all[r0:r1]
-                    dense_coef = dense_all[r0:r1] if dense_all is not None else None
-                else:
-                    lse = shift[r0:r1] + sumexp[r0:r1].log()
-                    mass = dense_mass[r0:r1] if problem.probabilities else dense_mass
-                    softmax_coef, target_coef, dense_coef = terms.rows(r0, r1).gradient_coefs(lse, scale[r0:r1], mass)
-                target = index_rows.index[r0:r1].unsqueeze(1) if index_rows is not None else None
-                rows.gradient_(ws, softmax_coef / sumexp[r0:r1], target=target, target_coef=target_coef,
-                               dense=dense, dense_coef=dense_coef, chain=chain)
+                softmax_coef, target_coef, dense_coef = coefficients(r0, r1, shift[r0:r1], sumexp[r0:r1])
+                target = targets.index[r0:r1].unsqueeze(1) if targets is not None else None
+                rows.gradient_(ws, softmax_coef, target=target, target_coef=target_coef, dense=dense,
+                               dense_coef=dense_coef, chain=chain)
                 if not in_grad:
                     _copy_rows_back(grad[n0:n1, :, d0:d1], ws)
 
-    # The loss of every row at once, from the per-row statistics of the pass (in float64: see log_sum_exp).
+    # The loss of every row at once, from the per-row statistics of the pass (float64: see log_sum_exp).
     if c == 0:  # no classes: every row is ignored (index targets) or sums over nothing (probabilities)
         loss_rows = torch.zeros(num_rows, dtype=cd, device=dev)
+    elif targets is not None:
+        z_target = x.gather(1, targets.index.view(n, 1, d)).reshape(num_rows).double()
+        if cap is not None:
+            z_target = cap * torch.tanh(z_target / cap)
+        loss_rows = targets.row_losses(shift, sumexp, z_target, dense_rel)
     else:
-        lse = rows.log_sum_exp(shift, sumexp)
-        z_target = None
-        if index_rows is not None:
-            z_target = x.gather(1, index_rows.index.view(n, 1, d)).reshape(num_rows).double()
-            if cap is not None:
-                z_target = cap * torch.tanh(z_target / cap)
-        loss_rows = terms.loss(lse, z_target, shift, dense_mass, dense_rel).to(cd)
-    if index_rows is not None:
-        loss_rows = torch.where(index_rows.valid, loss_rows, 0)  # NaN logits in an ignored row stay out
+        loss_rows = terms.loss(rows.log_sum_exp(shift, sumexp), None, shift, dense_mass, dense_rel)
 
-    loss = _reduce(loss_rows, opts.reduction, denominator)
+    loss = rows.reduce_rows(loss_rows.to(cd), opts.reduction, denominator)
     loss = loss.reshape(problem.output_shape) if opts.reduction == "none" else loss
     return loss.to(problem.output_dtype), grad
 
@@ -190,10 +154,3 @@ def _copy_rows(workspace: Tensor, block: Tensor) -> None:
 def _copy_rows_back(block: Tensor, workspace: Tensor) -> None:
     n, c, d = block.shape
     block.copy_(workspace.view(n, d, c).permute(0, 2, 1))
-
-
-def _reduce(loss_rows: Tensor, reduction: str, denominator: Tensor) -> Tensor:
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    return total / denominator if reduction == "mean" else total

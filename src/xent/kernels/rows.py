@@ -151,3 +151,78 @@ class RowTerms:
         target = scale * self.a if self.a is not None else None
         dense = scale * self.b if self.b else None
         return scale * softmax, target, dense
+
+
+class ChunkCoefficients:
+    """Gradient coefficients for chunks of rows (see RowTerms.gradient_coefs), divided by the chunk's sums.
+
+    Without z_loss, and with a dense mass U shared by all rows (class-index targets), they do not depend
+    on the pass, so they are formed once for all rows before it. A per-row U (probability targets) is
+    filled in by the pass, chunk by chunk, before the chunk asks for its coefficients.
+    """
+
+    def __init__(self, terms: RowTerms, scale: Tensor, dense_mass):
+        self.terms, self.scale, self.dense_mass = terms, scale, dense_mass
+        self.per_row_mass = isinstance(dense_mass, Tensor) and dense_mass.dim() > 0
+        self.early = None if terms.z_loss or self.per_row_mass else terms.gradient_coefs(None, scale, dense_mass)
+
+    def __call__(self, r0: int, r1: int, shift: Tensor, sumexp: Tensor):
+        """(softmax_coef, target_coef, dense_coef) for rows r0:r1; shift, sumexp are those rows' stats."""
+        if self.early is not None:
+            softmax, target, dense = (t[r0:r1] if t is not None else None for t in self.early)
+        else:
+            mass = self.dense_mass[r0:r1] if self.per_row_mass else self.dense_mass
+            lse = shift + sumexp.log() if self.terms.z_loss else None
+            softmax, target, dense = self.terms.rows(r0, r1).gradient_coefs(lse, self.scale[r0:r1], mass)
+        return softmax / sumexp, target, dense
+
+
+class IndexTargets:
+    """Class-index targets of a batch: per-row facts and loss terms, O(rows) work, computed once.
+
+    Shared by cross-entropy, linear cross-entropy and the vocab-parallel loss.
+    """
+
+    def __init__(self, target: Tensor, class_weight: Tensor | None, *, ignore_index: int,
+                 label_smoothing: float, z_loss: float, reduction: str, num_classes: int, dtype: torch.dtype):
+        target = target.reshape(-1)
+        self.valid = target != ignore_index
+        self.index = torch.where(self.valid, target, 0).long()  # ignored rows point at class 0, harmlessly
+        self.class_weight = class_weight.to(dtype) if class_weight is not None else None
+        w_y = self.class_weight[self.index] if class_weight is not None else \
+            torch.ones(target.shape, dtype=dtype, device=target.device)
+        self.target_weight = torch.where(self.valid, w_y, 0)  # w[y_i], 0 on ignored rows
+        self.reduction = reduction
+        self.denominator = self.target_weight.sum()  # torch's 'mean' denominator D
+        eps = label_smoothing
+        self.terms = RowTerms(a=(1.0 - eps) * self.target_weight, b=eps / num_classes if eps > 0 else 0.0,
+                              z_loss=z_loss)
+        # U = sum_c w_c, the mass of the smoothing term
+        self.dense_mass = self.class_weight.sum() if class_weight is not None else float(num_classes)
+
+    def scale(self, upstream: Tensor | None = None) -> Tensor:
+        """d(reduced loss)/d(row loss), times the upstream gradient: 1/D (mean) or 1, exactly 0 on ignored rows.
+
+        A valid row over D = 0 gets 1/0 = inf, so its gradient is 0 * inf = NaN, as torch's.
+        """
+        one = self.denominator.reciprocal() if self.reduction == "mean" else torch.ones_like(self.denominator)
+        scale = torch.where(self.valid, one, 0)
+        return scale if upstream is None else scale * upstream.reshape(-1).to(scale.dtype)
+
+    def coefficients(self, scale: Tensor) -> ChunkCoefficients:
+        return ChunkCoefficients(self.terms, scale, self.dense_mass)
+
+    def row_losses(self, shift: Tensor, sumexp: Tensor, target_logit: Tensor, dense_rel: Tensor | None) -> Tensor:
+        """Per-row losses (float64), 0 on ignored rows even when their logits are NaN."""
+        loss = self.terms.loss(log_sum_exp(shift, sumexp), target_logit.double(), shift, self.dense_mass, dense_rel)
+        return torch.where(self.valid, loss, 0)
+
+    def reduce(self, loss_rows: Tensor) -> Tensor:
+        return reduce_rows(loss_rows, self.reduction, self.denominator)
+
+
+def reduce_rows(loss_rows: Tensor, reduction: str, denominator: Tensor) -> Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / denominator if reduction == "mean" else total

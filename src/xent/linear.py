@@ -1,0 +1,337 @@
+"""Fused linear + cross-entropy: the loss of a language-model head without ever holding its logits.
+
+For each chunk of tokens the logits chunk (tokens x vocabulary) is computed by one matmul into a
+workspace, the row kernel (kernels/rows.py) turns it into the loss and, in place, into the gradient of
+the logits, and two more matmuls fold that into the gradients of the input and of the head's weight
+(accumulated in fp32) before the next chunk overwrites the workspace. Peak extra memory is one chunk.
+
+With a scalar reduction ('mean'/'sum') this happens in forward and backward only scales the gradients by
+the upstream gradient. For reduction='none' the upstream gradient differs per token, so forward only
+computes losses and backward recomputes the chunks (one extra matmul).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validate import (Options, as_float, as_index, check_float_input, check_label_smoothing,
+                        check_optional_positive, check_same_device, check_target_range, check_tensor,
+                        check_weight_shape, resolve_reduction, scalar_name)
+from .kernels import rows
+
+# Default workspace: 1/16 of the full logits, between 8 MiB and 256 MiB (benchmarks/RESULTS.md).
+MIN_CHUNK_BYTES = 8 << 20
+MAX_CHUNK_BYTES = 256 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class LinearProblem:
+    """A validated linear cross-entropy: rows of hidden states, the head and class-index targets."""
+
+    input: Tensor  # (R, H) view of the caller's (..., H) input
+    linear_weight: Tensor  # (V, H)
+    linear_bias: Tensor | None  # (V,)
+    target: Tensor  # (R,) class indices
+    weight: Tensor | None  # (V,) class weights
+    options: Options
+    output_shape: tuple  # the target's shape, for reduction='none'
+    rows_per_chunk: int
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.linear_weight.dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(num_rows: int, vocab: int, compute_dtype: torch.dtype, memory_budget: int | None) -> int:
+    """Tokens per chunk so that one chunk of logits takes about `memory_budget` bytes (see module top)."""
+    row_bytes = max(1, vocab) * torch.finfo(compute_dtype).bits // 8
+    if memory_budget is None:
+        memory_budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_rows * row_bytes // 16))
+    return max(1, min(num_rows, memory_budget // row_bytes))
+
+
+def linear_pass(p: LinearProblem, targets: rows.IndexTargets, scale: Tensor | None, want: tuple[bool, bool, bool]):
+    """Loss per row and, for the gradients in `want` (input, linear_weight, linear_bias), those gradients of
+    sum_i scale_i * loss_i. Weight and bias gradients come back in fp32 (fp64 for fp64 parameters)."""
+    x, w_lin, b_lin = p.input, p.linear_weight, p.linear_bias
+    num_rows, vocab = x.shape[0], w_lin.shape[0]
+    cd = p.compute_dtype
+    dev = x.device
+    opts = p.options
+    cap = opts.softcap
+    want_input, want_weight, want_bias = want
+    need_grad = any(want)
+
+    shift = torch.empty(num_rows, dtype=cd, device=dev)
+    sumexp = torch.empty(num_rows, dtype=cd, device=dev)
+    target_logit = torch.empty(num_rows, dtype=cd, device=dev)
+    dense_rel = torch.empty(num_rows, dtype=cd, device=dev) if targets.terms.b else None
+    grad_input = torch.empty_like(x) if want_input else None
+    grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev) if want_weight else None
+    grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
+    coefficients = rows.ChunkCoefficients(targets.terms, scale, targets.dense_mass) if need_grad else None
+    dense_args = dict(dense=targets.class_weight, dense_is_ones=targets.class_weight is None) if targets.terms.b \
+        else {}
+    unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
+
+    step = p.rows_per_chunk
+    work_buf = torch.empty(min(step, num_rows) * vocab, dtype=cd, device=dev) if num_rows and vocab else None
+    chain_buf = torch.empty_like(work_buf) if cap is not None and need_grad and work_buf is not None else None
+    for r0 in range(0, num_rows if vocab else 0, step):
+        r1 = min(num_rows, r0 + step)
+        xc = x[r0:r1]
+        ws = work_buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+
+        def load() -> Tensor | None:
+            """The chunk's logits (as F.linear computes them, in the parameters' dtype) into the workspace."""
+            if x.dtype == cd:
+                if b_lin is None:
+                    torch.mm(xc, w_lin.T, out=ws)
+                else:
+                    torch.addmm(b_lin, xc, w_lin.T, out=ws)
+            else:
+                ws.copy_(F.linear(xc, w_lin, b_lin))
+            if cap is None:
+                return None
+            return rows.softcap_(ws, cap, None if chain_buf is None else chain_buf[: ws.numel()].view_as(ws))
+
+        chain = load()
+        index = targets.index[r0:r1].unsqueeze(1)
+        torch.gather(ws, 1, index, out=target_logit[r0:r1].unsqueeze(1))
+        extra = dict(dense_out=dense_rel[r0:r1], **dense_args) if dense_args else {}
+        if not rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], unshifted=unshifted, **extra):
+            chain = load()
+            rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], **extra)
+        if not need_grad:
+            continue
+        softmax_coef, target_coef, dense_coef = coefficients(r0, r1, shift[r0:r1], sumexp[r0:r1])
+        rows.gradient_(ws, softmax_coef, target=index, target_coef=target_coef, dense=targets.class_weight,
+                       dense_coef=dense_coef, chain=chain)
+        grad_logits = ws if ws.dtype == x.dtype else ws.to(x.dtype)
+        if want_input:
+            torch.mm(grad_logits, w_lin, out=grad_input[r0:r1])
+        if want_weight:
+            grad_weight.addmm_(ws.T, xc if xc.dtype == cd else xc.to(cd))
+        if want_bias:
+            grad_bias.add_(ws.sum(0))
+
+    if num_rows and vocab:
+        loss_rows = targets.row_losses(shift, sumexp, target_logit, dense_rel)
+    else:
+        loss_rows = torch.zeros(num_rows, dtype=torch.float64, device=dev)
+    return loss_rows.to(cd), grad_input, grad_weight, grad_bias
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, problem: LinearProblem):
+        opts = problem.options
+        targets = _targets(problem)
+        want = tuple(ctx.needs_input_grad[:3])
+        scalar = opts.reduction != "none"
+        grads = linear_pass(problem, targets, targets.scale() if scalar and any(want) else None,
+                            want if scalar else (False, False, False))
+        loss_rows, grad_input, grad_weight, grad_bias = grads
+        ctx.problem, ctx.want, ctx.input_shape = problem, want, input.shape
+        # Gradients for a unit upstream gradient, in the parameters' dtypes (fp32 sums cast once, here).
+        ctx.grads = [grad_input, _cast(grad_weight, linear_weight), _cast(grad_bias, linear_bias)] if scalar \
+            and any(want) else None
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
+        loss = targets.reduce(loss_rows)
+        return (loss.reshape(problem.output_shape) if not scalar else loss).to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        problem: LinearProblem = ctx.problem
+        if torch.is_grad_enabled():
+            return (*_double_backward_path(ctx, grad_loss), None, None, None)
+        grads, ctx.grads = ctx.grads, None  # handed over; a second backward (retain_graph) recomputes
+        if grads is None:
+            ctx.saved_tensors  # raises if an input was modified in place since forward
+            targets = _targets(problem)
+            upstream = grad_loss if problem.options.reduction == "none" else grad_loss.expand(problem.target.shape)
+            _, gi, gw, gb = linear_pass(problem, targets, targets.scale(upstream), ctx.want)
+            grads = [gi, _cast(gw, problem.linear_weight), _cast(gb, problem.linear_bias)]
+        elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # loss.backward() passes 1
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_loss.to(g.dtype))
+        gi, gw, gb = grads
+        return gi.view(ctx.input_shape) if gi is not None else None, gw, gb, None, None, None
+
+
+def _cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return t if t is None or like is None or t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _targets(p: LinearProblem) -> rows.IndexTargets:
+    o = p.options
+    return rows.IndexTargets(p.target, p.weight, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
+                             z_loss=o.z_loss, reduction=o.reduction, num_classes=p.linear_weight.shape[0],
+                             dtype=p.compute_dtype)
+
+
+def _double_backward_path(ctx, grad_loss) -> tuple:
+    """create_graph=True: differentiate the composition cross_entropy(linear(...)) with autograd.
+
+    This materializes the logits, which double backward needs anyway; xent.cross_entropy supplies the
+    differentiable softmax gradient.
+    """
+    from .functional import cross_entropy
+
+    p: LinearProblem = ctx.problem
+    input, w_lin, b_lin, target, weight = ctx.saved_tensors
+    o = p.options
+    logits = F.linear(input, w_lin, b_lin).reshape(-1, w_lin.shape[0])
+    loss = cross_entropy(logits, target.reshape(-1), weight=weight, ignore_index=o.ignore_index,
+                         reduction=o.reduction, label_smoothing=o.label_smoothing, z_loss=o.z_loss,
+                         softcap=o.softcap)
+    if o.reduction == "none":
+        loss = loss.reshape(p.output_shape)
+    inputs = [t for t, w in zip((input, w_lin, b_lin), ctx.needs_input_grad[:3]) if w]
+    grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
+    return tuple(next(grads) if w else None for w in ctx.needs_input_grad[:3])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
+                         weight: Tensor | None = None, reduction: str = "mean", ignore_index: int | None = -100,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                         options=None, memory_budget: int | None = None) -> Tensor:
+    r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without materializing the logits.
+
+    Extends :func:`torch.nn.functional.linear_cross_entropy` (torch 2.13): code written for it runs
+    unchanged. Unlike torch's chunked path, every option is kept: class weights, ignore_index, label
+    smoothing and ``reduction='none'``, plus ``z_loss`` and ``softcap``; double backward works.
+
+    Args:
+        input (Tensor): hidden states, shape :math:`(..., H)` (any leading dimensions).
+        linear_weight (Tensor): the head's weight, shape :math:`(V, H)`.
+        target (Tensor): class indices, shape :math:`(...)` (``input``'s leading dimensions).
+        linear_bias (Tensor, optional): the head's bias, shape :math:`(V,)`.
+        weight (Tensor, optional): a weight per class, shape :math:`(V,)`.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``.
+        ignore_index (int): target value to skip; ``None`` means -100 (as torch). Default: -100.
+        label_smoothing (float): in [0, 1], as in :func:`xent.cross_entropy`.
+        z_loss (float): adds ``z_loss * lse**2`` per non-ignored token (unweighted; 'mean' divides by the
+            same denominator as the cross-entropy).
+        softcap (float, optional): logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        options: torch's ``LinearCrossEntropyOptions``; only ``batch_chunk_size`` is used (tokens per chunk).
+        memory_budget (int, optional): bytes for one chunk of fp32 logits; default 1/16 of the full
+            logits, clamped to [8 MiB, 256 MiB]. The result does not depend on it beyond fp32 rounding.
+
+    Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``; with bf16/fp16 parameters the
+    weight and bias gradients are accumulated in fp32 and cast once. Probability targets and K-dim
+    weights ``(C, d1, ..., H)`` (accepted by torch) are computed through the materialized logits.
+
+    Shape:
+        - Output: scalar, or ``target``'s shape for ``reduction='none'``.
+
+    Examples::
+
+        >>> hidden = torch.randn(4, 128, 64, requires_grad=True)      # (batch, tokens, H)
+        >>> lm_head = torch.randn(32000, 64, requires_grad=True)        # (V, H)
+        >>> labels = torch.randint(0, 32000, (4, 128))
+        >>> loss = xent.linear_cross_entropy(hidden, lm_head, labels, label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    reduction = resolve_reduction(reduction)
+    fn = "linear_cross_entropy"
+    for name, t, optional in (("input", input, False), ("linear_weight", linear_weight, False),
+                              ("target", target, False), ("linear_bias", linear_bias, True), ("weight", weight, True)):
+        check_tensor(t, name, fn, optional=optional)
+    ignore_index = -100 if ignore_index is None else as_index(ignore_index, "ignore_index", fn)
+    label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
+    z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
+    softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
+    _check_linear(input, linear_weight, linear_bias)
+
+    vocab = linear_weight.shape[0]
+    probabilities = target.is_floating_point() and tuple(target.shape) == (*input.shape[:-1], vocab)
+    if linear_weight.dim() > 2 or probabilities:
+        return _through_logits(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                               label_smoothing, z_loss, softcap)
+
+    label_smoothing = check_label_smoothing(label_smoothing)
+    check_float_input(input, fn)
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        if input.dim() == 2 and target.dim() >= 1:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                             f"({target.shape[0]}).")
+        raise ValueError(f"Expected target of shape {list(input.shape[:-1])} (input without its last, hidden "
+                         f"dimension), got {list(target.shape)}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_name(target.dtype)}")
+    check_same_device(target, input, "target")
+    check_weight_shape(weight, vocab)
+    if weight is not None:
+        if weight.dtype != input.dtype:
+            raise RuntimeError(f"expected scalar type {scalar_name(input.dtype)} but found {scalar_name(weight.dtype)}")
+        check_same_device(weight, input, "weight")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("linear_cross_entropy is not differentiable with respect to the class 'weight' "
+                               "(as torch); pass weight.detach()")
+    check_target_range(target, vocab, ignore_index)
+
+    options_ = Options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    x2 = input.reshape(-1, input.shape[-1])
+    cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
+    step = getattr(options, "batch_chunk_size", None) or chunk_rows(x2.shape[0], vocab, cd, memory_budget)
+    problem = LinearProblem(x2, linear_weight, linear_bias, target.reshape(-1), weight, options_,
+                            tuple(target.shape), int(step))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (input, linear_weight, linear_bias))
+    if not needs_grad:
+        targets = _targets(problem)
+        loss_rows = linear_pass(problem, targets, None, (False, False, False))[0]
+        loss = targets.reduce(loss_rows)
+        return (loss.reshape(problem.output_shape) if reduction == "none" else loss).to(input.dtype)
+    return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, problem)
+
+
+def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> None:
+    """F.linear's own checks, with torch's exception types."""
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    if input.dim() == 0:
+        raise RuntimeError("expected input with at least one (hidden) dimension, got a 0-d tensor")
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise RuntimeError(f"expected equal input and linear_weight last dimensions (in_features), got "
+                           f"{input.shape[-1]} and {linear_weight.shape[-1]}, respectively")
+    out_shape = tuple(linear_weight.shape[:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) not in (out_shape, (math.prod(out_shape),)):
+        raise RuntimeError(f"expected linear_bias shape {out_shape}, got {tuple(linear_bias.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(f"expected input and {name} to have the same dtype, but got: "
+                               f"{scalar_name(input.dtype)} != {scalar_name(t.dtype)}")
+        if t is not None:
+            check_same_device(t, input, name)
+
+
+def _through_logits(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                    z_loss, softcap) -> Tensor:
+    """Probability targets and K-dim heads, which torch also accepts: via the materialized logits."""
+    from .functional import cross_entropy
+
+    hidden = input.shape[-1]
+    logits = F.linear(input, linear_weight.reshape(-1, hidden),
+                      linear_bias.reshape(-1) if linear_bias is not None else None)
+    lead = input.shape[:-1]
+    if linear_weight.dim() > 2:  # (N, C * d...) -> (N, C, d...), torch's K-dim convention
+        logits = logits.reshape(*lead, *linear_weight.shape[:-1])
+    elif len(lead) > 1:  # probability targets over (..., V): rows of (V,)
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1, target.shape[-1]),
+                             weight=weight, ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        return loss.reshape(lead) if reduction == "none" else loss
+    return cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
