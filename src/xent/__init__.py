@@ -7,9 +7,10 @@ Public API:
     LinearCrossEntropyLoss                  drop-ins for torch.nn's modules
     one_hot, LabelEncoder                   targets from labels that are not integers
     reference                               the formulas, in readable float64 code
+    distributed                             vocab-parallel losses for tensor-parallel training
 """
 
-from . import reference
+from . import distributed, reference
 from .functional import cross_entropy, nll_loss
 from .labels import LabelEncoder, one_hot
 from .linear import linear_cross_entropy
@@ -18,4 +19,4 @@ from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
 __version__ = "0.1.0"
 
 __all__ = ["cross_entropy", "nll_loss", "linear_cross_entropy", "CrossEntropyLoss", "NLLLoss",
-           "LinearCrossEntropyLoss", "one_hot", "LabelEncoder", "reference", "__version__"]
+           "LinearCrossEntropyLoss", "one_hot", "LabelEncoder", "reference", "distributed", "__version__"]

@@ -55,28 +55,28 @@ def chunk_rows(num_rows: int, vocab: int, compute_dtype: torch.dtype, memory_bud
     return max(1, min(num_rows, memory_budget // row_bytes))
 
 
-def linear_pass(p: LinearProblem, targets: rows.IndexTargets, scale: Tensor | None, want: tuple[bool, bool, bool]):
-    """Loss per row and, for the gradients in `want` (input, linear_weight, linear_bias), those gradients of
-    sum_i scale_i * loss_i. Weight and bias gradients come back in fp32 (fp64 for fp64 parameters)."""
+def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTargets | None = None,
+                scale: Tensor | None = None, want: tuple[bool, bool, bool] = (False, False, False),
+                lse: Tensor | None = None):
+    """One pass over the rows' logits, chunk by chunk: their statistics and, when `targets` and `scale` are
+    given, the gradients in `want` (input, linear_weight, linear_bias) of sum_i scale_i * loss_i.
+
+    `block` says which classes the head holds (all of them, or one rank's shard, whose gradient then
+    needs the rows' global `lse`). Weight and bias gradients come back in fp32 (fp64 for fp64 parameters).
+    """
     x, w_lin, b_lin = p.input, p.linear_weight, p.linear_bias
     num_rows, vocab = x.shape[0], w_lin.shape[0]
     cd = p.compute_dtype
     dev = x.device
-    opts = p.options
-    cap = opts.softcap
-    want_input, want_weight, want_bias = want
-    need_grad = any(want)
+    cap = p.options.softcap
+    need_grad = scale is not None and any(want)
+    want_input, want_weight, want_bias = want if need_grad else (False, False, False)
 
-    shift = torch.empty(num_rows, dtype=cd, device=dev)
-    sumexp = torch.empty(num_rows, dtype=cd, device=dev)
-    target_logit = torch.empty(num_rows, dtype=cd, device=dev)
-    dense_rel = torch.empty(num_rows, dtype=cd, device=dev) if targets.terms.b else None
+    stats = rows.RowStats.empty(num_rows, target=True, dense=p.options.label_smoothing > 0, dtype=cd, device=dev)
     grad_input = torch.empty_like(x) if want_input else None
     grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev) if want_weight else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
-    coefficients = rows.ChunkCoefficients(targets.terms, scale, targets.dense_mass) if need_grad else None
-    dense_args = dict(dense=targets.class_weight, dense_is_ones=targets.class_weight is None) if targets.terms.b \
-        else {}
+    coefficients = targets.coefficients(scale, lse, block) if need_grad else None
     unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
 
     step = p.rows_per_chunk
@@ -100,17 +100,13 @@ def linear_pass(p: LinearProblem, targets: rows.IndexTargets, scale: Tensor | No
                 return None
             return rows.softcap_(ws, cap, None if chain_buf is None else chain_buf[: ws.numel()].view_as(ws))
 
-        chain = load()
-        index = targets.index[r0:r1].unsqueeze(1)
-        torch.gather(ws, 1, index, out=target_logit[r0:r1].unsqueeze(1))
-        extra = dict(dense_out=dense_rel[r0:r1], **dense_args) if dense_args else {}
-        if not rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], unshifted=unshifted, **extra):
-            chain = load()
-            rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], **extra)
+        index = block.index[r0:r1].unsqueeze(1)
+        chain = stats.chunk_(ws, r0, r1, load, target=index, dense=block.class_weight,
+                             dense_is_ones=block.class_weight is None, unshifted=unshifted)
         if not need_grad:
             continue
-        softmax_coef, target_coef, dense_coef = coefficients(r0, r1, shift[r0:r1], sumexp[r0:r1])
-        rows.gradient_(ws, softmax_coef, target=index, target_coef=target_coef, dense=targets.class_weight,
+        softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
+        rows.gradient_(ws, softmax_coef, target=index, target_coef=target_coef, dense=block.class_weight,
                        dense_coef=dense_coef, chain=chain)
         grad_logits = ws if ws.dtype == x.dtype else ws.to(x.dtype)
         if want_input:
@@ -119,12 +115,13 @@ def linear_pass(p: LinearProblem, targets: rows.IndexTargets, scale: Tensor | No
             grad_weight.addmm_(ws.T, xc if xc.dtype == cd else xc.to(cd))
         if want_bias:
             grad_bias.add_(ws.sum(0))
+    return stats, grad_input, grad_weight, grad_bias
 
-    if num_rows and vocab:
-        loss_rows = targets.row_losses(shift, sumexp, target_logit, dense_rel)
-    else:
-        loss_rows = torch.zeros(num_rows, dtype=torch.float64, device=dev)
-    return loss_rows.to(cd), grad_input, grad_weight, grad_bias
+
+def _loss_rows(p: LinearProblem, targets: rows.IndexTargets, stats: rows.RowStats) -> Tensor:
+    if p.input.shape[0] and p.linear_weight.shape[0]:
+        return targets.block_losses(stats).to(p.compute_dtype)
+    return torch.zeros(p.input.shape[0], dtype=p.compute_dtype, device=p.input.device)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -134,9 +131,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         targets = _targets(problem)
         want = tuple(ctx.needs_input_grad[:3])
         scalar = opts.reduction != "none"
-        grads = linear_pass(problem, targets, targets.scale() if scalar and any(want) else None,
-                            want if scalar else (False, False, False))
-        loss_rows, grad_input, grad_weight, grad_bias = grads
+        stats, grad_input, grad_weight, grad_bias = linear_pass(
+            problem, targets.block(), targets, targets.scale() if scalar and any(want) else None, want)
+        loss_rows = _loss_rows(problem, targets, stats)
         ctx.problem, ctx.want, ctx.input_shape = problem, want, input.shape
         # Gradients for a unit upstream gradient, in the parameters' dtypes (fp32 sums cast once, here).
         ctx.grads = [grad_input, _cast(grad_weight, linear_weight), _cast(grad_bias, linear_bias)] if scalar \
@@ -155,7 +152,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.saved_tensors  # raises if an input was modified in place since forward
             targets = _targets(problem)
             upstream = grad_loss if problem.options.reduction == "none" else grad_loss.expand(problem.target.shape)
-            _, gi, gw, gb = linear_pass(problem, targets, targets.scale(upstream), ctx.want)
+            _, gi, gw, gb = linear_pass(problem, targets.block(), targets, targets.scale(upstream), ctx.want)
             grads = [gi, _cast(gw, problem.linear_weight), _cast(gb, problem.linear_bias)]
         elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # loss.backward() passes 1
             for g in grads:
@@ -291,8 +288,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                                  for t in (input, linear_weight, linear_bias))
     if not needs_grad:
         targets = _targets(problem)
-        loss_rows = linear_pass(problem, targets, None, (False, False, False))[0]
-        loss = targets.reduce(loss_rows)
+        stats = linear_pass(problem, targets.block())[0]
+        loss = targets.reduce(_loss_rows(problem, targets, stats))
         return (loss.reshape(problem.output_shape) if reduction == "none" else loss).to(input.dtype)
     return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, problem)
 

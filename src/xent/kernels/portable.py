@@ -67,9 +67,8 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
         denominator, scale, terms, dense_mass = targets.denominator, targets.scale(), targets.terms, \
             targets.dense_mass
 
-    shift = torch.empty(num_rows, dtype=cd, device=dev)  # per row: exp(z - shift) is what the pass sums
-    sumexp = torch.empty(num_rows, dtype=cd, device=dev)
-    dense_rel = torch.empty(num_rows, dtype=cd, device=dev) if terms.b else None  # <u, z - shift>
+    block_of_classes = targets.block() if targets is not None else None
+    stats = rows.RowStats.empty(num_rows, target=targets is not None, dense=bool(terms.b), dtype=cd, device=dev)
     coefficients = rows.ChunkCoefficients(terms, scale, dense_mass) if need_grad else None
     # exp(z) without the max shift saves two passes, but deciding per chunk needs a host sync: CPU only.
     unshifted = dev.type == "cpu"
@@ -101,7 +100,6 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
                     return None
                 return rows.softcap_(ws, cap, None if chain_buf is None else chain_buf[: r * c].view(r, c))
 
-            chain = load()
             dense = weight
             if problem.probabilities:
                 dense = probs_buf[: r * c].view(r, c)
@@ -111,16 +109,12 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
                 if weight is not None:
                     dense.mul_(weight)
                 torch.sum(dense, 1, out=dense_mass[r0:r1])
-            dense_args = dict(dense=dense, dense_is_ones=dense is None, dense_out=dense_rel[r0:r1]) if terms.b \
-                else {}
-            if not rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], source=source, unshifted=unshifted,
-                                  **dense_args):
-                chain = load()  # some row over/underflowed exp(z): redo this chunk with the max shift
-                rows.exp_rows_(ws, shift[r0:r1], sumexp[r0:r1], source=source, **dense_args)
+            target = block_of_classes.index[r0:r1].unsqueeze(1) if targets is not None else None
+            chain = stats.chunk_(ws, r0, r1, load, source=source, target=target, dense=dense,
+                                 dense_is_ones=dense is None, unshifted=unshifted)
 
             if grad is not None:
-                softmax_coef, target_coef, dense_coef = coefficients(r0, r1, shift[r0:r1], sumexp[r0:r1])
-                target = targets.index[r0:r1].unsqueeze(1) if targets is not None else None
+                softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
                 rows.gradient_(ws, softmax_coef, target=target, target_coef=target_coef, dense=dense,
                                dense_coef=dense_coef, chain=chain)
                 if not in_grad:
@@ -130,12 +124,10 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
     if c == 0:  # no classes: every row is ignored (index targets) or sums over nothing (probabilities)
         loss_rows = torch.zeros(num_rows, dtype=cd, device=dev)
     elif targets is not None:
-        z_target = x.gather(1, targets.index.view(n, 1, d)).reshape(num_rows).double()
-        if cap is not None:
-            z_target = cap * torch.tanh(z_target / cap)
-        loss_rows = targets.row_losses(shift, sumexp, z_target, dense_rel)
+        loss_rows = targets.block_losses(stats)
     else:
-        loss_rows = terms.loss(rows.log_sum_exp(shift, sumexp), None, shift, dense_mass, dense_rel)
+        lse = stats.lse()
+        loss_rows = terms.loss(lse, None, rows.dense_cross_entropy(lse, stats.shift, dense_mass, stats.dense_rel))
 
     loss = rows.reduce_rows(loss_rows.to(cd), opts.reduction, denominator)
     loss = loss.reshape(problem.output_shape) if opts.reduction == "none" else loss

@@ -113,6 +113,47 @@ def gradient_(workspace: Tensor, softmax_coef: Tensor, *, target: Tensor | None 
         workspace.mul_(chain)
 
 
+@dataclass
+class RowStats:
+    """Per-row statistics of one block of classes, filled chunk by chunk by a pass over the logits."""
+
+    shift: Tensor  # exp(z - shift) is what was summed
+    sumexp: Tensor  # sum_c exp(z_c - shift)
+    target_logit: Tensor | None  # z_y (0 where the row's target is not in this block)
+    dense_rel: Tensor | None  # <u, z - shift>
+
+    @classmethod
+    def empty(cls, num_rows: int, *, target: bool, dense: bool, dtype: torch.dtype, device) -> "RowStats":
+        def new():
+            return torch.empty(num_rows, dtype=dtype, device=device)
+        return cls(new(), new(), new() if target else None, new() if dense else None)
+
+    def chunk_(self, workspace: Tensor, r0: int, r1: int, load, *, source: Tensor | None = None,
+               target: Tensor | None = None, dense: Tensor | None = None, dense_is_ones: bool = False,
+               unshifted: bool = False) -> Tensor | None:
+        """Fill rows r0:r1 from one chunk: load() puts its logits in `workspace` (and returns the softcap
+        chain, or None); then target logits, exp_rows_ and the dense dot. Returns the chain."""
+        chain = load()
+        if target is not None:
+            src = workspace if source is None else source
+            torch.gather(src, 1, target, out=self.target_logit[r0:r1].unsqueeze(1))
+        extra = dict(dense=dense, dense_is_ones=dense_is_ones, dense_out=self.dense_rel[r0:r1]) \
+            if self.dense_rel is not None else {}
+        if not exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, unshifted=unshifted,
+                         **extra):
+            chain = load()  # some row over/underflowed exp(z): redo the chunk with the max shift
+            exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, **extra)
+        return chain
+
+    def lse(self) -> Tensor:
+        return log_sum_exp(self.shift, self.sumexp)
+
+
+def dense_cross_entropy(lse: Tensor, shift: Tensor, dense_mass, dense_rel: Tensor) -> Tensor:
+    """<u, lse - z> = U (lse - shift) - <u, z - shift> for one block (sum it over blocks)."""
+    return dense_mass * (lse - shift) - dense_rel
+
+
 @dataclass(frozen=True)
 class RowTerms:
     """The coefficients a, b, z_loss of the loss above for a set of rows.
@@ -128,12 +169,11 @@ class RowTerms:
     def rows(self, r0: int, r1: int) -> "RowTerms":
         return RowTerms(self.a[r0:r1] if self.a is not None else None, self.b, self.z_loss)
 
-    def loss(self, lse: Tensor, target_logit: Tensor | None, shift: Tensor, dense_mass,
-             dense_rel: Tensor | None) -> Tensor:
-        """Row losses a (lse - z_y) + b (U (lse - shift) - <u, z - shift>) + z_loss lse^2."""
+    def loss(self, lse: Tensor, target_logit: Tensor | None, dense_ce: Tensor | None) -> Tensor:
+        """Row losses a (lse - z_y) + b <u, lse - z> + z_loss lse^2."""
         out = self.a * (lse - target_logit) if self.a is not None else torch.zeros_like(lse)
         if self.b:
-            out = out + self.b * (dense_mass * (lse - shift) - dense_rel)
+            out = out + self.b * dense_ce
         if self.z_loss:
             out = out + self.z_loss * lse * lse
         return out
@@ -154,27 +194,58 @@ class RowTerms:
 
 
 class ChunkCoefficients:
-    """Gradient coefficients for chunks of rows (see RowTerms.gradient_coefs), divided by the chunk's sums.
+    """Gradient coefficients for chunks of rows (see RowTerms.gradient_coefs), ready for gradient_.
 
     Without z_loss, and with a dense mass U shared by all rows (class-index targets), they do not depend
     on the pass, so they are formed once for all rows before it. A per-row U (probability targets) is
     filled in by the pass, chunk by chunk, before the chunk asks for its coefficients.
+
+    lse: the rows' global log-sum-exp when the workspace holds only one block of the classes (a rank's
+    shard); `owned` then marks the rows whose target lies in this block. Without lse the workspace holds
+    all classes and lse = shift + log(sumexp).
     """
 
-    def __init__(self, terms: RowTerms, scale: Tensor, dense_mass):
-        self.terms, self.scale, self.dense_mass = terms, scale, dense_mass
+    def __init__(self, terms: RowTerms, scale: Tensor, dense_mass, lse: Tensor | None = None,
+                 owned: Tensor | None = None):
+        self.terms, self.scale, self.dense_mass, self.lse, self.owned = terms, scale, dense_mass, lse, owned
         self.per_row_mass = isinstance(dense_mass, Tensor) and dense_mass.dim() > 0
         self.early = None if terms.z_loss or self.per_row_mass else terms.gradient_coefs(None, scale, dense_mass)
 
     def __call__(self, r0: int, r1: int, shift: Tensor, sumexp: Tensor):
-        """(softmax_coef, target_coef, dense_coef) for rows r0:r1; shift, sumexp are those rows' stats."""
+        """(softmax_coef, target_coef, dense_coef) for rows r0:r1; shift, sumexp are those rows' stats.
+
+        softmax_coef includes exp(shift - lse), so that it multiplies the workspace's exp(z - shift)."""
+        lse = self.lse[r0:r1].to(shift.dtype) if self.lse is not None else None
         if self.early is not None:
             softmax, target, dense = (t[r0:r1] if t is not None else None for t in self.early)
         else:
             mass = self.dense_mass[r0:r1] if self.per_row_mass else self.dense_mass
-            lse = shift + sumexp.log() if self.terms.z_loss else None
-            softmax, target, dense = self.terms.rows(r0, r1).gradient_coefs(lse, self.scale[r0:r1], mass)
-        return softmax / sumexp, target, dense
+            row_lse = lse if lse is not None else shift + sumexp.log()
+            softmax, target, dense = self.terms.rows(r0, r1).gradient_coefs(row_lse, self.scale[r0:r1], mass)
+        if self.owned is not None and target is not None:
+            target = target * self.owned[r0:r1]
+        return (softmax / sumexp if lse is None else softmax * torch.exp(shift - lse)), target, dense
+
+
+@dataclass(frozen=True)
+class ClassBlock:
+    """The classes a workspace holds, seen from the targets: all of them, or one rank's contiguous shard."""
+
+    index: Tensor  # (rows,) the target's column within the block (0 where it is not in the block)
+    owned: Tensor | None  # (rows,) bool, the target is in the block; None when the block is every class
+    class_weight: Tensor | None  # (block size,) the block's class weights; None for all ones
+
+    @staticmethod
+    def shard(target: Tensor, valid: Tensor, class_weight: Tensor | None, start: int, size: int) -> "ClassBlock":
+        """The classes [start, start + size) (one rank's part of the vocabulary) for targets `target`."""
+        owned = valid & (target >= start) & (target < start + size)
+        weight = None
+        if class_weight is not None:  # zero-padded where the block overhangs the weights (caught later)
+            weight = class_weight.new_zeros(size)
+            lo, hi = max(start, 0), min(start + size, class_weight.shape[0])
+            if hi > lo:
+                weight[lo - start:hi - start] = class_weight[lo:hi]
+        return ClassBlock(torch.where(owned, target - start, 0).long(), owned, weight)
 
 
 class IndexTargets:
@@ -200,6 +271,9 @@ class IndexTargets:
         # U = sum_c w_c, the mass of the smoothing term
         self.dense_mass = self.class_weight.sum() if class_weight is not None else float(num_classes)
 
+    def block(self) -> ClassBlock:
+        return ClassBlock(self.index, None, self.class_weight)
+
     def scale(self, upstream: Tensor | None = None) -> Tensor:
         """d(reduced loss)/d(row loss), times the upstream gradient: 1/D (mean) or 1, exactly 0 on ignored rows.
 
@@ -209,13 +283,18 @@ class IndexTargets:
         scale = torch.where(self.valid, one, 0)
         return scale if upstream is None else scale * upstream.reshape(-1).to(scale.dtype)
 
-    def coefficients(self, scale: Tensor) -> ChunkCoefficients:
-        return ChunkCoefficients(self.terms, scale, self.dense_mass)
+    def coefficients(self, scale: Tensor, lse: Tensor | None = None, block: ClassBlock | None = None):
+        return ChunkCoefficients(self.terms, scale, self.dense_mass, lse, block.owned if block else None)
 
-    def row_losses(self, shift: Tensor, sumexp: Tensor, target_logit: Tensor, dense_rel: Tensor | None) -> Tensor:
+    def row_losses(self, lse: Tensor, target_logit: Tensor, dense_ce: Tensor | None) -> Tensor:
         """Per-row losses (float64), 0 on ignored rows even when their logits are NaN."""
-        loss = self.terms.loss(log_sum_exp(shift, sumexp), target_logit.double(), shift, self.dense_mass, dense_rel)
-        return torch.where(self.valid, loss, 0)
+        return torch.where(self.valid, self.terms.loss(lse, target_logit.double(), dense_ce), 0)
+
+    def block_losses(self, stats: RowStats) -> Tensor:
+        """row_losses from the statistics of one pass over all classes."""
+        lse = stats.lse()
+        dense_ce = dense_cross_entropy(lse, stats.shift, self.dense_mass, stats.dense_rel) if self.terms.b else None
+        return self.row_losses(lse, stats.target_logit, dense_ce)
 
     def reduce(self, loss_rows: Tensor) -> Tensor:
         return reduce_rows(loss_rows, self.reduction, self.denominator)

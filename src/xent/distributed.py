@@ -1,0 +1,420 @@
+"""Vocab-parallel cross-entropy on torch.distributed: the loss over a vocabulary split across ranks.
+
+Each rank of `group` holds the logits (or the lm_head rows) of a contiguous block of the classes; the
+targets, the class weights and the options are the same on every rank. Each rank runs the row kernel
+(kernels/rows.py) over its own block and packs, per row, its partial statistics: shift and sum of
+exp(z - shift), the target logit if it owns the target, and <w, z - shift> for label smoothing. One
+all-gather of those (plus a few header numbers per rank) gives every rank everything the loss needs:
+
+    lse   = log sum_k sumexp_k * exp(shift_k)                     (merged in float64)
+    z_y   = the owning rank's target logit
+    <w, lse - z> = sum_k [ W_k (lse - shift_k) - <w_k, z_k - shift_k> ]     W_k = the block's weight sum
+
+so label smoothing uses the global number of classes and the global weights (Megatron's uses the local
+vocabulary size, which is wrong), and results equal the single-process loss. The gradient of the logits
+is local: exp(z - lse) times the row coefficients, minus the target term on the owning rank. The logits
+path needs no communication in backward; the linear path all-reduces the input gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._autograd import scale_by_upstream_
+from ._validate import (Options, as_float, as_index, check_float_input, check_label_smoothing,
+                        check_optional_positive, check_same_device, check_tensor, resolve_reduction, scalar_name)
+from .kernels import rows
+from .linear import LinearProblem, chunk_rows, linear_pass
+from .kernels.portable import CHUNK_ELEMENTS
+
+# Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
+_NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)
+_HEADER = 7
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The group's split of the vocabulary: rank k holds classes [starts[k], starts[k] + sizes[k])."""
+
+    rank: int
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    weight_sums: tuple[float, ...]  # W_k: the class weights' sum over each block (its size without weights)
+
+    @property
+    def start(self) -> int:
+        return self.starts[self.rank]
+
+    @property
+    def size(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.sizes)
+
+
+def _group_info(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab-parallel cross-entropy needs torch.distributed to be initialized "
+                           "(torch.distributed.init_process_group)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather(rows_out: Tensor, mine: Tensor, group) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(rows_out, mine, group=group)
+
+
+def _identity(target: Tensor) -> list[float]:
+    """Numbers that differ when two ranks' targets differ: numel, rank, first dim and a position-weighted
+    checksum of the values (exact in float64 for any realistic batch)."""
+    flat = target.reshape(-1)
+    positions = torch.arange(flat.numel(), device=flat.device) % 997 + 1
+    checksum = float((flat.double() + 1.0).mul(positions).sum()) if flat.numel() else 0.0
+    return [float(flat.numel()), float(target.dim()), float(target.shape[0]) if target.dim() else 1.0, checksum]
+
+
+def _check_same_targets(identity: Tensor, fn: str) -> None:
+    """identity: (world, 4) rows of _identity; raise on every rank alike when they differ."""
+    if not bool((identity == identity[0]).all()):
+        raise ValueError(f"{fn}: the ranks' targets differ (every rank must pass the same target): per rank "
+                         f"(numel, ndim, dim 0) = {[tuple(int(v) for v in row[:3]) for row in identity.tolist()]}"
+                         f", checksums {[row[3] for row in identity.tolist()]}")
+
+
+def _shards_from_sizes(target: Tensor, local_size: int, weight: Tensor | None, group, fn: str) -> Shards:
+    """vocab_start=None: gather every rank's block size (and target identity) first; blocks in rank order."""
+    rank, world = _group_info(group)
+    mine = torch.tensor(_identity(target) + [float(local_size)], dtype=torch.float64, device=target.device)
+    out = torch.empty(world * mine.numel(), dtype=torch.float64, device=target.device)
+    _all_gather(out, mine, group)
+    table = out.view(world, -1)
+    _check_same_targets(table[:, :4], fn)
+    sizes = tuple(int(v) for v in table[:, 4].tolist())
+    starts = tuple(sum(sizes[:k]) for k in range(world))
+    return Shards(rank, starts, sizes, _weight_sums(weight, starts, sizes))
+
+
+def _weight_sums(weight: Tensor | None, starts, sizes) -> tuple[float, ...]:
+    if weight is None:
+        return tuple(float(s) for s in sizes)
+    return tuple(float(weight[a:a + s].double().sum()) if a + s <= weight.shape[0] else math.nan
+                 for a, s in zip(starts, sizes))
+
+
+def _exchange_statistics(stats: rows.RowStats, block: rows.ClassBlock, target: Tensor, start: int,
+                         local_size: int, shards: Shards | None, group, fn: str):
+    """The one collective of the forward pass: every rank's per-row statistics and header.
+
+    Returns (shards, shift, sumexp, target_logit, owned, dense_rel), each (world, rows), in float64.
+    """
+    rank, world = _group_info(group)
+    num_rows = stats.shift.numel()
+    k = 5 if stats.dense_rel is not None else 4
+    mine = torch.empty(_HEADER + k * num_rows, dtype=torch.float64, device=stats.shift.device)
+    local_weight_sum = float(block.class_weight.double().sum()) if block.class_weight is not None \
+        else float(local_size)
+    mine[:_HEADER] = torch.tensor(_identity(target) + [float(local_size), float(start), local_weight_sum],
+                                  dtype=torch.float64)
+    body = mine[_HEADER:].view(k, num_rows)
+    body[0], body[1] = stats.shift, stats.sumexp
+    body[2] = torch.where(block.owned, stats.target_logit, 0)
+    body[3] = block.owned
+    if k == 5:
+        body[4] = stats.dense_rel
+    out = torch.empty(world * mine.numel(), dtype=torch.float64, device=mine.device)
+    _all_gather(out, mine, group)
+    table = out.view(world, -1)
+    header, bodies = table[:, :_HEADER], table[:, _HEADER:].reshape(world, k, num_rows)
+    _check_same_targets(header[:, :_SIZE], fn)
+    if shards is None:
+        shards = Shards(rank, tuple(int(v) for v in header[:, _START].tolist()),
+                        tuple(int(v) for v in header[:, _SIZE].tolist()),
+                        tuple(float(v) for v in header[:, _WEIGHT_SUM].tolist()))
+    _check_tiling(shards, fn)
+    return shards, bodies[:, 0], bodies[:, 1], bodies[:, 2], bodies[:, 3], bodies[:, 4] if k == 5 else None
+
+
+def _check_tiling(shards: Shards, fn: str) -> None:
+    """The blocks must cover [0, C) exactly once (checked on every rank from the same gathered data)."""
+    end = 0
+    for start, size in sorted(zip(shards.starts, shards.sizes)):
+        if start != end or size < 0:
+            raise ValueError(f"{fn}: the ranks' vocabulary blocks (start, size) = "
+                             f"{list(zip(shards.starts, shards.sizes))} do not tile [0, C): pass each rank's "
+                             f"vocab_start, or None to place the blocks in rank order")
+        end = start + size
+
+
+def _merge(targets_flat: Tensor, valid: Tensor, shards: Shards, shift, sumexp, target_logit, owned, dense_rel,
+           eps: float):
+    """Global lse, target logit and smoothing term per row, from the gathered per-rank statistics."""
+    lse = rows.merge_blocks(shift, sumexp)
+    counts = owned.sum(0)
+    bad = valid & (counts != 1)
+    if bool(bad.any()):
+        first = int(targets_flat[bad.nonzero()[0, 0]])
+        raise IndexError(f"Target {first} is out of bounds. (It must be a class index in "
+                         f"[0, {shards.num_classes - 1}] or ignore_index.)")
+    z_target = target_logit.sum(0)
+    dense_ce = None
+    if eps > 0:
+        mass = torch.tensor(shards.weight_sums, dtype=torch.float64, device=lse.device).unsqueeze(1)
+        sizes = torch.tensor(shards.sizes, device=lse.device).unsqueeze(1)
+        # a block without classes contributes nothing (its lse is -inf)
+        dense_ce = torch.where(sizes > 0, rows.dense_cross_entropy(lse, shift, mass, dense_rel), 0).sum(0)
+    return lse, z_target, dense_ce
+
+
+def _validate(local_logits: Tensor, target: Tensor, weight: Tensor | None, reduction, ignore_index, label_smoothing,
+              z_loss, fn: str, logits_name: str) -> Options:
+    reduction = resolve_reduction(reduction)
+    check_tensor(local_logits, logits_name, fn)
+    check_tensor(target, "target", fn)
+    check_tensor(weight, "weight", fn, optional=True)
+    options = Options(reduction, as_index(ignore_index, "ignore_index", fn),
+                      check_label_smoothing(as_float(label_smoothing, "label_smoothing", fn)),
+                      check_optional_positive(z_loss, "z_loss", fn, allow_none=False), None)
+    check_float_input(local_logits, fn)
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_name(target.dtype)}")
+    check_same_device(target, local_logits, "target")
+    if weight is not None:
+        if weight.dim() != 1:
+            raise RuntimeError(f"weight must be the full (C,) class-weight tensor, got shape {list(weight.shape)}")
+        if weight.dtype != local_logits.dtype:
+            raise RuntimeError(f"expected scalar type {scalar_name(local_logits.dtype)} but found "
+                               f"{scalar_name(weight.dtype)}")
+        check_same_device(weight, local_logits, "weight")
+    return options
+
+
+def _check_weight_size(weight: Tensor | None, shards: Shards) -> None:
+    if weight is not None and weight.shape[0] != shards.num_classes:
+        raise RuntimeError(f"weight tensor should be defined either for all {shards.num_classes} classes or no "
+                           f"classes but got weight tensor of shape: {list(weight.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logits path
+
+
+def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, group=None, vocab_start: int | None = None,
+                                 weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                                 label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
+    r"""Cross-entropy of logits whose classes are split across the ranks of `group`, without gathering them.
+
+    Equals ``xent.cross_entropy(full_logits.reshape(-1, C), target.reshape(-1), ...)`` (reshaped back for
+    'none') where ``full_logits`` concatenates every rank's block in class order: same loss, and each
+    rank's gradient is that loss's gradient for its block.
+
+    Args:
+        local_logits (Tensor): this rank's logits, shape :math:`(..., C_{local})`.
+        target (Tensor): global class indices, shape :math:`(...)`, the same on every rank.
+        group: the process group over which the vocabulary is split (default: the world).
+        vocab_start (int, optional): this rank's first class. None: the blocks follow rank order, their
+            sizes gathered by one extra small all-gather (which also checks that all ranks have the same
+            targets before the main exchange).
+        weight (Tensor, optional): the full :math:`(C,)` class weights, the same on every rank.
+        ignore_index, reduction, label_smoothing, z_loss: as :func:`xent.cross_entropy`.
+
+    Forward runs one all-gather (two with ``vocab_start=None``) of 4-5 float64 numbers per row and rank;
+    backward needs no communication. Differing targets across ranks, blocks that do not tile the
+    vocabulary, out-of-range targets and a wrong weight size raise on every rank alike; ranks with
+    different *numbers* of targets are caught only with ``vocab_start=None`` (the collective itself would
+    fail otherwise).
+    """
+    fn = "vocab_parallel_cross_entropy"
+    opts = _validate(local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn,
+                     "local_logits")
+    if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
+        raise ValueError(f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without "
+                         f"its class dimension), got {list(target.shape)}")
+    need_grad = torch.is_grad_enabled() and local_logits.requires_grad
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{fn} is not differentiable with respect to 'weight' (as torch with class indices)")
+    spec = (group, vocab_start, opts)
+    if not need_grad:
+        return _logits_forward(local_logits, target, weight, spec, need_grad=False)[0]
+    return _VocabParallelCrossEntropy.apply(local_logits, target, weight, spec)
+
+
+def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None, spec, need_grad: bool):
+    group, vocab_start, opts = spec
+    fn = "vocab_parallel_cross_entropy"
+    x = local_logits.reshape(-1, local_logits.shape[-1])
+    num_rows, local_size = x.shape
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = target.reshape(-1)
+    valid = flat != opts.ignore_index
+    shards = None
+    if vocab_start is None:
+        shards = _shards_from_sizes(target, local_size, weight, group, fn)
+        _check_weight_size(weight, shards)
+    start = shards.start if shards is not None else as_index(vocab_start, "vocab_start", fn)
+    block = rows.ClassBlock.shard(flat, valid, weight.to(cd) if weight is not None else None, start, local_size)
+
+    # Pass 1: this block's statistics; 2: after the exchange, the gradient (global lse) in place.
+    stats = rows.RowStats.empty(num_rows, target=True, dense=opts.label_smoothing > 0, dtype=cd, device=x.device)
+    _block_pass(x, stats, block, cd)
+    shards, *gathered = _exchange_statistics(stats, block, target, start, local_size, shards, group, fn)
+    _check_weight_size(weight, shards)
+    lse, z_target, dense_ce = _merge(flat, valid, shards, *gathered, opts.label_smoothing)
+    targets = rows.IndexTargets(flat, weight, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                                z_loss=opts.z_loss, reduction=opts.reduction, num_classes=shards.num_classes,
+                                dtype=cd)
+    loss = targets.reduce(targets.row_losses(lse, z_target, dense_ce).to(cd))
+    loss = (loss.reshape(target.shape) if opts.reduction == "none" else loss).to(local_logits.dtype)
+    grad = None
+    if need_grad:
+        grad = torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
+        _block_pass(x, rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device), block,
+                    cd, grad=grad, coefficients=targets.coefficients(targets.scale(), lse, block))
+    return loss, grad
+
+
+def _block_pass(x: Tensor, stats: rows.RowStats, block: rows.ClassBlock, cd: torch.dtype,
+                grad: Tensor | None = None, coefficients: rows.ChunkCoefficients | None = None) -> None:
+    """Chunks of this rank's logits through the row kernel: statistics, and with `grad` the gradient."""
+    num_rows, size = x.shape
+    if not num_rows or not size:
+        stats.shift.zero_()
+        stats.sumexp.zero_()
+        for t in (stats.target_logit, stats.dense_rel):
+            if t is not None:
+                t.zero_()
+        return
+    step = max(1, CHUNK_ELEMENTS // size)
+    direct = x.dtype == cd
+    in_grad = grad is not None and grad.dtype == cd
+    scratch = None if in_grad else torch.empty(min(step, num_rows) * size, dtype=cd, device=x.device)
+    unshifted = x.device.type == "cpu"
+    for r0 in range(0, num_rows, step):
+        r1 = min(num_rows, r0 + step)
+        ws = grad[r0:r1] if in_grad else scratch[: (r1 - r0) * size].view(r1 - r0, size)
+        source = x[r0:r1] if direct else None
+
+        def load(ws=ws, r0=r0, r1=r1):
+            if not direct:
+                ws.copy_(x[r0:r1])
+
+        index = block.index[r0:r1].unsqueeze(1)
+        stats.chunk_(ws, r0, r1, load, source=source, target=index if stats.target_logit is not None else None,
+                     dense=block.class_weight, dense_is_ones=block.class_weight is None, unshifted=unshifted)
+        if grad is not None:
+            softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
+            rows.gradient_(ws, softmax_coef, target=index, target_coef=target_coef, dense=block.class_weight,
+                           dense_coef=dense_coef)
+            if not in_grad:
+                grad[r0:r1].copy_(ws)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local_logits, target, weight, spec):
+        loss, grad = _logits_forward(local_logits, target, weight, spec, need_grad=True)
+        ctx.grad, ctx.spec, ctx.shape = grad, spec, local_logits.shape
+        ctx.save_for_backward(local_logits, target, weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError("vocab_parallel_cross_entropy does not support double backward (create_graph=True)")
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward (retain_graph=True): recompute, collectively, on every rank
+            grad = _logits_forward(*ctx.saved_tensors, ctx.spec, need_grad=True)[1]
+        scale_by_upstream_(grad.view(grad.shape[0], grad.shape[1], 1), grad_loss, ctx.spec[2].reduction)
+        return grad.view(ctx.shape), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linear path
+
+
+def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tensor, target: Tensor, *, group=None,
+                                        vocab_start: int | None = None, linear_bias: Tensor | None = None,
+                                        weight: Tensor | None = None, ignore_index: int = -100,
+                                        reduction: str = "mean", label_smoothing: float = 0.0,
+                                        z_loss: float = 0.0, memory_budget: int | None = None) -> Tensor:
+    r"""Linear cross-entropy with the head's rows split across the ranks of `group`.
+
+    ``input`` :math:`(..., H)` is replicated (the same on every rank); ``local_linear_weight``
+    :math:`(C_{local}, H)` and ``linear_bias`` :math:`(C_{local},)` are this rank's rows of the head. The
+    local logits are never materialized in full: forward runs the linear cross-entropy's chunk loop for
+    this block's statistics, one all-gather (two with ``vocab_start=None``), and backward recomputes the
+    chunks for the gradients (one more matmul than the single-process path) and all-reduces the input
+    gradient, so every rank holds the full gradient of ``input``. Options as
+    :func:`vocab_parallel_cross_entropy`.
+    """
+    fn = "vocab_parallel_linear_cross_entropy"
+    opts = _validate(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input")
+    check_tensor(local_linear_weight, "local_linear_weight", fn)
+    check_tensor(linear_bias, "linear_bias", fn, optional=True)
+    from .linear import _check_linear
+
+    _check_linear(input, local_linear_weight, linear_bias)
+    if local_linear_weight.dim() != 2:
+        raise RuntimeError(f"{fn}: local_linear_weight must be (C_local, H), got {list(local_linear_weight.shape)}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden "
+                         f"dimension), got {list(target.shape)}")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{fn} is not differentiable with respect to 'weight' (as torch with class indices)")
+    x2 = input.reshape(-1, input.shape[-1])
+    cd = torch.float64 if local_linear_weight.dtype == torch.float64 else torch.float32
+    problem = LinearProblem(x2, local_linear_weight, linear_bias, target.reshape(-1), weight, opts,
+                            tuple(target.shape), chunk_rows(x2.shape[0], local_linear_weight.shape[0], cd,
+                                                            memory_budget))
+    return _VocabParallelLinear.apply(input, local_linear_weight, linear_bias, target, weight, (group, vocab_start,
+                                                                                                 problem))
+
+
+class _VocabParallelLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, local_linear_weight, linear_bias, target, weight, spec):
+        group, vocab_start, p = spec
+        fn = "vocab_parallel_linear_cross_entropy"
+        opts, cd = p.options, p.compute_dtype
+        flat, local_size = p.target, local_linear_weight.shape[0]
+        valid = flat != opts.ignore_index
+        shards = None
+        if vocab_start is None:
+            shards = _shards_from_sizes(target, local_size, weight, group, fn)
+            _check_weight_size(weight, shards)
+        start = shards.start if shards is not None else as_index(vocab_start, "vocab_start", fn)
+        block = rows.ClassBlock.shard(flat, valid, weight.to(cd) if weight is not None else None, start, local_size)
+        stats = linear_pass(p, block)[0]
+        shards, *gathered = _exchange_statistics(stats, block, target, start, local_size, shards, group, fn)
+        _check_weight_size(weight, shards)
+        lse, z_target, dense_ce = _merge(flat, valid, shards, *gathered, opts.label_smoothing)
+        targets = rows.IndexTargets(flat, weight, ignore_index=opts.ignore_index,
+                                    label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+                                    reduction=opts.reduction, num_classes=shards.num_classes, dtype=cd)
+        ctx.spec, ctx.lse, ctx.targets, ctx.block, ctx.input_shape = spec, lse, targets, block, input.shape
+        ctx.save_for_backward(input, local_linear_weight, linear_bias)
+        loss = targets.reduce(targets.row_losses(lse, z_target, dense_ce).to(cd))
+        return (loss.reshape(p.output_shape) if opts.reduction == "none" else loss).to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError("vocab_parallel_linear_cross_entropy does not support double backward "
+                               "(create_graph=True)")
+        group, _, p = ctx.spec
+        ctx.saved_tensors  # raises if an input was modified in place since forward
+        upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)
+        # Every rank runs the same backward: the all-reduce below needs all of them, even a rank whose
+        # input does not require grad.
+        want = (True, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        _, gi, gw, gb = linear_pass(p, ctx.block, ctx.targets, ctx.targets.scale(upstream), want, lse=ctx.lse)
+        dist.all_reduce(gi, group=group)
+        gw = gw.to(p.linear_weight.dtype) if gw is not None else None
+        gb = gb.to(p.linear_bias.dtype) if gb is not None else None
+        return (gi.view(ctx.input_shape) if ctx.needs_input_grad[0] else None), gw, gb, None, None, None

@@ -1,0 +1,212 @@
+"""Worker processes for test_distributed.py: each rank checks its results against single-process xent/torch."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import xent
+from xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+
+def _close(a, b, what, rtol=1e-9, atol=1e-11):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def run(rank: int, world: int, rendezvous: str, sizes: list[int], scenario: str, result_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        {"logits": _logits, "linear": _linear, "errors": _errors, "tensor_parallel": _tensor_parallel}[scenario](
+            rank, world, sizes)
+        outcome = "ok"
+    except Exception:  # noqa: BLE001 - reported to the parent test through the result file
+        outcome = traceback.format_exc()
+    finally:
+        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+        dist.destroy_process_group()
+
+
+def _layout(rank, sizes, reverse: bool):
+    """(start, size) of this rank's block; `reverse` puts rank 0's block last (not rank order)."""
+    order = list(range(len(sizes)))[::-1] if reverse else list(range(len(sizes)))
+    starts, pos = {}, 0
+    for r in order:
+        starts[r] = pos
+        pos += sizes[r]
+    return starts[rank], sizes[rank]
+
+
+OPTIONS = [
+    dict(reduction="mean"),
+    dict(reduction="sum", label_smoothing=0.3),
+    dict(reduction="none", weight=True),
+    dict(reduction="mean", weight=True, label_smoothing=0.25, ignore_index=3),
+    dict(reduction="mean", z_loss=0.01, label_smoothing=0.1),
+    dict(reduction="sum", weight=True, ignore_index=-100, all_ignored=True),
+]
+
+
+def _case(sizes, options, seed, lead=(6,)):
+    gen = torch.Generator().manual_seed(seed)
+    c = sum(sizes)
+    kw = dict(options)
+    all_ignored = kw.pop("all_ignored", False)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(c, generator=gen, dtype=torch.float64) + 0.1
+    ii = kw.setdefault("ignore_index", -100)
+    target = torch.randint(0, c, lead, generator=gen)
+    target.view(-1)[::3] = ii
+    if all_ignored:
+        target.fill_(ii)
+    # make sure some targets land in the smallest block
+    small = min(range(len(sizes)), key=lambda r: sizes[r])
+    return gen, c, kw, target, small
+
+
+def _logits(rank, world, sizes):
+    for (opt_i, options), reverse, given_start, lead in itertools.product(
+            enumerate(OPTIONS), (False, True), (True, False), ((6,), (2, 3))):
+        if reverse and not given_start:
+            continue  # without vocab_start the blocks follow rank order
+        gen, c, kw, target, _ = _case(sizes, options, seed=100 + opt_i, lead=lead)
+        full = (torch.randn(*lead, c, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+        start, size = _layout(rank, sizes, reverse)
+        local = full.detach()[..., start:start + size].clone().requires_grad_()
+        ours = vocab_parallel_cross_entropy(local, target, vocab_start=start if given_start else None, **kw)
+        expected = xent.cross_entropy(full.reshape(-1, c), target.reshape(-1), **kw)
+        if kw["reduction"] == "none":
+            expected = expected.reshape(lead)
+        _close(ours, expected, f"loss {options} lead={lead} reverse={reverse}")
+        if "z_loss" not in kw:
+            torch_kw = {k: v for k, v in kw.items()}
+            theirs = F.cross_entropy(full.reshape(-1, c), target.reshape(-1), **torch_kw)
+            _close(ours.reshape(-1) if kw["reduction"] == "none" else ours, theirs, f"loss vs torch {options}")
+        up = torch.randn(ours.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        (g_local,) = torch.autograd.grad(ours, local, up)
+        (g_full,) = torch.autograd.grad(expected, full, up)
+        _close(g_local, g_full[..., start:start + size], f"grad {options} lead={lead} reverse={reverse}")
+    # float32 logits, the default chunking, many rows
+    gen = torch.Generator().manual_seed(5)
+    c = sum(sizes)
+    full = torch.randn(300, c, generator=gen)
+    target = torch.randint(0, c, (300,), generator=gen)
+    start = sum(sizes[:rank])
+    local = full[:, start:start + sizes[rank]].clone().requires_grad_()
+    ours = vocab_parallel_cross_entropy(local, target, label_smoothing=0.1)
+    ref_full = full.clone().requires_grad_()
+    expected = F.cross_entropy(ref_full, target, label_smoothing=0.1)
+    _close(ours, expected, "float32 loss", rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(ours, local)
+    (ge,) = torch.autograd.grad(expected, ref_full)
+    _close(g, ge[:, start:start + sizes[rank]], "float32 grad", rtol=1e-5, atol=1e-6)
+    # retain_graph: a second backward recomputes (collectively)
+    ours = vocab_parallel_cross_entropy(local, target)
+    ours.backward(retain_graph=True)
+    first = local.grad.clone()
+    ours.backward()
+    _close(local.grad, 2 * first, "retain_graph", rtol=1e-5, atol=1e-6)
+
+
+def _linear(rank, world, sizes):
+    hidden = 5
+    for opt_i, options in enumerate(OPTIONS):
+        for given_start, bias in ((True, True), (False, False)):
+            gen, c, kw, target, _ = _case(sizes, options, seed=200 + opt_i, lead=(2, 4))
+            x = torch.randn(2, 4, hidden, generator=gen, dtype=torch.float64)
+            w_full = torch.randn(c, hidden, generator=gen, dtype=torch.float64)
+            b_full = torch.randn(c, generator=gen, dtype=torch.float64) if bias else None
+            start = sum(sizes[:rank])
+            size = sizes[rank]
+            xi = x.clone().requires_grad_()
+            wi = w_full[start:start + size].clone().requires_grad_()
+            bi = b_full[start:start + size].clone().requires_grad_() if bias else None
+            ours = vocab_parallel_linear_cross_entropy(xi, wi, target, vocab_start=start if given_start else None,
+                                                       linear_bias=bi, memory_budget=3 * 8 * max(1, size), **kw)
+            xr, wr = x.clone().requires_grad_(), w_full.clone().requires_grad_()
+            br = b_full.clone().requires_grad_() if bias else None
+            expected = xent.linear_cross_entropy(xr, wr, target, linear_bias=br, **kw)
+            _close(ours, expected, f"linear loss {options}")
+            up = torch.randn(ours.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+            params = [xi, wi] + ([bi] if bias else [])
+            ref_params = [xr, wr] + ([br] if bias else [])
+            grads = torch.autograd.grad(ours, params, up)
+            ref = torch.autograd.grad(expected, ref_params, up)
+            _close(grads[0], ref[0], f"linear grad input {options}")  # summed across ranks: the full gradient
+            _close(grads[1], ref[1][start:start + size], f"linear grad weight {options}")
+            if bias:
+                _close(grads[2], ref[2][start:start + size], f"linear grad bias {options}")
+
+
+def _expect(exc_type, fragment, fn):
+    try:
+        fn()
+    except exc_type as e:
+        assert fragment in str(e), (fragment, str(e))
+        return
+    raise AssertionError(f"expected {exc_type.__name__} containing {fragment!r}")
+
+
+def _errors(rank, world, sizes):
+    c = sum(sizes)
+    start, size = sum(sizes[:rank]), sizes[rank]
+    local = torch.randn(4, size, dtype=torch.float64)
+    good = torch.tensor([0, 1, c - 1, 2])
+    # targets that differ between ranks: caught on every rank, with and without vocab_start
+    differing = good.clone()
+    differing[0] = rank % c
+    for vs in (None, start):
+        _expect(ValueError, "targets differ", lambda: vocab_parallel_cross_entropy(local, differing, vocab_start=vs))
+    # a target outside [0, C): IndexError on every rank
+    bad = torch.tensor([0, c, 1, 2])
+    for vs in (None, start):
+        _expect(IndexError, f"Target {c} is out of bounds", lambda: vocab_parallel_cross_entropy(local, bad,
+                                                                                                 vocab_start=vs))
+    # class weights of the wrong size
+    _expect(RuntimeError, f"all {c} classes", lambda: vocab_parallel_cross_entropy(
+        local, good, weight=torch.ones(c + 1, dtype=torch.float64)))
+    _expect(RuntimeError, f"all {c} classes", lambda: vocab_parallel_cross_entropy(
+        local, good, vocab_start=start, weight=torch.ones(c - 1, dtype=torch.float64)))
+    # blocks that overlap instead of tiling the vocabulary
+    _expect(ValueError, "do not tile", lambda: vocab_parallel_cross_entropy(local, good, vocab_start=0))
+    # still usable afterwards
+    loss = vocab_parallel_cross_entropy(local, good, vocab_start=start)
+    assert torch.isfinite(loss)
+
+
+def _tensor_parallel(rank, world, sizes):
+    """torch's tensor-parallel API: a ColwiseParallel lm_head's output is the local shard to pass in."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    hidden, vocab = 6, 37  # 37 over 2 or 3 ranks: uneven blocks in rank order, as torch.chunk splits them
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(hidden, vocab, bias=True, dtype=torch.float64)
+    reference = torch.nn.Linear(hidden, vocab, bias=True, dtype=torch.float64)
+    reference.load_state_dict(lm_head.state_dict())
+    parallelize_module(lm_head, mesh, ColwiseParallel())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 5, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (4, 5), generator=gen)
+    labels[0, :2] = -100
+    local_logits = lm_head(x)  # (4, 5, vocab / world): this rank's columns
+    assert isinstance(local_logits, torch.Tensor) and local_logits.shape[-1] < vocab
+    loss = vocab_parallel_cross_entropy(local_logits, labels, group=mesh.get_group(), label_smoothing=0.1)
+    loss.backward()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = F.cross_entropy(reference(x_ref).reshape(-1, vocab), labels.reshape(-1), label_smoothing=0.1)
+    expected.backward()
+    _close(loss, expected, "tensor-parallel loss")
+    _close(x.grad, x_ref.grad, "tensor-parallel input gradient")
+    local_weight_grad = lm_head.weight.grad.to_local()
+    start = sum(block.numel() for block in torch.arange(vocab).chunk(world)[:rank])  # DTensor's Shard(0) split
+    _close(local_weight_grad, reference.weight.grad[start:start + local_weight_grad.shape[0]],
+           "tensor-parallel weight gradient")
