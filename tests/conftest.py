@@ -1,8 +1,14 @@
 import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+# Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors. It must be chosen before
+# any kernel is defined (at import), hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI runs a fixed, reproducible set of examples; XENT_HYPOTHESIS=explore draws fresh ones locally.
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=150, print_blob=True,

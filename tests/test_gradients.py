@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import xent
-from xent.kernels import portable
 
 from helpers import assert_close
 
@@ -109,14 +108,20 @@ def test_logits_modified_after_forward_do_not_break_the_first_backward():
 
 def test_no_gradient_buffer_without_autograd(monkeypatch):
     """no_grad, inference_mode and inputs that do not require grad never build the gradient buffer."""
+    import xent._autograd as autograd_module
+
     calls = []
-    original = portable.cross_entropy_forward
+    select = autograd_module.forward_for
 
-    def spy(problem, need_grad, **kw):
-        calls.append(need_grad)
-        return original(problem, need_grad, **kw)
+    def spying_select(problem):
+        forward = select(problem)
 
-    monkeypatch.setattr(portable, "cross_entropy_forward", spy)
+        def spy(problem, need_grad, **kw):
+            calls.append(need_grad)
+            return forward(problem, need_grad, **kw)
+        return spy
+
+    monkeypatch.setattr(autograd_module, "forward_for", spying_select)
     x = torch.randn(5, 6, requires_grad=True)
     y = torch.randint(0, 6, (5,))
     with torch.no_grad():
@@ -148,3 +153,26 @@ def test_weight_requiring_grad_with_class_indices_raises_like_torch():
         xent.cross_entropy(x, y, weight=w)
     with torch.no_grad():  # without autograd there is nothing to differentiate: both accept it
         assert_close(xent.cross_entropy(x, y, weight=w), F.cross_entropy(x, y, weight=w))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_gives_the_eager_result(backend):
+    """Under torch.compile the losses run eagerly behind one graph break: the same loss and gradients."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 11, generator=gen, requires_grad=True)
+    h = torch.randn(8, 5, generator=gen, requires_grad=True)
+    w = torch.randn(11, 5, generator=gen, requires_grad=True)
+    y = torch.randint(0, 11, (8,), generator=gen)
+    y[2] = -100
+
+    def step(x, h, w, y):
+        return (xent.cross_entropy(x * 2, y, label_smoothing=0.1, z_loss=0.01)
+                + xent.linear_cross_entropy(h.tanh(), w, y, reduction="sum") + xent.nll_loss(x.log_softmax(1), y))
+
+    compiled = torch.compile(step, backend=backend)
+    ours = compiled(x, h, w, y)
+    expected = step(x, h, w, y)
+    assert_close(ours, expected)
+    for a, e in zip(torch.autograd.grad(ours, (x, h, w)), torch.autograd.grad(expected, (x, h, w))):
+        assert_close(a, e)

@@ -28,6 +28,17 @@ _SCALAR_NAMES = {
 }
 
 
+def eager_under_compile(fn):
+    """Run `fn` eagerly under torch.compile (one graph break around it).
+
+    xent's losses check their arguments on the host, loop over chunks in Python and keep state on their
+    autograd contexts; traced piecemeal, that would recompile per shape at best. The compiled graph
+    around the loss is unaffected.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def scalar_name(dtype: torch.dtype) -> str:
     return _SCALAR_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
@@ -223,6 +234,10 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
     bad = (flat >= num_classes) & (flat != ignore_index)
     if target.dtype != torch.uint8:  # uint8 cannot be negative
         bad |= (flat < 0) & (flat != ignore_index)
+    if target.device.type != "cpu":
+        # As torch's own kernels do on GPUs: a device-side assert, not a host synchronisation per call.
+        torch._assert_async(~bad.any(), "xent: a target is out of bounds (neither a class index nor ignore_index)")
+        return
     if bool(bad.any()):
         first = int(flat[bad.nonzero()[0, 0]])
         raise IndexError(f"Target {first} is out of bounds. (It must be a class index in [0, {num_classes - 1}] "

@@ -26,9 +26,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._autograd import scale_by_upstream_
+from ._validate import eager_under_compile as _eager_under_compile
 from ._validate import (Options, as_float, as_index, check_float_input, check_label_smoothing,
                         check_optional_positive, check_same_device, check_tensor, resolve_reduction, scalar_name)
-from .kernels import rows
+from .kernels import backend_for, rows
 from .linear import LinearProblem, chunk_rows, linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
 
@@ -205,6 +206,7 @@ def _check_weight_size(weight: Tensor | None, shards: Shards) -> None:
 # Logits path
 
 
+@_eager_under_compile
 def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, group=None, vocab_start: int | None = None,
                                  weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
@@ -261,8 +263,9 @@ def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None,
     block = rows.ClassBlock.shard(flat, valid, weight.to(cd) if weight is not None else None, start, local_size)
 
     # Pass 1: this block's statistics; 2: after the exchange, the gradient (global lse) in place.
-    stats = rows.RowStats.empty(num_rows, target=True, dense=opts.label_smoothing > 0, dtype=cd, device=x.device)
-    _block_pass(x, stats, block, cd)
+    smoothing = opts.label_smoothing > 0
+    stats = rows.RowStats.empty(num_rows, target=True, dense=smoothing, dtype=cd, device=x.device)
+    _block_pass(x, stats, block, cd, smoothing)
     shards, *gathered = _exchange_statistics(stats, block, target, start, local_size, shards, group, fn)
     _check_weight_size(weight, shards)
     lse, z_target, dense_ce = _merge(flat, valid, shards, *gathered, opts.label_smoothing)
@@ -275,44 +278,34 @@ def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None,
     if need_grad:
         grad = torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
         _block_pass(x, rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device), block,
-                    cd, grad=grad, coefficients=targets.coefficients(targets.scale(), lse, block))
+                    cd, smoothing, grad=grad, coefficients=targets.coefficients(targets.scale(), lse, block))
     return loss, grad
 
 
-def _block_pass(x: Tensor, stats: rows.RowStats, block: rows.ClassBlock, cd: torch.dtype,
+def _block_pass(x: Tensor, stats: rows.RowStats, block: rows.ClassBlock, cd: torch.dtype, smoothing: bool,
                 grad: Tensor | None = None, coefficients: rows.ChunkCoefficients | None = None) -> None:
     """Chunks of this rank's logits through the row kernel: statistics, and with `grad` the gradient."""
     num_rows, size = x.shape
     if not num_rows or not size:
-        stats.shift.zero_()
-        stats.sumexp.zero_()
-        for t in (stats.target_logit, stats.dense_rel):
+        for t in (stats.shift, stats.sumexp, stats.target_logit, stats.dense_rel):
             if t is not None:
                 t.zero_()
         return
+    backend = backend_for(x.device, cd)
     step = max(1, CHUNK_ELEMENTS // size)
-    direct = x.dtype == cd
+    direct = x.dtype == cd and x.stride(1) == 1
     in_grad = grad is not None and grad.dtype == cd
     scratch = None if in_grad else torch.empty(min(step, num_rows) * size, dtype=cd, device=x.device)
-    unshifted = x.device.type == "cpu"
     for r0 in range(0, num_rows, step):
         r1 = min(num_rows, r0 + step)
         ws = grad[r0:r1] if in_grad else scratch[: (r1 - r0) * size].view(r1 - r0, size)
-        source = x[r0:r1] if direct else None
-
-        def load(ws=ws, r0=r0, r1=r1):
-            if not direct:
-                ws.copy_(x[r0:r1])
-
-        index = block.index[r0:r1].unsqueeze(1)
-        stats.chunk_(ws, r0, r1, load, source=source, target=index if stats.target_logit is not None else None,
-                     dense=block.class_weight, dense_is_ones=block.class_weight is None, unshifted=unshifted)
-        if grad is not None:
-            softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
-            rows.gradient_(ws, softmax_coef, target=index, target_coef=target_coef, dense=block.class_weight,
-                           dense_coef=dense_coef)
-            if not in_grad:
-                grad[r0:r1].copy_(ws)
+        rows.pass_chunk(backend, ws, r0, r1, stats, lambda ws=ws, r0=r0, r1=r1: ws.copy_(x[r0:r1]),
+                        source=x[r0:r1] if direct else None, target=block.index[r0:r1].unsqueeze(1),
+                        dense=block.class_weight if smoothing else None,
+                        dense_is_ones=smoothing and block.class_weight is None, coefficients=coefficients,
+                        unshifted=x.device.type == "cpu")
+        if grad is not None and not in_grad:
+            grad[r0:r1].copy_(ws)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -338,6 +331,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 # Linear path
 
 
+@_eager_under_compile
 def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tensor, target: Tensor, *, group=None,
                                         vocab_start: int | None = None, linear_bias: Tensor | None = None,
                                         weight: Tensor | None = None, ignore_index: int = -100,

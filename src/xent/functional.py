@@ -6,10 +6,12 @@ import torch
 from torch import Tensor
 
 from . import _autograd
+from ._validate import eager_under_compile as _eager_under_compile
 from ._validate import (_as_3d, as_index, check_float_input, check_index_target, check_index_weight,
                         check_target_range, check_tensor, cross_entropy_problem, resolve_reduction)
 
 
+@_eager_under_compile
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
                   ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None) -> Tensor:
@@ -57,6 +59,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     return _autograd.cross_entropy(problem, input, target, weight)
 
 
+@_eager_under_compile
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
              ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean") -> Tensor:
     r"""Negative log-likelihood of log-probabilities; the same signature, result and errors as

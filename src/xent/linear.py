@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._validate import eager_under_compile as _eager_under_compile
 from ._validate import (Options, as_float, as_index, check_float_input, check_label_smoothing,
                         check_optional_positive, check_same_device, check_target_range, check_tensor,
                         check_weight_shape, resolve_reduction, scalar_name)
-from .kernels import rows
+from .kernels import backend_for, rows
 
 # Default workspace: 1/16 of the full logits, between 8 MiB and 256 MiB (benchmarks/RESULTS.md).
 MIN_CHUNK_BYTES = 8 << 20
@@ -72,12 +73,14 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
     need_grad = scale is not None and any(want)
     want_input, want_weight, want_bias = want if need_grad else (False, False, False)
 
-    stats = rows.RowStats.empty(num_rows, target=True, dense=p.options.label_smoothing > 0, dtype=cd, device=dev)
+    smoothing = p.options.label_smoothing > 0
+    stats = rows.RowStats.empty(num_rows, target=True, dense=smoothing, dtype=cd, device=dev)
     grad_input = torch.empty_like(x) if want_input else None
     grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev) if want_weight else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
     coefficients = targets.coefficients(scale, lse, block) if need_grad else None
     unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
+    backend = backend_for(dev, cd)
 
     step = p.rows_per_chunk
     work_buf = torch.empty(min(step, num_rows) * vocab, dtype=cd, device=dev) if num_rows and vocab else None
@@ -87,7 +90,7 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
         xc = x[r0:r1]
         ws = work_buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
 
-        def load() -> Tensor | None:
+        def load(xc=xc, ws=ws) -> None:
             """The chunk's logits (as F.linear computes them, in the parameters' dtype) into the workspace."""
             if x.dtype == cd:
                 if b_lin is None:
@@ -96,18 +99,14 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
                     torch.addmm(b_lin, xc, w_lin.T, out=ws)
             else:
                 ws.copy_(F.linear(xc, w_lin, b_lin))
-            if cap is None:
-                return None
-            return rows.softcap_(ws, cap, None if chain_buf is None else chain_buf[: ws.numel()].view_as(ws))
 
-        index = block.index[r0:r1].unsqueeze(1)
-        chain = stats.chunk_(ws, r0, r1, load, target=index, dense=block.class_weight,
-                             dense_is_ones=block.class_weight is None, unshifted=unshifted)
+        rows.pass_chunk(backend, ws, r0, r1, stats, load, target=block.index[r0:r1].unsqueeze(1),
+                        dense=block.class_weight if smoothing else None,
+                        dense_is_ones=smoothing and block.class_weight is None, softcap=cap,
+                        chain_out=chain_buf[: ws.numel()].view_as(ws) if chain_buf is not None else None,
+                        coefficients=coefficients, unshifted=unshifted)
         if not need_grad:
             continue
-        softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
-        rows.gradient_(ws, softmax_coef, target=index, target_coef=target_coef, dense=block.class_weight,
-                       dense_coef=dense_coef, chain=chain)
         grad_logits = ws if ws.dtype == x.dtype else ws.to(x.dtype)
         if want_input:
             torch.mm(grad_logits, w_lin, out=grad_input[r0:r1])
@@ -199,6 +198,7 @@ def _double_backward_path(ctx, grad_loss) -> tuple:
 # Public API
 
 
+@_eager_under_compile
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
                          weight: Tensor | None = None, reduction: str = "mean", ignore_index: int | None = -100,
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,

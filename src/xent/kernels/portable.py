@@ -89,16 +89,6 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
             r = r1 - r0
             block = x[n0:n1, :, d0:d1]
             ws = grad[n0:n1, :, 0] if in_grad else work_buf[: r * c].view(r, c)
-            source = block[:, :, 0] if direct else None
-
-            def load() -> Tensor | None:
-                """Put this chunk's z in the workspace (unless read in place); returns the softcap chain."""
-                if direct:
-                    return None
-                _copy_rows(ws, block)
-                if cap is None:
-                    return None
-                return rows.softcap_(ws, cap, None if chain_buf is None else chain_buf[: r * c].view(r, c))
 
             dense = weight
             if problem.probabilities:
@@ -109,16 +99,14 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
                 if weight is not None:
                     dense.mul_(weight)
                 torch.sum(dense, 1, out=dense_mass[r0:r1])
-            target = block_of_classes.index[r0:r1].unsqueeze(1) if targets is not None else None
-            chain = stats.chunk_(ws, r0, r1, load, source=source, target=target, dense=dense,
-                                 dense_is_ones=dense is None, unshifted=unshifted)
-
-            if grad is not None:
-                softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
-                rows.gradient_(ws, softmax_coef, target=target, target_coef=target_coef, dense=dense,
-                               dense_coef=dense_coef, chain=chain)
-                if not in_grad:
-                    _copy_rows_back(grad[n0:n1, :, d0:d1], ws)
+            rows.pass_chunk("torch", ws, r0, r1, stats, lambda: _copy_rows(ws, block),
+                            source=block[:, :, 0] if direct else None,
+                            target=block_of_classes.index[r0:r1].unsqueeze(1) if targets is not None else None,
+                            dense=dense if terms.b else None, dense_is_ones=bool(terms.b) and dense is None,
+                            softcap=cap, chain_out=chain_buf[: r * c].view(r, c) if chain_buf is not None else None,
+                            coefficients=coefficients, unshifted=unshifted)
+            if grad is not None and not in_grad:
+                _copy_rows_back(grad[n0:n1, :, d0:d1], ws)
 
     # The loss of every row at once, from the per-row statistics of the pass (float64: see log_sum_exp).
     if c == 0:  # no classes: every row is ignored (index targets) or sums over nothing (probabilities)
@@ -129,9 +117,14 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
         lse = stats.lse()
         loss_rows = terms.loss(lse, None, rows.dense_cross_entropy(lse, stats.shift, dense_mass, stats.dense_rel))
 
-    loss = rows.reduce_rows(loss_rows.to(cd), opts.reduction, denominator)
-    loss = loss.reshape(problem.output_shape) if opts.reduction == "none" else loss
-    return loss.to(problem.output_dtype), grad
+    return finish_loss(problem, loss_rows, denominator), grad
+
+
+def finish_loss(problem: Problem, loss_rows: Tensor, denominator: Tensor) -> Tensor:
+    """Reduce the per-row losses as the caller asked, in the compute dtype, then cast."""
+    loss = rows.reduce_rows(loss_rows.to(problem.compute_dtype), problem.options.reduction, denominator)
+    loss = loss.reshape(problem.output_shape) if problem.options.reduction == "none" else loss
+    return loss.to(problem.output_dtype)
 
 
 def _copy_rows(workspace: Tensor, block: Tensor) -> None:

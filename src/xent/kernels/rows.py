@@ -128,13 +128,18 @@ class RowStats:
             return torch.empty(num_rows, dtype=dtype, device=device)
         return cls(new(), new(), new() if target else None, new() if dense else None)
 
+    def rows(self, r0: int, r1: int) -> "RowStats":
+        """Views of rows r0:r1 (writing them fills this object)."""
+        return RowStats(*(t[r0:r1] if t is not None else None for t in (self.shift, self.sumexp,
+                                                                         self.target_logit, self.dense_rel)))
+
     def chunk_(self, workspace: Tensor, r0: int, r1: int, load, *, source: Tensor | None = None,
                target: Tensor | None = None, dense: Tensor | None = None, dense_is_ones: bool = False,
                unshifted: bool = False) -> Tensor | None:
         """Fill rows r0:r1 from one chunk: load() puts its logits in `workspace` (and returns the softcap
         chain, or None); then target logits, exp_rows_ and the dense dot. Returns the chain."""
         chain = load()
-        if target is not None:
+        if target is not None and self.target_logit is not None:
             src = workspace if source is None else source
             torch.gather(src, 1, target, out=self.target_logit[r0:r1].unsqueeze(1))
         extra = dict(dense=dense, dense_is_ones=dense_is_ones, dense_out=self.dense_rel[r0:r1]) \
@@ -152,6 +157,45 @@ class RowStats:
 def dense_cross_entropy(lse: Tensor, shift: Tensor, dense_mass, dense_rel: Tensor) -> Tensor:
     """<u, lse - z> = U (lse - shift) - <u, z - shift> for one block (sum it over blocks)."""
     return dense_mass * (lse - shift) - dense_rel
+
+
+def pass_chunk(backend: str, workspace: Tensor, r0: int, r1: int, stats: RowStats, load, *,
+             source: Tensor | None = None, target: Tensor | None = None, dense: Tensor | None = None,
+             dense_is_ones: bool = False, softcap: float | None = None, chain_out: Tensor | None = None,
+             coefficients: ChunkCoefficients | None = None, unshifted: bool = False) -> None:
+    """One chunk of rows r0:r1 through the row kernel.
+
+    load() puts the chunk's raw logits in `workspace` (unless `source` holds them and is read in place).
+    Fills `stats` (the batch's RowStats; when `coefficients` carry a global lse, the vocab-parallel
+    gradient pass, they are scratch) and, given `coefficients`, leaves the gradient in `workspace`. dense / dense_is_ones:
+    the loss's u, passed only when it has a dense term. softcap is applied here, with its chain factor
+    kept in `chain_out` (torch backend) for the gradient.
+    """
+    if backend == "triton":
+        from . import triton_rows  # imported on first use: triton is optional
+
+        if source is None:
+            load()
+        lse = coefficients.lse[r0:r1] if coefficients is not None and coefficients.lse is not None else None
+        triton_rows.rows_(workspace if source is None else source, stats=stats.rows(r0, r1) if lse is None else None,
+                          target=target.view(-1) if target is not None else None, dense=dense,
+                          dense_is_ones=dense_is_ones, softcap=softcap,
+                          out=workspace if coefficients is not None else None,
+                          coefs=coefficients.rows(r0, r1) if coefficients is not None else None, lse=lse)
+        return
+
+    def load_capped() -> Tensor | None:
+        if source is not None:
+            return None
+        load()
+        return softcap_(workspace, softcap, chain_out) if softcap is not None else None
+
+    chain = stats.chunk_(workspace, r0, r1, load_capped, source=source, target=target, dense=dense,
+                         dense_is_ones=dense_is_ones, unshifted=unshifted)
+    if coefficients is not None:
+        softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
+        gradient_(workspace, softmax_coef, target=target, target_coef=target_coef, dense=dense,
+                       dense_coef=dense_coef, chain=chain)
 
 
 @dataclass(frozen=True)
@@ -178,27 +222,27 @@ class RowTerms:
             out = out + self.z_loss * lse * lse
         return out
 
-    def gradient_coefs(self, lse: Tensor | None, scale: Tensor, dense_mass: Tensor | float | None):
-        """(softmax, target, dense) coefficients of the gradient; `scale` is d(reduced loss)/d(row loss).
+    def gradient_coefs(self, scale: Tensor, dense_mass: Tensor | float | None):
+        """Per-row coefficients of the gradient, `scale` being d(reduced loss)/d(row loss):
 
-        lse is only needed with z_loss, so without it the coefficients can be formed before the pass.
+            (softmax, zloss, target, dense):  dloss/dz = (softmax + zloss * lse) * p - target * onehot - dense * u
+
+        None where a term is absent. None of them depends on lse, so they are formed before the pass.
         """
         softmax = self.a if self.a is not None else torch.zeros_like(scale)
         if self.b:
             softmax = softmax + self.b * dense_mass
-        if self.z_loss:
-            softmax = softmax + (2.0 * self.z_loss) * lse
+        zloss = scale * (2.0 * self.z_loss) if self.z_loss else None
         target = scale * self.a if self.a is not None else None
         dense = scale * self.b if self.b else None
-        return scale * softmax, target, dense
+        return scale * softmax, zloss, target, dense
 
 
 class ChunkCoefficients:
-    """Gradient coefficients for chunks of rows (see RowTerms.gradient_coefs), ready for gradient_.
+    """The gradient coefficients (RowTerms.gradient_coefs) of a batch, handed out chunk by chunk.
 
-    Without z_loss, and with a dense mass U shared by all rows (class-index targets), they do not depend
-    on the pass, so they are formed once for all rows before it. A per-row U (probability targets) is
-    filled in by the pass, chunk by chunk, before the chunk asks for its coefficients.
+    With a dense mass U shared by all rows (class-index targets) they are formed once for all rows; a
+    per-row U (probability targets) is filled in by the pass, chunk by chunk, before the chunk asks.
 
     lse: the rows' global log-sum-exp when the workspace holds only one block of the classes (a rank's
     shard); `owned` then marks the rows whose target lies in this block. Without lse the workspace holds
@@ -209,21 +253,27 @@ class ChunkCoefficients:
                  owned: Tensor | None = None):
         self.terms, self.scale, self.dense_mass, self.lse, self.owned = terms, scale, dense_mass, lse, owned
         self.per_row_mass = isinstance(dense_mass, Tensor) and dense_mass.dim() > 0
-        self.early = None if terms.z_loss or self.per_row_mass else terms.gradient_coefs(None, scale, dense_mass)
+        self.all_rows = None if self.per_row_mass else terms.gradient_coefs(scale, dense_mass)
 
-    def __call__(self, r0: int, r1: int, shift: Tensor, sumexp: Tensor):
-        """(softmax_coef, target_coef, dense_coef) for rows r0:r1; shift, sumexp are those rows' stats.
-
-        softmax_coef includes exp(shift - lse), so that it multiplies the workspace's exp(z - shift)."""
-        lse = self.lse[r0:r1].to(shift.dtype) if self.lse is not None else None
-        if self.early is not None:
-            softmax, target, dense = (t[r0:r1] if t is not None else None for t in self.early)
+    def rows(self, r0: int, r1: int) -> tuple:
+        """(softmax, zloss, target, dense) for rows r0:r1, as the Triton kernel takes them."""
+        if self.all_rows is not None:
+            softmax, zloss, target, dense = (t[r0:r1] if t is not None else None for t in self.all_rows)
         else:
-            mass = self.dense_mass[r0:r1] if self.per_row_mass else self.dense_mass
-            row_lse = lse if lse is not None else shift + sumexp.log()
-            softmax, target, dense = self.terms.rows(r0, r1).gradient_coefs(row_lse, self.scale[r0:r1], mass)
+            softmax, zloss, target, dense = self.terms.rows(r0, r1).gradient_coefs(self.scale[r0:r1],
+                                                                                  self.dense_mass[r0:r1])
         if self.owned is not None and target is not None:
             target = target * self.owned[r0:r1]
+        return softmax, zloss, target, dense
+
+    def __call__(self, r0: int, r1: int, shift: Tensor, sumexp: Tensor):
+        """(softmax_coef, target_coef, dense_coef) for gradient_ on rows r0:r1 holding exp(z - shift).
+
+        softmax_coef includes exp(shift - lse), so that it multiplies the workspace's exp(z - shift)."""
+        softmax, zloss, target, dense = self.rows(r0, r1)
+        lse = self.lse[r0:r1].to(shift.dtype) if self.lse is not None else None
+        if zloss is not None:
+            softmax = softmax + zloss * (lse if lse is not None else shift + sumexp.log())
         return (softmax / sumexp if lse is None else softmax * torch.exp(shift - lse)), target, dense
 
 

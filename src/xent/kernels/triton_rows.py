@@ -1,0 +1,188 @@
+"""The row kernel (rows.py) as one Triton kernel, for CUDA tensors (and the Triton interpreter on CPU).
+
+One program per row. Its first loop streams the row's logits once with an online max (the running shift),
+accumulating the sum of exp(z - shift), the target logit and <u, z - shift>; its second loop (in the same
+launch) writes the gradient
+
+    (softmax_coef + zloss_coef * lse) * exp(z - lse)  -  target_coef * onehot(y)  -  dense_coef * u
+
+times the softcap chain factor, re-reading the row (from L2 on a GPU, where a row was just streamed). The
+coefficients are the same per-row vectors rows.RowTerms / ChunkCoefficients form for the torch path, so
+the loss math lives in one place; the kernel only applies it. With STATS off it reads a given lse (the
+vocab-parallel gradient after the exchange); with GRAD off it only produces statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import rows
+from .portable import finish_loss
+
+DENSE_NONE, DENSE_ONES, DENSE_SHARED, DENSE_PER_ROW = 0, 1, 2, 3
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no portable tanh (libdevice is CUDA-only); this is accurate to ~1e-7 relative everywhere.
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = ax * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0)))
+    t = tl.where(ax < 0.0625, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _rows_kernel(Z, stride_z, OUT, stride_out, TARGET, DENSE, stride_dense,
+                 SHIFT, SUMEXP, TARGET_LOGIT, DENSE_REL, LSE,
+                 C_SOFTMAX, C_ZLOSS, C_TARGET, C_DENSE,
+                 n_cols, softcap,
+                 BLOCK: tl.constexpr, STATS: tl.constexpr, GRAD: tl.constexpr, HAS_TARGET: tl.constexpr,
+                 STORE_TARGET: tl.constexpr, STORE_DENSE: tl.constexpr, DENSE_MODE: tl.constexpr,
+                 SOFTCAP: tl.constexpr, ZLOSS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * stride_z
+    dense_row = DENSE + row * stride_dense
+    cols = tl.arange(0, BLOCK)
+    if HAS_TARGET:
+        target = tl.load(TARGET + row)
+
+    if STATS:
+        m = -float("inf")
+        s = 0.0
+        d = 0.0
+        u_seen = 0.0
+        for start in range(0, n_cols, BLOCK):
+            idx = start + cols
+            mask = idx < n_cols
+            z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
+            if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
+                z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            base = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
+            s = s * tl.exp(m - base) + tl.sum(tl.exp(z - base), 0)
+            if DENSE_MODE != 0:
+                if DENSE_MODE == 1:
+                    u = tl.where(mask, 1.0, 0.0)
+                else:
+                    u = tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
+                # <u, z - shift> relative to the running shift: re-base the blocks seen so far
+                d += u_seen * tl.where(m == -float("inf"), 0.0, m - base)
+                d += tl.sum(u * tl.where(mask, z - base, 0.0), 0)
+                u_seen += tl.sum(u, 0)
+            m = base
+        tl.store(SHIFT + row, m)
+        tl.store(SUMEXP + row, s)
+        if STORE_DENSE:
+            tl.store(DENSE_REL + row, d)
+        if STORE_TARGET:
+            zt = tl.load(z_row + target).to(tl.float32)
+            if SOFTCAP:
+                zt = softcap * _tanh(zt / softcap)
+            tl.store(TARGET_LOGIT + row, zt)
+        lse = m + tl.log(s)
+    else:
+        lse = tl.load(LSE + row).to(tl.float32)
+
+    if GRAD:
+        c_softmax = tl.load(C_SOFTMAX + row)
+        if ZLOSS:
+            c_softmax += tl.load(C_ZLOSS + row) * lse
+        if HAS_TARGET:
+            c_target = tl.load(C_TARGET + row)
+        if DENSE_MODE != 0:
+            c_dense = tl.load(C_DENSE + row)
+        out_row = OUT + row * stride_out
+        for start in range(0, n_cols, BLOCK):
+            idx = start + cols
+            mask = idx < n_cols
+            z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
+            if SOFTCAP:
+                th = _tanh(z / softcap)
+                z = softcap * th
+            g = c_softmax * tl.exp(z - lse)
+            if HAS_TARGET:
+                g -= tl.where(idx == target, c_target, 0.0)
+            if DENSE_MODE == 1:
+                g -= c_dense
+            elif DENSE_MODE != 0:
+                g -= c_dense * tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                g *= 1.0 - th * th
+            tl.store(out_row + idx, g.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _block_size(n_cols: int) -> int:
+    return max(16, min(4096, triton.next_power_of_2(max(1, n_cols))))
+
+
+def rows_(z: Tensor, *, stats=None, target: Tensor | None = None, dense: Tensor | None = None,
+          dense_is_ones: bool = False, softcap: float | None = None, out: Tensor | None = None, coefs=None,
+          lse: Tensor | None = None) -> None:
+    """Run the kernel over the rows of z (rows, C), last dimension contiguous; fp32/bf16/fp16 logits.
+
+    stats: a rows.RowStats (fp32 views for these rows) to fill, or None (then `lse` must be given).
+    target: (rows,) int64 column of each row's target. dense: u, (C,) or (rows, C); dense_is_ones for u = 1;
+    pass u only when the loss has a dense term (then stats.dense_rel and the dense coefficient exist).
+    out + coefs = (softmax, zloss or None, target or None, dense or None) per-row fp32 vectors: write the
+    gradient into `out` (rows, C), which may be z itself (each element is read before it is written).
+    """
+    num_rows, n_cols = z.shape
+    if num_rows == 0 or n_cols == 0:
+        return
+    assert (z.stride(1) == 1 or n_cols == 1) and (out is None or out.stride(1) == 1 or n_cols == 1)
+    dummy = torch.empty(1, dtype=torch.float32, device=z.device)
+    dense_mode = DENSE_NONE
+    if dense is not None:
+        dense_mode = DENSE_PER_ROW if dense.dim() == 2 else DENSE_SHARED
+    elif dense_is_ones:
+        dense_mode = DENSE_ONES
+    softmax_c, zloss_c, target_c, dense_c = coefs if coefs is not None else (None, None, None, None)
+
+    def arg(t: Tensor | None) -> Tensor:
+        return t if t is not None else dummy
+
+    _rows_kernel[(num_rows,)](
+        z, z.stride(0), arg(out), out.stride(0) if out is not None else 0,
+        arg(target), arg(dense), dense.stride(0) if dense is not None and dense.dim() == 2 else 0,
+        arg(stats and stats.shift), arg(stats and stats.sumexp), arg(stats and stats.target_logit),
+        arg(stats and stats.dense_rel), arg(lse),
+        arg(softmax_c), arg(zloss_c), arg(target_c), arg(dense_c),
+        n_cols, float(softcap) if softcap is not None else 1.0,
+        BLOCK=_block_size(n_cols), STATS=stats is not None, GRAD=coefs is not None, HAS_TARGET=target is not None,
+        STORE_TARGET=stats is not None and stats.target_logit is not None and target is not None,
+        STORE_DENSE=stats is not None and stats.dense_rel is not None and dense_mode != DENSE_NONE,
+        DENSE_MODE=dense_mode, SOFTCAP=softcap is not None, ZLOSS=zloss_c is not None,
+        num_warps=min(16, max(4, _block_size(n_cols) // 256)),
+    )
+
+
+def supports(problem) -> bool:
+    """The Triton driver's cases: class-index targets over (N, C) rows, fp32/bf16/fp16."""
+    return not problem.probabilities and problem.logits.shape[2] == 1 and problem.compute_dtype == torch.float32
+
+
+def cross_entropy_forward(problem, need_grad: bool):
+    """Loss and the gradient for a unit upstream gradient, in one launch over all rows (no host sync)."""
+    x = problem.logits[:, :, 0]
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    n, c = x.shape
+    opts = problem.options
+    targets = rows.IndexTargets(problem.target, problem.weight, ignore_index=opts.ignore_index,
+                                label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, reduction=opts.reduction,
+                                num_classes=c, dtype=torch.float32)
+    smoothing = bool(targets.terms.b)
+    stats = rows.RowStats.empty(n, target=True, dense=smoothing, dtype=torch.float32, device=x.device)
+    grad = torch.empty((n, c, 1), dtype=x.dtype, device=x.device) if need_grad else None
+    rows_(x, stats=stats, target=targets.index, dense=targets.class_weight if smoothing else None,
+          dense_is_ones=smoothing and targets.class_weight is None, softcap=opts.softcap,
+          out=grad[:, :, 0] if grad is not None else None,
+          coefs=targets.coefficients(targets.scale()).rows(0, n) if need_grad else None)
+    loss_rows = targets.block_losses(stats) if c else torch.zeros(n, dtype=torch.float64, device=x.device)
+    return finish_loss(problem, loss_rows, targets.denominator), grad

@@ -1,0 +1,172 @@
+"""The Triton backend, run through Triton's interpreter on CPU when there is no GPU (TRITON_INTERPRET=1).
+
+The same differential checks as the torch backend, on small shapes (the interpreter runs each program in
+Python), for every option the Triton kernel serves: class-index targets with weights, ignore_index,
+label smoothing, z_loss, softcap, every reduction, fp32/bf16/fp16; linear cross-entropy through it; and
+the backend selection (XENT_BACKEND) with its errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import xent
+from xent import kernels
+
+from helpers import assert_close
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("XENT_BACKEND", "triton")
+
+
+def _loss_and_grads(fn, x, y, up, **kw):
+    xi = x.detach().clone().requires_grad_()
+    loss = fn(xi, y, **kw)
+    (g,) = torch.autograd.grad(loss, xi, up.to(loss.dtype)) if loss.numel() else (torch.zeros_like(xi),)
+    return loss.detach(), g
+
+
+def _reference(x, y, **kw):
+    """The float64 formula, cast to the input dtype (torch itself has no z_loss/softcap)."""
+    return xent.reference.cross_entropy(x, y, **kw).to(x.dtype)
+
+
+@settings(max_examples=60)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 6), c=st.integers(1, 40),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), use_weight=st.booleans(),
+       ignore_index=st.sampled_from([-100, 1]), reduction=st.sampled_from(["mean", "sum", "none"]),
+       label_smoothing=st.sampled_from([0.0, 0.3]), z_loss=st.sampled_from([0.0, 0.05]),
+       softcap=st.sampled_from([None, 4.0]), unbatched=st.booleans())
+def test_cross_entropy_matches_the_formula(seed, n, c, dtype, use_weight, ignore_index, reduction, label_smoothing,
+                                           z_loss, softcap, unbatched):
+    gen = torch.Generator().manual_seed(seed)
+    shape, batch = ((c,), ()) if unbatched else ((n, c), (n,))
+    x = (torch.randn(shape, generator=gen) * 4).to(dtype).to(DEVICE)
+    y = torch.randint(0, c, batch, generator=gen)
+    if y.dim():
+        y[::3] = ignore_index
+    y = y.to(DEVICE)
+    w = (torch.rand(c, generator=gen) + 0.2).to(dtype).to(DEVICE) if use_weight else None
+    kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+              z_loss=z_loss, softcap=softcap)
+    up = torch.randn(() if reduction != "none" else batch, generator=gen).to(DEVICE)
+    ours, g_ours = _loss_and_grads(xent.cross_entropy, x, y, up, **kw)
+    theirs, g_theirs = _loss_and_grads(_reference, x, y, up, **kw)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    assert_close(ours, theirs, dtype, scale=2.0)
+    assert_close(g_ours, g_theirs, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(label_smoothing=0.2, weight=True), dict(reduction="none"),
+                                    dict(ignore_index=2, reduction="sum")])
+def test_cross_entropy_matches_torch_fp32(kwargs):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, 53, generator=gen) * 3).to(DEVICE)
+    y = torch.randint(0, 53, (7,), generator=gen).to(DEVICE)
+    y[0] = 2
+    kwargs = dict(kwargs)
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = torch.rand(53, generator=gen).to(DEVICE)
+    up = torch.randn(7 if kwargs.get("reduction") == "none" else (), generator=gen).to(DEVICE)
+    ours, g_ours = _loss_and_grads(xent.cross_entropy, x, y, up, **kwargs)
+    theirs, g_theirs = _loss_and_grads(F.cross_entropy, x, y, up, **kwargs)
+    assert_close(ours, theirs)
+    assert_close(g_ours, g_theirs)
+
+
+def test_blocks_of_a_long_row_and_extreme_logits():
+    """Rows longer than one block (online max across blocks), with logits far from zero and -inf."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5000, generator=gen) * 5
+    x[0, 4321] = 120.0  # a late maximum: the running shift moves
+    x[1] -= 500.0
+    x[2, :100] = float("-inf")
+    y = torch.tensor([4321, 7, 2000])
+    for kw in (dict(), dict(label_smoothing=0.1)):
+        ours, g_ours = _loss_and_grads(xent.cross_entropy, x.to(DEVICE), y.to(DEVICE), torch.tensor(1.0).to(DEVICE),
+                                       **kw)
+        theirs, g_theirs = _loss_and_grads(F.cross_entropy, x, y, torch.tensor(1.0), **kw)
+        assert_close(ours.cpu(), theirs)
+        assert_close(g_ours.cpu(), g_theirs)
+
+
+def test_linear_cross_entropy_through_the_triton_kernel():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 8, generator=gen).to(DEVICE)
+    w = torch.randn(30, 8, generator=gen).to(DEVICE)
+    b = torch.randn(30, generator=gen).to(DEVICE)
+    y = torch.randint(0, 30, (9,), generator=gen).to(DEVICE)
+    y[3] = -100
+    for kw in (dict(), dict(label_smoothing=0.2, z_loss=0.01), dict(softcap=5.0, reduction="none")):
+        params = [t.clone().requires_grad_() for t in (x, w, b)]
+        ref_params = [t.clone().requires_grad_() for t in (x, w, b)]
+        ours = xent.linear_cross_entropy(params[0], params[1], y, linear_bias=params[2], memory_budget=4 * 30 * 4,
+                                         **kw)
+        logits = F.linear(*ref_params)
+        theirs = xent.reference.cross_entropy(logits, y, **kw).float()
+        assert_close(ours, theirs)
+        up = torch.ones_like(ours)
+        for a, e in zip(torch.autograd.grad(ours, params, up), torch.autograd.grad(theirs, ref_params, up)):
+            assert_close(a, e)
+
+
+def test_dispatch_uses_the_triton_kernel(monkeypatch):
+    from xent.kernels import triton_rows
+
+    calls = []
+    original = triton_rows.rows_
+    monkeypatch.setattr(triton_rows, "rows_", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    xent.cross_entropy(torch.randn(3, 5).to(DEVICE), torch.tensor([0, 1, 2]).to(DEVICE))
+    assert calls, "XENT_BACKEND=triton did not reach the Triton kernel"
+
+
+def test_probability_targets_and_k_dim_fall_back_to_the_portable_kernel(monkeypatch):
+    x = torch.randn(2, 5, 3)
+    y = torch.randint(0, 5, (2, 3))
+    assert_close(xent.cross_entropy(x, y), F.cross_entropy(x, y))
+    z, p = torch.randn(4, 5), torch.rand(4, 5)
+    assert_close(xent.cross_entropy(z, p, label_smoothing=0.1), F.cross_entropy(z, p, label_smoothing=0.1))
+
+
+def test_backend_selection_and_errors(monkeypatch):
+    dev = torch.device("cpu")
+    monkeypatch.setenv("XENT_BACKEND", "torch")
+    assert kernels.backend_for(dev) == "torch"
+    monkeypatch.setenv("XENT_BACKEND", "auto")
+    assert kernels.backend_for(dev) == "torch"  # CPU tensors take the portable kernel in auto mode
+    monkeypatch.setenv("XENT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="XENT_BACKEND must be one of"):
+        kernels.backend_for(dev)
+    monkeypatch.setenv("XENT_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.backend_for(dev)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else object())
+    with pytest.raises(RuntimeError, match="not installed"):
+        kernels.backend_for(dev)
+
+
+def test_cuda_benchmark_script_runs(tmp_path):
+    """benchmarks/bench_cuda.py is ready for a GPU; here its smoke mode runs it through the interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cuda.py"
+    env = dict(os.environ, TRITON_INTERPRET="1", XENT_BACKEND="triton")
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--device", "cpu", "--repeats", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 16 x 512 | bfloat16 | xent |" in done.stdout and "| 16, 32, 512 | bfloat16 | xent |" in done.stdout
