@@ -365,7 +365,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tens
     cd = torch.float64 if local_linear_weight.dtype == torch.float64 else torch.float32
     problem = LinearProblem(x2, local_linear_weight, linear_bias, target.reshape(-1), weight, opts,
                             tuple(target.shape), chunk_rows(x2.shape[0], local_linear_weight.shape[0], cd,
-                                                            memory_budget))
+                                                            memory_budget), input.dtype)
     return _VocabParallelLinear.apply(input, local_linear_weight, linear_bias, target, weight, (group, vocab_start,
                                                                                                  problem))
 
@@ -394,7 +394,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         ctx.spec, ctx.lse, ctx.targets, ctx.block, ctx.input_shape = spec, lse, targets, block, input.shape
         ctx.save_for_backward(input, local_linear_weight, linear_bias)
         loss = targets.reduce(targets.row_losses(lse, z_target, dense_ce).to(cd))
-        return (loss.reshape(p.output_shape) if opts.reduction == "none" else loss).to(input.dtype)
+        return (loss.reshape(p.output_shape) if opts.reduction == "none" else loss).to(p.output_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -42,6 +42,7 @@ class LinearProblem:
     options: Options
     output_shape: tuple  # the target's shape, for reduction='none'
     rows_per_chunk: int
+    output_dtype: torch.dtype  # of the returned loss (the input's unless asked otherwise)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -139,7 +140,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             and any(want) else None
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         loss = targets.reduce(loss_rows)
-        return (loss.reshape(problem.output_shape) if not scalar else loss).to(input.dtype)
+        return (loss.reshape(problem.output_shape) if not scalar else loss).to(problem.output_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -187,8 +188,7 @@ def _double_backward_path(ctx, grad_loss) -> tuple:
     loss = cross_entropy(logits, target.reshape(-1), weight=weight, ignore_index=o.ignore_index,
                          reduction=o.reduction, label_smoothing=o.label_smoothing, z_loss=o.z_loss,
                          softcap=o.softcap)
-    if o.reduction == "none":
-        loss = loss.reshape(p.output_shape)
+    loss = (loss.reshape(p.output_shape) if o.reduction == "none" else loss).to(p.output_dtype)
     inputs = [t for t, w in zip((input, w_lin, b_lin), ctx.needs_input_grad[:3]) if w]
     grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
     return tuple(next(grads) if w else None for w in ctx.needs_input_grad[:3])
@@ -202,7 +202,8 @@ def _double_backward_path(ctx, grad_loss) -> tuple:
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
                          weight: Tensor | None = None, reduction: str = "mean", ignore_index: int | None = -100,
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
-                         options=None, memory_budget: int | None = None) -> Tensor:
+                         options=None, memory_budget: int | None = None,
+                         output_dtype: torch.dtype | None = None) -> Tensor:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without materializing the logits.
 
     Extends :func:`torch.nn.functional.linear_cross_entropy` (torch 2.13): code written for it runs
@@ -224,6 +225,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         options: torch's ``LinearCrossEntropyOptions``; only ``batch_chunk_size`` is used (tokens per chunk).
         memory_budget (int, optional): bytes for one chunk of fp32 logits; default 1/16 of the full
             logits, clamped to [8 MiB, 256 MiB]. The result does not depend on it beyond fp32 rounding.
+        output_dtype (torch.dtype, optional): dtype of the returned loss; default the input's (as torch).
+            ``torch.float32`` keeps a bf16 model's loss unrounded (it is computed in fp32 either way).
 
     Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``; with bf16/fp16 parameters the
     weight and bias gradients are accumulated in fp32 and cast once. Probability targets and K-dim
@@ -255,7 +258,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     probabilities = target.is_floating_point() and tuple(target.shape) == (*input.shape[:-1], vocab)
     if linear_weight.dim() > 2 or probabilities:
         return _through_logits(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                               label_smoothing, z_loss, softcap)
+                               label_smoothing, z_loss, softcap).to(output_dtype or input.dtype)
 
     label_smoothing = check_label_smoothing(label_smoothing)
     check_float_input(input, fn)
@@ -283,14 +286,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
     step = getattr(options, "batch_chunk_size", None) or chunk_rows(x2.shape[0], vocab, cd, memory_budget)
     problem = LinearProblem(x2, linear_weight, linear_bias, target.reshape(-1), weight, options_,
-                            tuple(target.shape), int(step))
+                            tuple(target.shape), int(step), output_dtype or input.dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (input, linear_weight, linear_bias))
     if not needs_grad:
         targets = _targets(problem)
         stats = linear_pass(problem, targets.block())[0]
         loss = targets.reduce(_loss_rows(problem, targets, stats))
-        return (loss.reshape(problem.output_shape) if reduction == "none" else loss).to(input.dtype)
+        return (loss.reshape(problem.output_shape) if reduction == "none" else loss).to(problem.output_dtype)
     return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, problem)
 
 

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported on demand, so their packages stay optional)."""
