@@ -160,3 +160,17 @@ def test_large_and_small_logits_stay_exact(dtype, offset):
             theirs = xent.reference.cross_entropy(x, y, **kwargs).to(dtype)
         assert_close(ours, theirs, scale=4.0)
         assert_close(g_ours.float(), g_theirs.float(), torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+
+
+@pytest.mark.parametrize("c", [200, 300])
+def test_uint8_targets_compare_as_int64(c):
+    """A uint8 target of 156 is a class, not ignore_index=-100 wrapped to 156; C=300 is not 44."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, c, generator=gen)
+    t = torch.tensor([156, 1, 199, 44], dtype=torch.uint8)
+    for fn_ours, fn_torch in ((xent.cross_entropy, F.cross_entropy), (xent.nll_loss, F.nll_loss)):
+        assert_close(fn_ours(x, t, reduction="none"), fn_torch(x, t, reduction="none"))
+    assert_close(xent.linear_cross_entropy(x, torch.eye(c), t), F.cross_entropy(x, t.long()))
+    small = torch.randn(2, 100, generator=gen)
+    with pytest.raises(IndexError, match="Target 156"):
+        xent.cross_entropy(small, torch.tensor([156, 1], dtype=torch.uint8))

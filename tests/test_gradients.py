@@ -176,3 +176,19 @@ def test_torch_compile_gives_the_eager_result(backend):
     assert_close(ours, expected)
     for a, e in zip(torch.autograd.grad(ours, (x, h, w)), torch.autograd.grad(expected, (x, h, w))):
         assert_close(a, e)
+
+
+def test_under_autocast_losses_follow_its_float32_policy():
+    x = torch.randn(5, 7, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.tensor([0, 1, 6, 3, -100])
+    w = torch.rand(7)  # float32 weight with bf16 logits: fine under autocast, as in torch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for fn_ours, fn_torch in ((xent.cross_entropy, F.cross_entropy), (xent.nll_loss, F.nll_loss)):
+            ours, theirs = fn_ours(x, y, weight=w), fn_torch(x, y, weight=w)
+            assert ours.dtype == theirs.dtype == torch.float32
+            assert_close(ours, theirs, torch.bfloat16)
+            (g_ours,), (g_theirs,) = torch.autograd.grad(ours, x), torch.autograd.grad(theirs, x)
+            assert g_ours.dtype == g_theirs.dtype == torch.bfloat16
+            assert_close(g_ours, g_theirs, torch.bfloat16)
+    with pytest.raises(RuntimeError):  # outside autocast the dtypes must agree, as torch
+        xent.cross_entropy(x, y, weight=w)

@@ -235,3 +235,30 @@ def test_module_is_drop_in_for_torch_linear_cross_entropy_loss():
     theirs(x, t).backward()
     assert_close(ours.linear.weight.grad, theirs.linear.weight.grad)
     assert_close(ours.linear.bias.grad, theirs.linear.bias.grad)
+
+
+def test_under_autocast_like_linear_then_cross_entropy():
+    """autocast: the head's matmul runs in bf16 (as F.linear's), the loss comes back in float32."""
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(6, 8, generator=gen, requires_grad=True)
+    w = torch.randn(11, 8, generator=gen, requires_grad=True)
+    y = torch.randint(0, 11, (6,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = xent.linear_cross_entropy(h, w, y, weight=torch.rand(11, generator=gen))
+        theirs = F.linear_cross_entropy(h, w, y)
+        mixed = xent.linear_cross_entropy(h.detach().bfloat16(), w.detach(), y)  # mixed dtypes, as F.linear
+    assert ours.dtype == theirs.dtype == mixed.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = xent.linear_cross_entropy(h, w, y)
+    assert_close(ours, theirs)
+    for a, e in zip(torch.autograd.grad(ours, (h, w)), torch.autograd.grad(theirs, (h, w))):
+        assert a.dtype == e.dtype == torch.float32
+        assert_close(a, e, torch.bfloat16)
+
+
+def test_k_dim_head_needs_batched_input_as_in_torch():
+    with pytest.raises(RuntimeError) as theirs:
+        F.linear_cross_entropy(torch.randn(8), torch.randn(6, 2, 8), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="requires batched input"):
+        xent.linear_cross_entropy(torch.randn(8), torch.randn(6, 2, 8), torch.tensor([0, 1]))
+    assert "batched input" in str(theirs.value)

@@ -117,6 +117,36 @@ def test_logits_to_keep_uses_the_labels_of_the_kept_positions():
     assert_close(ours, expected)
 
 
+def test_logits_to_keep_as_a_tensor_of_positions():
+    model, patched = _pair("llama")
+    ids, _, labels = _batch()
+    keep = torch.tensor([0, 3, 7])
+    ours = patched(input_ids=ids, labels=labels, logits_to_keep=keep).loss
+    logits = model(input_ids=ids, logits_to_keep=keep).logits  # (3, 3, V): positions 0, 3, 7
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:][:, keep]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), shifted.reshape(-1))
+    assert_close(ours, expected)
+
+
+def test_outputs_hold_no_logits_in_training():
+    _, patched = _pair("gemma2-softcap")
+    ids, _, labels = _batch()
+    out = patched(input_ids=ids, labels=labels)
+    assert out.logits is None and out["logits"] is None
+    assert out.to_tuple()[0] is out.loss
+
+
+def test_offloaded_lm_head_falls_back_to_the_logits():
+    accelerate = pytest.importorskip("accelerate")
+    model, patched = _pair("llama")
+    ids, _, labels = _batch()
+    expected = model(input_ids=ids, labels=labels).loss
+    accelerate.cpu_offload(patched, execution_device="cpu")
+    with pytest.warns(UserWarning, match="offloaded"):
+        ours = patched(input_ids=ids, labels=labels).loss
+    assert_close(ours, expected)
+
+
 def test_remove_and_class_patching_before_loading(tmp_path):
     from transformers import LlamaForCausalLM
 

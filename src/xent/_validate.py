@@ -39,6 +39,24 @@ def eager_under_compile(fn):
     return disable(fn) if disable is not None else fn
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """torch.autocast's lower-precision dtype when it is on for `device`'s type, else None."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return None
+        return torch.get_autocast_dtype(device.type)
+    except (TypeError, RuntimeError, AttributeError):  # device types autocast does not know
+        return None
+
+
+def loss_dtype(dtype: torch.dtype, autocast: bool) -> torch.dtype:
+    """Under autocast, losses follow its float32 policy: half-precision arguments count as float32."""
+    return torch.float32 if autocast and dtype in HALF_DTYPES else dtype
+
+
 def scalar_name(dtype: torch.dtype) -> str:
     return _SCALAR_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
@@ -213,13 +231,13 @@ def check_index_target(input: Tensor, target: Tensor) -> None:
     check_same_device(target, input, "target")
 
 
-def check_index_weight(input: Tensor, weight: Tensor | None) -> None:
+def check_index_weight(input: Tensor, weight: Tensor | None, autocast: bool = False) -> None:
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     check_weight_shape(weight, num_classes)
     if weight is not None:
-        if weight.dtype != input.dtype:
-            raise RuntimeError(f"expected scalar type {scalar_name(input.dtype)} but found "
-                               f"{scalar_name(weight.dtype)}")
+        if loss_dtype(weight.dtype, autocast) != loss_dtype(input.dtype, autocast):
+            raise RuntimeError(f"expected scalar type {scalar_name(loss_dtype(input.dtype, autocast))} but found "
+                               f"{scalar_name(loss_dtype(weight.dtype, autocast))}")
         check_same_device(weight, input, "weight")
         if weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("the loss is not differentiable with respect to 'weight' when target holds class "
@@ -230,10 +248,8 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
     """IndexError naming the first target that is neither a class nor ignore_index (as torch on CPU)."""
     if target.numel() == 0:
         return
-    flat = target.reshape(-1)
-    bad = (flat >= num_classes) & (flat != ignore_index)
-    if target.dtype != torch.uint8:  # uint8 cannot be negative
-        bad |= (flat < 0) & (flat != ignore_index)
+    flat = target.reshape(-1).long()  # uint8 compares as int64, as torch: -100 or 300 must not wrap
+    bad = ((flat >= num_classes) | (flat < 0)) & (flat != ignore_index)
     if target.device.type != "cpu":
         # As torch's own kernels do on GPUs: a device-side assert, not a host synchronisation per call.
         torch._assert_async(~bad.any(), "xent: a target is out of bounds (neither a class index nor ignore_index)")
@@ -258,14 +274,15 @@ def cross_entropy_problem(input, target, weight, *, reduction, ignore_index, lab
     z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
     softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
     options = Options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    autocast = autocast_dtype(input.device) is not None
     if input.shape == target.shape:
-        return _probability_problem(input, target, weight, options, fn)
+        return _probability_problem(input, target, weight, options, fn, autocast)
     options = replace(options, label_smoothing=check_label_smoothing(label_smoothing))
     check_float_input(input, fn)
     if input.dim() == 0:
         raise IndexError(f"{fn}: input must have a class dimension, got a 0-d tensor")
     check_index_target(input, target)
-    check_index_weight(input, weight)
+    check_index_weight(input, weight, autocast)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     check_target_range(target, num_classes, options.ignore_index)
     if input.dim() == 1:
@@ -274,10 +291,11 @@ def cross_entropy_problem(input, target, weight, *, reduction, ignore_index, lab
     else:
         output_shape = (input.shape[0],) + tuple(input.shape[2:])
         target = target.reshape(input.shape[0], math.prod(input.shape[2:]))
-    return Problem(_as_3d(input), target, weight, False, options, input.shape, output_shape, input.dtype)
+    return Problem(_as_3d(input), target, weight, False, options, input.shape, output_shape,
+                   loss_dtype(input.dtype, autocast))
 
 
-def _probability_problem(input: Tensor, target: Tensor, weight, options: Options, fn: str) -> Problem:
+def _probability_problem(input: Tensor, target: Tensor, weight, options: Options, fn: str, autocast: bool) -> Problem:
     if not target.is_floating_point():
         raise RuntimeError(f"Expected floating point type for target with class probabilities, got "
                            f"{scalar_name(target.dtype)}")
@@ -290,7 +308,7 @@ def _probability_problem(input: Tensor, target: Tensor, weight, options: Options
     check_float_input(input, fn)
     options = replace(options, label_smoothing=check_label_smoothing(options.label_smoothing))
     check_same_device(target, input, "target")
-    dtypes = [input.dtype, target.dtype] + ([weight.dtype] if weight is not None else [])
+    dtypes = [loss_dtype(t.dtype, autocast) for t in (input, target, weight) if t is not None]
     output_dtype = dtypes[0]
     for d in dtypes[1:]:
         output_dtype = torch.promote_types(output_dtype, d)

@@ -18,7 +18,6 @@ path needs no communication in backward; the linear path all-reduces the input g
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -45,15 +44,10 @@ class Shards:
     rank: int
     starts: tuple[int, ...]
     sizes: tuple[int, ...]
-    weight_sums: tuple[float, ...]  # W_k: the class weights' sum over each block (its size without weights)
 
     @property
     def start(self) -> int:
         return self.starts[self.rank]
-
-    @property
-    def size(self) -> int:
-        return self.sizes[self.rank]
 
     @property
     def num_classes(self) -> int:
@@ -67,79 +61,60 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _all_gather(rows_out: Tensor, mine: Tensor, group) -> None:
+def _all_gather(mine: Tensor, group) -> Tensor:
+    """(world, *mine.shape): every rank's `mine`."""
+    _, world = _group_info(group)
+    out = torch.empty((world, *mine.shape), dtype=mine.dtype, device=mine.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(rows_out, mine, group=group)
+    gather(out.view(-1), mine.reshape(-1), group=group)
+    return out
 
 
-def _identity(target: Tensor) -> list[float]:
-    """Numbers that differ when two ranks' targets differ: numel, rank, first dim and a position-weighted
-    checksum of the values (exact in float64 for any realistic batch)."""
-    flat = target.reshape(-1)
+def _identity(target: Tensor) -> Tensor:
+    """(numel, ndim, dim 0, checksum) of the targets, float64 on their device, without a host sync: they
+    differ when two ranks' targets do (the position-weighted checksum is exact in float64)."""
+    flat = target.reshape(-1).long()
     positions = torch.arange(flat.numel(), device=flat.device) % 997 + 1
-    checksum = float((flat.double() + 1.0).mul(positions).sum()) if flat.numel() else 0.0
-    return [float(flat.numel()), float(target.dim()), float(target.shape[0]) if target.dim() else 1.0, checksum]
+    checksum = (flat.double() + 1.0).mul(positions).sum().reshape(1)
+    meta = torch.tensor([flat.numel(), target.dim(), target.shape[0] if target.dim() else 1], dtype=torch.float64)
+    return torch.cat([meta.to(flat.device, non_blocking=True), checksum])
 
 
-def _check_same_targets(identity: Tensor, fn: str) -> None:
-    """identity: (world, 4) rows of _identity; raise on every rank alike when they differ."""
-    if not bool((identity == identity[0]).all()):
+def _check_same_targets(identity: list[list[float]], fn: str) -> None:
+    """identity: every rank's _identity, on the host; raise on every rank alike when they differ."""
+    if any(row != identity[0] for row in identity):
         raise ValueError(f"{fn}: the ranks' targets differ (every rank must pass the same target): per rank "
-                         f"(numel, ndim, dim 0) = {[tuple(int(v) for v in row[:3]) for row in identity.tolist()]}"
-                         f", checksums {[row[3] for row in identity.tolist()]}")
+                         f"(numel, ndim, dim 0) = {[tuple(int(v) for v in row[:3]) for row in identity]}, "
+                         f"checksums {[row[3] for row in identity]}")
 
 
-def _shards_from_sizes(target: Tensor, local_size: int, weight: Tensor | None, group, fn: str) -> Shards:
+def _shards_from_sizes(target: Tensor, local_size: int, group, fn: str) -> Shards:
     """vocab_start=None: gather every rank's block size (and target identity) first; blocks in rank order."""
-    rank, world = _group_info(group)
-    mine = torch.tensor(_identity(target) + [float(local_size)], dtype=torch.float64, device=target.device)
-    out = torch.empty(world * mine.numel(), dtype=torch.float64, device=target.device)
-    _all_gather(out, mine, group)
-    table = out.view(world, -1)
-    _check_same_targets(table[:, :4], fn)
-    sizes = tuple(int(v) for v in table[:, 4].tolist())
-    starts = tuple(sum(sizes[:k]) for k in range(world))
-    return Shards(rank, starts, sizes, _weight_sums(weight, starts, sizes))
-
-
-def _weight_sums(weight: Tensor | None, starts, sizes) -> tuple[float, ...]:
-    if weight is None:
-        return tuple(float(s) for s in sizes)
-    return tuple(float(weight[a:a + s].double().sum()) if a + s <= weight.shape[0] else math.nan
-                 for a, s in zip(starts, sizes))
+    rank, _ = _group_info(group)
+    size = torch.tensor([float(local_size)], dtype=torch.float64).to(target.device, non_blocking=True)
+    table = _all_gather(torch.cat([_identity(target), size]), group).tolist()  # host: the starts are needed now
+    _check_same_targets([row[:4] for row in table], fn)
+    sizes = tuple(int(row[4]) for row in table)
+    return Shards(rank, tuple(sum(sizes[:k]) for k in range(len(sizes))), sizes)
 
 
 def _exchange_statistics(stats: rows.RowStats, block: rows.ClassBlock, target: Tensor, start: int,
-                         local_size: int, shards: Shards | None, group, fn: str):
-    """The one collective of the forward pass: every rank's per-row statistics and header.
+                         local_size: int, group) -> tuple[Tensor, ...]:
+    """The one collective of the forward pass: every rank's header and per-row statistics.
 
-    Returns (shards, shift, sumexp, target_logit, owned, dense_rel), each (world, rows), in float64.
+    Returns the (world, _HEADER) header and shift, sumexp, target logit, owned, dense_rel, each (world, rows),
+    all float64 and still on the device.
     """
-    rank, world = _group_info(group)
     num_rows = stats.shift.numel()
-    k = 5 if stats.dense_rel is not None else 4
-    mine = torch.empty(_HEADER + k * num_rows, dtype=torch.float64, device=stats.shift.device)
-    local_weight_sum = float(block.class_weight.double().sum()) if block.class_weight is not None \
-        else float(local_size)
-    mine[:_HEADER] = torch.tensor(_identity(target) + [float(local_size), float(start), local_weight_sum],
-                                  dtype=torch.float64)
-    body = mine[_HEADER:].view(k, num_rows)
-    body[0], body[1] = stats.shift, stats.sumexp
-    body[2] = torch.where(block.owned, stats.target_logit, 0)
-    body[3] = block.owned
-    if k == 5:
-        body[4] = stats.dense_rel
-    out = torch.empty(world * mine.numel(), dtype=torch.float64, device=mine.device)
-    _all_gather(out, mine, group)
-    table = out.view(world, -1)
-    header, bodies = table[:, :_HEADER], table[:, _HEADER:].reshape(world, k, num_rows)
-    _check_same_targets(header[:, :_SIZE], fn)
-    if shards is None:
-        shards = Shards(rank, tuple(int(v) for v in header[:, _START].tolist()),
-                        tuple(int(v) for v in header[:, _SIZE].tolist()),
-                        tuple(float(v) for v in header[:, _WEIGHT_SUM].tolist()))
-    _check_tiling(shards, fn)
-    return shards, bodies[:, 0], bodies[:, 1], bodies[:, 2], bodies[:, 3], bodies[:, 4] if k == 5 else None
+    parts = [stats.shift, stats.sumexp, torch.where(block.owned, stats.target_logit, 0), block.owned]
+    parts += [stats.dense_rel] if stats.dense_rel is not None else []
+    weight_sum = block.class_weight.double().sum().reshape(1) if block.class_weight is not None else \
+        torch.tensor([float(local_size)], dtype=torch.float64).to(target.device, non_blocking=True)
+    place = torch.tensor([float(local_size), float(start)], dtype=torch.float64).to(target.device, non_blocking=True)
+    mine = torch.cat([_identity(target), place, weight_sum] + [p.double() for p in parts])
+    table = _all_gather(mine, group)
+    header, bodies = table[:, :_HEADER], table[:, _HEADER:].reshape(table.shape[0], len(parts), num_rows)
+    return (header, *bodies.unbind(1)) + ((None,) if stats.dense_rel is None else ())
 
 
 def _check_tiling(shards: Shards, fn: str) -> None:
@@ -153,24 +128,16 @@ def _check_tiling(shards: Shards, fn: str) -> None:
         end = start + size
 
 
-def _merge(targets_flat: Tensor, valid: Tensor, shards: Shards, shift, sumexp, target_logit, owned, dense_rel,
-           eps: float):
-    """Global lse, target logit and smoothing term per row, from the gathered per-rank statistics."""
+def _merge(header: Tensor, shift, sumexp, target_logit, owned, dense_rel, valid: Tensor, eps: float):
+    """Global lse, target logit and smoothing term per row from the gathered statistics (on the device),
+    and the rows whose target no rank (or two) owns."""
     lse = rows.merge_blocks(shift, sumexp)
-    counts = owned.sum(0)
-    bad = valid & (counts != 1)
-    if bool(bad.any()):
-        first = int(targets_flat[bad.nonzero()[0, 0]])
-        raise IndexError(f"Target {first} is out of bounds. (It must be a class index in "
-                         f"[0, {shards.num_classes - 1}] or ignore_index.)")
-    z_target = target_logit.sum(0)
     dense_ce = None
     if eps > 0:
-        mass = torch.tensor(shards.weight_sums, dtype=torch.float64, device=lse.device).unsqueeze(1)
-        sizes = torch.tensor(shards.sizes, device=lse.device).unsqueeze(1)
+        mass, sizes = header[:, _WEIGHT_SUM].unsqueeze(1), header[:, _SIZE].unsqueeze(1)
         # a block without classes contributes nothing (its lse is -inf)
         dense_ce = torch.where(sizes > 0, rows.dense_cross_entropy(lse, shift, mass, dense_rel), 0).sum(0)
-    return lse, z_target, dense_ce
+    return lse, target_logit.sum(0), dense_ce, valid & (owned.sum(0) != 1)
 
 
 def _validate(local_logits: Tensor, target: Tensor, weight: Tensor | None, reduction, ignore_index, label_smoothing,
@@ -247,32 +214,58 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, group=
     return _VocabParallelCrossEntropy.apply(local_logits, target, weight, spec)
 
 
-def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None, spec, need_grad: bool):
-    group, vocab_start, opts = spec
-    fn = "vocab_parallel_cross_entropy"
-    x = local_logits.reshape(-1, local_logits.shape[-1])
-    num_rows, local_size = x.shape
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    flat = target.reshape(-1)
+def _vocab_parallel_loss(target: Tensor, weight: Tensor | None, local_size: int, group, vocab_start,
+                         opts: Options, cd: torch.dtype, fn: str, local_statistics):
+    """The forward of both vocab-parallel losses: this rank's block of classes, its statistics (from
+    local_statistics(block) -> RowStats), the one exchange, and the merged per-row losses.
+
+    The checks that must raise on every rank alike read the small gathered header back to the host once.
+    Returns (block, targets, lse, loss_rows) for the gradient pass.
+    """
+    rank, _ = _group_info(group)
+    flat = target.reshape(-1).long()  # uint8 compares as int64, as torch
     valid = flat != opts.ignore_index
     shards = None
     if vocab_start is None:
-        shards = _shards_from_sizes(target, local_size, weight, group, fn)
+        shards = _shards_from_sizes(target, local_size, group, fn)
         _check_weight_size(weight, shards)
     start = shards.start if shards is not None else as_index(vocab_start, "vocab_start", fn)
     block = rows.ClassBlock.shard(flat, valid, weight.to(cd) if weight is not None else None, start, local_size)
-
-    # Pass 1: this block's statistics; 2: after the exchange, the gradient (global lse) in place.
-    smoothing = opts.label_smoothing > 0
-    stats = rows.RowStats.empty(num_rows, target=True, dense=smoothing, dtype=cd, device=x.device)
-    _block_pass(x, stats, block, cd, smoothing)
-    shards, *gathered = _exchange_statistics(stats, block, target, start, local_size, shards, group, fn)
+    stats = local_statistics(block)
+    header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group)
+    lse, z_target, dense_ce, unowned = _merge(header, *gathered, valid, opts.label_smoothing)
+    host = torch.cat([header.reshape(-1), unowned.any().double().reshape(1)]).tolist()
+    table = [host[k * _HEADER:(k + 1) * _HEADER] for k in range(header.shape[0])]
+    _check_same_targets([row[:_SIZE] for row in table], fn)
+    shards = Shards(rank, tuple(int(row[_START]) for row in table), tuple(int(row[_SIZE]) for row in table))
+    _check_tiling(shards, fn)
     _check_weight_size(weight, shards)
-    lse, z_target, dense_ce = _merge(flat, valid, shards, *gathered, opts.label_smoothing)
+    if host[-1]:
+        first = int(flat[unowned.nonzero()[0, 0]])
+        raise IndexError(f"Target {first} is out of bounds. (It must be a class index in "
+                         f"[0, {shards.num_classes - 1}] or ignore_index.)")
     targets = rows.IndexTargets(flat, weight, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
                                 z_loss=opts.z_loss, reduction=opts.reduction, num_classes=shards.num_classes,
                                 dtype=cd)
-    loss = targets.reduce(targets.row_losses(lse, z_target, dense_ce).to(cd))
+    return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd)
+
+
+def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None, spec, need_grad: bool):
+    group, vocab_start, opts = spec
+    x = local_logits.reshape(-1, local_logits.shape[-1])
+    num_rows, local_size = x.shape
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    smoothing = opts.label_smoothing > 0
+
+    # Pass 1: this block's statistics; 2: after the exchange, the gradient (global lse) in place.
+    def local_statistics(block):
+        stats = rows.RowStats.empty(num_rows, target=True, dense=smoothing, dtype=cd, device=x.device)
+        _block_pass(x, stats, block, cd, smoothing)
+        return stats
+
+    block, targets, lse, loss_rows = _vocab_parallel_loss(target, weight, local_size, group, vocab_start, opts, cd,
+                                                          "vocab_parallel_cross_entropy", local_statistics)
+    loss = targets.reduce(loss_rows)
     loss = (loss.reshape(target.shape) if opts.reduction == "none" else loss).to(local_logits.dtype)
     grad = None
     if need_grad:
@@ -374,27 +367,13 @@ class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, local_linear_weight, linear_bias, target, weight, spec):
         group, vocab_start, p = spec
-        fn = "vocab_parallel_linear_cross_entropy"
-        opts, cd = p.options, p.compute_dtype
-        flat, local_size = p.target, local_linear_weight.shape[0]
-        valid = flat != opts.ignore_index
-        shards = None
-        if vocab_start is None:
-            shards = _shards_from_sizes(target, local_size, weight, group, fn)
-            _check_weight_size(weight, shards)
-        start = shards.start if shards is not None else as_index(vocab_start, "vocab_start", fn)
-        block = rows.ClassBlock.shard(flat, valid, weight.to(cd) if weight is not None else None, start, local_size)
-        stats = linear_pass(p, block)[0]
-        shards, *gathered = _exchange_statistics(stats, block, target, start, local_size, shards, group, fn)
-        _check_weight_size(weight, shards)
-        lse, z_target, dense_ce = _merge(flat, valid, shards, *gathered, opts.label_smoothing)
-        targets = rows.IndexTargets(flat, weight, ignore_index=opts.ignore_index,
-                                    label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
-                                    reduction=opts.reduction, num_classes=shards.num_classes, dtype=cd)
+        block, targets, lse, loss_rows = _vocab_parallel_loss(
+            target, weight, local_linear_weight.shape[0], group, vocab_start, p.options, p.compute_dtype,
+            "vocab_parallel_linear_cross_entropy", lambda block: linear_pass(p, block)[0])
         ctx.spec, ctx.lse, ctx.targets, ctx.block, ctx.input_shape = spec, lse, targets, block, input.shape
         ctx.save_for_backward(input, local_linear_weight, linear_bias)
-        loss = targets.reduce(targets.row_losses(lse, z_target, dense_ce).to(cd))
-        return (loss.reshape(p.output_shape) if opts.reduction == "none" else loss).to(p.output_dtype)
+        loss = targets.reduce(loss_rows)
+        return (loss.reshape(p.output_shape) if p.options.reduction == "none" else loss).to(p.output_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):

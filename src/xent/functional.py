@@ -7,8 +7,9 @@ from torch import Tensor
 
 from . import _autograd
 from ._validate import eager_under_compile as _eager_under_compile
-from ._validate import (_as_3d, as_index, check_float_input, check_index_target, check_index_weight,
-                        check_target_range, check_tensor, cross_entropy_problem, resolve_reduction)
+from ._validate import (_as_3d, as_index, autocast_dtype, check_float_input, check_index_target,
+                        check_index_weight, check_target_range, check_tensor, cross_entropy_problem, loss_dtype,
+                        resolve_reduction)
 
 
 @_eager_under_compile
@@ -90,8 +91,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     check_tensor(target, "target", fn)
     check_tensor(weight, "weight", fn, optional=True)
     ignore_index = as_index(ignore_index, "ignore_index", fn)
+    autocast = autocast_dtype(input.device) is not None
     check_index_target(input, target)
-    check_index_weight(input, weight)
+    check_index_weight(input, weight, autocast)
     check_float_input(input, fn)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     check_target_range(target, num_classes, ignore_index)
@@ -101,9 +103,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     compute_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = _as_3d(input)
     n, _, d = x.shape
-    t = target.reshape(n, 1, d)
+    t = target.reshape(n, 1, d).long()  # uint8 targets compare as int64, as torch (-100 must not wrap)
     valid = t != ignore_index
-    index = torch.where(valid, t, 0).long()
+    index = torch.where(valid, t, 0)
     picked = x.gather(1, index).to(compute_dtype)
     w_y = weight.to(compute_dtype)[index] if weight is not None else torch.ones_like(picked)
     w_y = torch.where(valid, w_y, 0)
@@ -114,4 +116,4 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
         out = loss.sum()
     else:
         out = loss.sum() / w_y.sum()
-    return out.to(input.dtype)
+    return out.to(loss_dtype(input.dtype, autocast))

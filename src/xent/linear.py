@@ -12,6 +12,7 @@ computes losses and backward recomputes the chunks (one extra matmul).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validate import eager_under_compile as _eager_under_compile
-from ._validate import (Options, as_float, as_index, check_float_input, check_label_smoothing,
+from ._validate import (Options, as_float, as_index, autocast_dtype, loss_dtype, check_float_input, check_label_smoothing,
                         check_optional_positive, check_same_device, check_target_range, check_tensor,
                         check_weight_shape, resolve_reduction, scalar_name)
 from .kernels import backend_for, rows
@@ -144,6 +145,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with _no_autocast(ctx.problem.input.device):
+            return LinearCrossEntropyFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         problem: LinearProblem = ctx.problem
         if torch.is_grad_enabled():
             return (*_double_backward_path(ctx, grad_loss), None, None, None)
@@ -252,10 +258,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
     z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
     softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
+    autocast = autocast_dtype(input.device)
+    if autocast is not None:  # as under autocast F.linear casts, then cross_entropy returns float32
+        input, linear_weight, linear_bias = (_autocast(t, autocast) for t in (input, linear_weight, linear_bias))
+        output_dtype = output_dtype or torch.float32
     _check_linear(input, linear_weight, linear_bias)
 
     vocab = linear_weight.shape[0]
     probabilities = target.is_floating_point() and tuple(target.shape) == (*input.shape[:-1], vocab)
+    if linear_weight.dim() > 2 and input.dim() != 2:
+        raise RuntimeError(f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires "
+                           f"batched input, (N, {input.shape[-1]}), got input with shape {tuple(input.shape)}")
     if linear_weight.dim() > 2 or probabilities:
         return _through_logits(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                label_smoothing, z_loss, softcap).to(output_dtype or input.dtype)
@@ -273,7 +286,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     check_same_device(target, input, "target")
     check_weight_shape(weight, vocab)
     if weight is not None:
-        if weight.dtype != input.dtype:
+        if loss_dtype(weight.dtype, autocast is not None) != loss_dtype(input.dtype, autocast is not None):
             raise RuntimeError(f"expected scalar type {scalar_name(input.dtype)} but found {scalar_name(weight.dtype)}")
         check_same_device(weight, input, "weight")
         if weight.requires_grad and torch.is_grad_enabled():
@@ -289,12 +302,23 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                             tuple(target.shape), int(step), output_dtype or input.dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (input, linear_weight, linear_bias))
-    if not needs_grad:
-        targets = _targets(problem)
-        stats = linear_pass(problem, targets.block())[0]
-        loss = targets.reduce(_loss_rows(problem, targets, stats))
-        return (loss.reshape(problem.output_shape) if reduction == "none" else loss).to(problem.output_dtype)
-    return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, problem)
+    with _no_autocast(input.device):  # the chunk matmuls write fixed-dtype workspaces
+        if not needs_grad:
+            targets = _targets(problem)
+            stats = linear_pass(problem, targets.block())[0]
+            loss = targets.reduce(_loss_rows(problem, targets, stats))
+            return (loss.reshape(problem.output_shape) if reduction == "none" else loss).to(problem.output_dtype)
+        return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, problem)
+
+
+def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """What autocast does to F.linear's arguments: float32 (and the other half type) become `dtype`."""
+    return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False) if autocast_dtype(device) is not None \
+        else contextlib.nullcontext()
 
 
 def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> None:

@@ -54,8 +54,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         loss = -(w * t * lp).sum(-1) + z_loss * lse**2
         denominator = loss.numel()
     else:  # class indices
+        target = target.long()
         valid = target != ignore_index
-        y = torch.where(valid, target, 0).long()
+        y = torch.where(valid, target, 0)
         nll = -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         smooth = -(w * lp).sum(-1)
         w_y = torch.where(valid, w[y], 0)
@@ -75,8 +76,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore
     class_dim = 0 if input.dim() == 1 else 1
     x = input.to(dtype).movedim(class_dim, -1)
     w = weight.to(dtype) if weight is not None else torch.ones(x.shape[-1], dtype=dtype, device=x.device)
+    target = target.long()
     valid = target != ignore_index
-    y = torch.where(valid, target, 0).long()
+    y = torch.where(valid, target, 0)
     w_y = torch.where(valid, w[y], 0)
     loss = torch.where(valid, -w_y * x.gather(-1, y.unsqueeze(-1)).squeeze(-1), 0)
     if reduction == "none":

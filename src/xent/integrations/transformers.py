@@ -55,18 +55,22 @@ _MARK = "_xent_original_forward"
 
 def causal_lm_loss(hidden_states: Tensor, lm_head: nn.Linear, labels: Tensor | None, *,
                    num_items_in_batch=None, ignore_index: int = -100, shift_labels: Tensor | None = None,
-                   softcap: float | None = None) -> Tensor:
+                   softcap: float | None = None, logits_to_keep: int | Tensor = 0) -> Tensor:
     """transformers' ForCausalLMLoss on ``lm_head(hidden_states)``, computed without the logits.
 
     Position t predicts label t + 1 (the last position predicts nothing), unless `shift_labels` are given
     already shifted. 'mean' over non-ignored tokens, or the sum over ``num_items_in_batch`` when given
-    (gradient accumulation). When the hidden states cover only the last positions (``logits_to_keep``),
-    the labels of those positions are used. The loss is float32, as transformers' (which upcasts logits).
+    (gradient accumulation). When the hidden states cover only some positions (``logits_to_keep``: the
+    last k, or a tensor of positions, as transformers slices them), the labels of those positions are
+    used. The loss is float32, as transformers' (which upcasts the logits).
     """
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    if shift_labels.shape != hidden_states.shape[:-1]:  # logits_to_keep: the kept (last) positions
-        shift_labels = shift_labels[..., -hidden_states.shape[-2]:]
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep:
+            shift_labels = shift_labels[..., -logits_to_keep:]
+    else:
+        shift_labels = shift_labels[..., logits_to_keep.to(shift_labels.device)]
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = linear_cross_entropy(hidden_states, lm_head.weight, shift_labels.to(hidden_states.device),
                                 linear_bias=lm_head.bias, ignore_index=ignore_index, reduction=reduction,
@@ -76,6 +80,15 @@ def causal_lm_loss(hidden_states: Tensor, lm_head: nn.Linear, labels: Tensor | N
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss
+
+
+def _not_fusable(lm_head) -> str | None:
+    """Why the fused loss cannot stand in for this lm_head, or None."""
+    if type(lm_head) is not nn.Linear:
+        return f"is a {type(lm_head).__name__}, not an nn.Linear"
+    if lm_head.weight.device.type == "meta":
+        return "has its weights offloaded (accelerate): only its own forward loads them"
+    return None
 
 
 def _logit_softcap(model) -> float | None:
@@ -118,33 +131,36 @@ def _patched_forward(original):
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        labels = kwargs.get("labels")
-        if labels is None and args:
-            labels = signature.bind_partial(self, *args, **kwargs).arguments.get("labels")
-        lm_head = self.get_output_embeddings()
+        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        labels = arguments.get("labels")
         if labels is None or not self.training:
             return original(self, *args, **kwargs)
-        if type(lm_head) is not nn.Linear:
-            warnings.warn(f"xent: {type(self).__name__}'s lm_head is a {type(lm_head).__name__}, not an nn.Linear; "
-                          f"computing this loss through the logits", stacklevel=2)
+        lm_head = self.get_output_embeddings()
+        reason = _not_fusable(lm_head)
+        if reason:
+            warnings.warn(f"xent: {type(self).__name__}'s lm_head {reason}; computing this loss through the logits",
+                          stacklevel=2)
             return original(self, *args, **kwargs)
-
+        keep = arguments.get("logits_to_keep", signature.parameters["logits_to_keep"].default
+                             if "logits_to_keep" in signature.parameters else 0)
         seen = {}
 
         def lm_head_forward(hidden_states: Tensor) -> Tensor:
-            seen["hidden_states"] = hidden_states
+            # a device map may put the head on another device than the last layer: go where it is
+            seen["hidden_states"] = hidden_states.to(lm_head.weight.device)
             return hidden_states.new_empty(*hidden_states.shape[:-1], 0)  # stands in for the logits
 
         def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
                           shift_labels=None, **_):
             return causal_lm_loss(seen["hidden_states"], lm_head, labels, num_items_in_batch=num_items_in_batch,
-                                  ignore_index=ignore_index, shift_labels=shift_labels, softcap=_logit_softcap(self))
+                                  ignore_index=ignore_index, shift_labels=shift_labels, softcap=_logit_softcap(self),
+                                  logits_to_keep=keep)
 
         with _swapped(lm_head, "forward", lm_head_forward), _swapped(self, "_loss_function", loss_function):
             outputs = original(self, *args, **kwargs)
         if isinstance(outputs, tuple):
             return (outputs[0], None, *outputs[2:])
-        outputs.logits = None
+        outputs["logits"] = None  # (attribute assignment of None would leave the dict entry)
         return outputs
 
     setattr(forward, _MARK, original)

@@ -79,8 +79,8 @@ def exp_rows_(workspace: Tensor, shift: Tensor, sumexp: Tensor, *, source: Tenso
 
 
 def log_sum_exp(shift: Tensor, sumexp: Tensor) -> Tensor:
-    """lse = shift + log(sumexp), in float64: with shift = 0 the log carries the whole magnitude, and
-    lse - z_y must not lose the small losses of confident rows to fp32 rounding."""
+    """lse = shift + log(sumexp), in float64: with shift = 0 the log carries the whole magnitude of the
+    logits, and rounding lse to fp32 (an error of ulp(|lse|)) would then swamp small losses."""
     return shift.double() + sumexp.double().log()
 
 
@@ -214,8 +214,12 @@ class RowTerms:
         return RowTerms(self.a[r0:r1] if self.a is not None else None, self.b, self.z_loss)
 
     def loss(self, lse: Tensor, target_logit: Tensor | None, dense_ce: Tensor | None) -> Tensor:
-        """Row losses a (lse - z_y) + b <u, lse - z> + z_loss lse^2."""
-        out = self.a * (lse - target_logit) if self.a is not None else torch.zeros_like(lse)
+        """Row losses a (lse - z_y) + b <u, lse - z> + z_loss lse^2.
+
+        lse - z_y >= 0 exactly; without the max shift, exp's last-bit rounding can push a confident row's
+        value a few 1e-8 below 0 (torch's shifted form lands on 0 there), so it is clamped (NaN stays NaN).
+        """
+        out = self.a * (lse - target_logit).clamp_min(0) if self.a is not None else torch.zeros_like(lse)
         if self.b:
             out = out + self.b * dense_ce
         if self.z_loss:
@@ -306,9 +310,9 @@ class IndexTargets:
 
     def __init__(self, target: Tensor, class_weight: Tensor | None, *, ignore_index: int,
                  label_smoothing: float, z_loss: float, reduction: str, num_classes: int, dtype: torch.dtype):
-        target = target.reshape(-1)
+        target = target.reshape(-1).long()  # uint8 targets compare as int64, as torch (-100 must not wrap)
         self.valid = target != ignore_index
-        self.index = torch.where(self.valid, target, 0).long()  # ignored rows point at class 0, harmlessly
+        self.index = torch.where(self.valid, target, 0)  # ignored rows point at class 0, harmlessly
         self.class_weight = class_weight.to(dtype) if class_weight is not None else None
         w_y = self.class_weight[self.index] if class_weight is not None else \
             torch.ones(target.shape, dtype=dtype, device=target.device)
