@@ -26,8 +26,8 @@ from ._validate import (Options, as_float, as_index, autocast_dtype, loss_dtype,
                         check_weight_shape, resolve_reduction, scalar_name)
 from .kernels import backend_for, rows
 
-# Default workspace: 1/16 of the full logits, between 8 MiB and 256 MiB (benchmarks/RESULTS.md).
-MIN_CHUNK_BYTES = 8 << 20
+# Default workspace: 1/16 of the full logits, between 16 MiB and 256 MiB (benchmarks/RESULTS.md).
+MIN_CHUNK_BYTES = 16 << 20
 MAX_CHUNK_BYTES = 256 << 20
 
 
@@ -230,7 +230,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         softcap (float, optional): logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
         options: torch's ``LinearCrossEntropyOptions``; only ``batch_chunk_size`` is used (tokens per chunk).
         memory_budget (int, optional): bytes for one chunk of fp32 logits; default 1/16 of the full
-            logits, clamped to [8 MiB, 256 MiB]. The result does not depend on it beyond fp32 rounding.
+            logits, clamped to [16 MiB, 256 MiB]. The result does not depend on it beyond fp32 rounding.
         output_dtype (torch.dtype, optional): dtype of the returned loss; default the input's (as torch).
             ``torch.float32`` keeps a bf16 model's loss unrounded (it is computed in fp32 either way).
 
