@@ -60,8 +60,15 @@ def scale_by_upstream_(grad: Tensor, grad_loss: Tensor, reduction: str) -> None:
     if reduction == "none":
         n, _, d = grad.shape
         grad.mul_(grad_loss.reshape(n, 1, d).to(grad.dtype))
-    elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # loss.backward() passes 1: skip a pass
+    elif not is_unit(grad_loss):
         grad.mul_(grad_loss.to(grad.dtype) if grad.dtype != grad_loss.dtype else grad_loss)
+
+
+def is_unit(grad_loss: Tensor) -> bool:
+    """The upstream gradient is exactly 1 (what loss.backward() passes): scaling by it is a wasted pass.
+
+    Only checked on CPU, where reading it costs nothing; on a GPU it would be a host synchronisation."""
+    return grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
 
 
 def _differentiate_reference(ctx, grad_loss: Tensor, create_graph: bool) -> tuple:

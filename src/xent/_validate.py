@@ -224,24 +224,34 @@ def check_index_target(input: Tensor, target: Tensor) -> None:
         expected = (input.shape[0],) + tuple(input.shape[2:])
         if tuple(target.shape) != expected:
             raise RuntimeError(f"Expected target size {_shape(expected)}, got {_shape(target)}")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_name(target.dtype)}")
+    check_target_dtype(target)
     if input.dim() == 1 and target.numel() != 1:
         raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
     check_same_device(target, input, "target")
 
 
+def check_target_dtype(target: Tensor) -> None:
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_name(target.dtype)}")
+
+
 def check_index_weight(input: Tensor, weight: Tensor | None, autocast: bool = False) -> None:
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     check_weight_shape(weight, num_classes)
-    if weight is not None:
-        if loss_dtype(weight.dtype, autocast) != loss_dtype(input.dtype, autocast):
-            raise RuntimeError(f"expected scalar type {scalar_name(loss_dtype(input.dtype, autocast))} but found "
-                               f"{scalar_name(loss_dtype(weight.dtype, autocast))}")
-        check_same_device(weight, input, "weight")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("the loss is not differentiable with respect to 'weight' when target holds class "
-                               "indices (as in torch); pass weight.detach() or use class-probability targets")
+    check_class_weight(input, weight, autocast)
+
+
+def check_class_weight(input: Tensor, weight: Tensor | None, autocast: bool = False) -> None:
+    """Class weights with class-index targets: the input's dtype and device, and not differentiable."""
+    if weight is None:
+        return
+    if loss_dtype(weight.dtype, autocast) != loss_dtype(input.dtype, autocast):
+        raise RuntimeError(f"expected scalar type {scalar_name(loss_dtype(input.dtype, autocast))} but found "
+                           f"{scalar_name(loss_dtype(weight.dtype, autocast))}")
+    check_same_device(weight, input, "weight")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("the loss is not differentiable with respect to 'weight' when target holds class "
+                           "indices (as in torch); pass weight.detach() or use class-probability targets")
 
 
 def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:

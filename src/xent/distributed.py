@@ -26,8 +26,9 @@ from torch import Tensor
 
 from ._autograd import scale_by_upstream_
 from ._validate import eager_under_compile as _eager_under_compile
-from ._validate import (Options, as_float, as_index, check_float_input, check_label_smoothing,
-                        check_optional_positive, check_same_device, check_tensor, resolve_reduction, scalar_name)
+from ._validate import (Options, as_float, as_index, check_class_weight, check_float_input, check_label_smoothing,
+                        check_optional_positive, check_same_device, check_target_dtype, check_tensor,
+                        resolve_reduction)
 from .kernels import backend_for, rows
 from .linear import LinearProblem, chunk_rows, linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
@@ -150,16 +151,11 @@ def _validate(local_logits: Tensor, target: Tensor, weight: Tensor | None, reduc
                       check_label_smoothing(as_float(label_smoothing, "label_smoothing", fn)),
                       check_optional_positive(z_loss, "z_loss", fn, allow_none=False), None)
     check_float_input(local_logits, fn)
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_name(target.dtype)}")
+    check_target_dtype(target)
     check_same_device(target, local_logits, "target")
-    if weight is not None:
-        if weight.dim() != 1:
-            raise RuntimeError(f"weight must be the full (C,) class-weight tensor, got shape {list(weight.shape)}")
-        if weight.dtype != local_logits.dtype:
-            raise RuntimeError(f"expected scalar type {scalar_name(local_logits.dtype)} but found "
-                               f"{scalar_name(weight.dtype)}")
-        check_same_device(weight, local_logits, "weight")
+    if weight is not None and weight.dim() != 1:
+        raise RuntimeError(f"weight must be the full (C,) class-weight tensor, got shape {list(weight.shape)}")
+    check_class_weight(local_logits, weight)  # its size is checked against the gathered shards
     return options
 
 
@@ -206,8 +202,6 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, group=
         raise ValueError(f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without "
                          f"its class dimension), got {list(target.shape)}")
     need_grad = torch.is_grad_enabled() and local_logits.requires_grad
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(f"{fn} is not differentiable with respect to 'weight' (as torch with class indices)")
     spec = (group, vocab_start, opts)
     if not need_grad:
         return _logits_forward(local_logits, target, weight, spec, need_grad=False)[0]
@@ -352,8 +346,6 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tens
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden "
                          f"dimension), got {list(target.shape)}")
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(f"{fn} is not differentiable with respect to 'weight' (as torch with class indices)")
     x2 = input.reshape(-1, input.shape[-1])
     cd = torch.float64 if local_linear_weight.dtype == torch.float64 else torch.float32
     problem = LinearProblem(x2, local_linear_weight, linear_bias, target.reshape(-1), weight, opts,

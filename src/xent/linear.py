@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validate import eager_under_compile as _eager_under_compile
-from ._validate import (Options, as_float, as_index, autocast_dtype, loss_dtype, check_float_input, check_label_smoothing,
-                        check_optional_positive, check_same_device, check_target_range, check_tensor,
-                        check_weight_shape, resolve_reduction, scalar_name)
+from ._validate import (Options, as_float, as_index, autocast_dtype, check_class_weight, check_float_input,
+                        check_label_smoothing, check_optional_positive, check_same_device, check_target_dtype,
+                        check_target_range, check_tensor, check_weight_shape, resolve_reduction, scalar_name)
+from ._autograd import is_unit
 from .kernels import backend_for, rows
 
 # Default workspace: 1/16 of the full logits, between 16 MiB and 256 MiB (benchmarks/RESULTS.md).
@@ -160,7 +161,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             upstream = grad_loss if problem.options.reduction == "none" else grad_loss.expand(problem.target.shape)
             _, gi, gw, gb = linear_pass(problem, targets.block(), targets, targets.scale(upstream), ctx.want)
             grads = [gi, _cast(gw, problem.linear_weight), _cast(gb, problem.linear_bias)]
-        elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # loss.backward() passes 1
+        elif not is_unit(grad_loss):
             for g in grads:
                 if g is not None:
                     g.mul_(grad_loss.to(g.dtype))
@@ -281,17 +282,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                              f"({target.shape[0]}).")
         raise ValueError(f"Expected target of shape {list(input.shape[:-1])} (input without its last, hidden "
                          f"dimension), got {list(target.shape)}")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_name(target.dtype)}")
+    check_target_dtype(target)
     check_same_device(target, input, "target")
     check_weight_shape(weight, vocab)
-    if weight is not None:
-        if loss_dtype(weight.dtype, autocast is not None) != loss_dtype(input.dtype, autocast is not None):
-            raise RuntimeError(f"expected scalar type {scalar_name(input.dtype)} but found {scalar_name(weight.dtype)}")
-        check_same_device(weight, input, "weight")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("linear_cross_entropy is not differentiable with respect to the class 'weight' "
-                               "(as torch); pass weight.detach()")
+    check_class_weight(input, weight, autocast is not None)
     check_target_range(target, vocab, ignore_index)
 
     options_ = Options(reduction, ignore_index, label_smoothing, z_loss, softcap)
