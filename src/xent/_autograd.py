@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import reference
 from ._validate import Problem
+from . import kernels
 from .kernels import forward_for
 
 
@@ -57,18 +58,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 def scale_by_upstream_(grad: Tensor, grad_loss: Tensor, reduction: str) -> None:
     """grad (N, C, D) *= the upstream gradient: one value per row for 'none', a scalar otherwise."""
-    if reduction == "none":
-        n, _, d = grad.shape
-        grad.mul_(grad_loss.reshape(n, 1, d).to(grad.dtype))
-    elif not is_unit(grad_loss):
-        grad.mul_(grad_loss.to(grad.dtype) if grad.dtype != grad_loss.dtype else grad_loss)
-
-
-def is_unit(grad_loss: Tensor) -> bool:
-    """The upstream gradient is exactly 1 (what loss.backward() passes): scaling by it is a wasted pass.
-
-    Only checked on CPU, where reading it costs nothing; on a GPU it would be a host synchronisation."""
-    return grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
+    n, c, d = grad.shape
+    if reduction == "none" and d != 1:
+        grad.mul_(grad_loss.reshape(n, 1, d))  # K-dim rows are strided: one broadcast multiply
+    else:
+        kernels.scale_by_upstream_(grad, grad_loss, per_row=reduction == "none")
 
 
 def _differentiate_reference(ctx, grad_loss: Tensor, create_graph: bool) -> tuple:

@@ -30,7 +30,7 @@ from ._validate import (Options, as_float, as_index, check_class_weight, check_f
                         check_optional_positive, check_same_device, check_target_dtype, check_tensor,
                         resolve_reduction)
 from .kernels import backend_for, rows
-from .linear import LinearProblem, chunk_rows, linear_pass
+from .linear import LinearProblem, chunk_rows, linear_pass, workspace_dtype
 from .kernels.portable import CHUNK_ELEMENTS
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
@@ -347,9 +347,9 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tens
         raise ValueError(f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden "
                          f"dimension), got {list(target.shape)}")
     x2 = input.reshape(-1, input.shape[-1])
-    cd = torch.float64 if local_linear_weight.dtype == torch.float64 else torch.float32
     problem = LinearProblem(x2, local_linear_weight, linear_bias, target.reshape(-1), weight, opts,
-                            tuple(target.shape), chunk_rows(x2.shape[0], local_linear_weight.shape[0], cd,
+                            tuple(target.shape), chunk_rows(x2.shape[0], local_linear_weight.shape[0],
+                                                            workspace_dtype(input.device, input.dtype),
                                                             memory_budget), input.dtype)
     return _VocabParallelLinear.apply(input, local_linear_weight, linear_bias, target, weight, (group, vocab_start,
                                                                                                  problem))

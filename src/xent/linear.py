@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validate import eager_under_compile as _eager_under_compile
-from ._validate import (Options, as_float, as_index, autocast_dtype, check_class_weight, check_float_input,
+from ._validate import (HALF_DTYPES, Options, as_float, as_index, autocast_dtype, check_class_weight, check_float_input,
                         check_label_smoothing, check_optional_positive, check_same_device, check_target_dtype,
                         check_target_range, check_tensor, check_weight_shape, resolve_reduction, scalar_name)
-from ._autograd import is_unit
-from .kernels import backend_for, rows
+from .kernels import backend_for, rows, scale_by_upstream_
 
 # Default workspace: 1/16 of the full logits, between 16 MiB and 256 MiB (benchmarks/RESULTS.md).
 MIN_CHUNK_BYTES = 16 << 20
@@ -51,12 +50,24 @@ class LinearProblem:
         return torch.float64 if self.linear_weight.dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(num_rows: int, vocab: int, compute_dtype: torch.dtype, memory_budget: int | None) -> int:
-    """Tokens per chunk so that one chunk of logits takes about `memory_budget` bytes (see module top)."""
-    row_bytes = max(1, vocab) * torch.finfo(compute_dtype).bits // 8
-    if memory_budget is None:
-        memory_budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_rows * row_bytes // 16))
-    return max(1, min(num_rows, memory_budget // row_bytes))
+def workspace_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the logits workspace for a head of `dtype`: the head's own for bf16/fp16 on the Triton
+    backend (half-precision GEMMs; the kernel does fp32 math), else the compute dtype (fp32 or fp64)."""
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    return dtype if dtype in HALF_DTYPES and backend_for(device, cd) == "triton" else cd
+
+
+def chunk_rows(num_rows: int, vocab: int, ws_dtype: torch.dtype, memory_budget: int | None) -> int:
+    """Tokens per chunk so that one chunk of logits takes about `memory_budget` bytes (see module top).
+
+    The default budget is rounded down to whole 128-row tiles, so every chunk's GEMMs run full tiles."""
+    row_bytes = max(1, vocab) * torch.finfo(ws_dtype).bits // 8
+    if memory_budget is not None:
+        return max(1, min(num_rows, memory_budget // row_bytes))
+    rows_ = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_rows * row_bytes // 16)) // row_bytes
+    if rows_ >= 256:
+        rows_ -= rows_ % 128
+    return max(1, min(num_rows, rows_))
 
 
 def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTargets | None = None,
@@ -85,9 +96,15 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
     unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
     backend = backend_for(dev, cd)
 
+    # On the Triton backend a half-precision head keeps its workspace in that dtype: the logits come from
+    # a bf16/fp16 GEMM (fp32 accumulation, as F.linear), the kernel reads them and writes the gradient in
+    # place with fp32 math, and the two gradient GEMMs run on half inputs too. The torch backend's row
+    # math works in the workspace itself, so it keeps fp32 there.
+    ws_dtype = workspace_dtype(dev, x.dtype)
     step = p.rows_per_chunk
-    work_buf = torch.empty(min(step, num_rows) * vocab, dtype=cd, device=dev) if num_rows and vocab else None
-    chain_buf = torch.empty_like(work_buf) if cap is not None and need_grad and work_buf is not None else None
+    work_buf = torch.empty(min(step, num_rows) * vocab, dtype=ws_dtype, device=dev) if num_rows and vocab else None
+    chain_buf = torch.empty_like(work_buf) if cap is not None and need_grad and work_buf is not None \
+        and backend == "torch" else None
     for r0 in range(0, num_rows if vocab else 0, step):
         r1 = min(num_rows, r0 + step)
         xc = x[r0:r1]
@@ -95,7 +112,7 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
 
         def load(xc=xc, ws=ws) -> None:
             """The chunk's logits (as F.linear computes them, in the parameters' dtype) into the workspace."""
-            if x.dtype == cd:
+            if x.dtype == ws.dtype:
                 if b_lin is None:
                     torch.mm(xc, w_lin.T, out=ws)
                 else:
@@ -114,10 +131,32 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
         if want_input:
             torch.mm(grad_logits, w_lin, out=grad_input[r0:r1])
         if want_weight:
-            grad_weight.addmm_(ws.T, xc if xc.dtype == cd else xc.to(cd))
+            accumulate_mm_(grad_weight, grad_logits.T, xc)
         if want_bias:
-            grad_bias.add_(ws.sum(0))
+            grad_bias.add_(ws.sum(0, dtype=cd))
     return stats, grad_input, grad_weight, grad_bias
+
+
+def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32/fp64) += a @ b, with a GEMM in a's and b's dtype (half inputs never run an fp32 GEMM).
+
+    Half inputs on CUDA accumulate straight into fp32 through the GEMM's beta = 1 (torch's
+    `addmm(..., out_dtype=float32)`); where that overload is missing (CPU, older torch) the product is
+    taken in half precision with fp32 accumulation inside the GEMM, rounded once, and added in fp32.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.device.type == "cuda" and _OUT_DTYPE_ADDMM.get(a.device.type, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_ADDMM[a.device.type] = False  # this torch has no such kernel: do not try again
+    acc.add_(torch.mm(a, b))
+
+
+_OUT_DTYPE_ADDMM: dict[str, bool] = {}
 
 
 def _loss_rows(p: LinearProblem, targets: rows.IndexTargets, stats: rows.RowStats) -> Tensor:
@@ -161,10 +200,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             upstream = grad_loss if problem.options.reduction == "none" else grad_loss.expand(problem.target.shape)
             _, gi, gw, gb = linear_pass(problem, targets.block(), targets, targets.scale(upstream), ctx.want)
             grads = [gi, _cast(gw, problem.linear_weight), _cast(gb, problem.linear_bias)]
-        elif not is_unit(grad_loss):
+        else:
             for g in grads:
                 if g is not None:
-                    g.mul_(grad_loss.to(g.dtype))
+                    scale_by_upstream_(g, grad_loss)
         gi, gw, gb = grads
         return gi.view(ctx.input_shape) if gi is not None else None, gw, gb, None, None, None
 
@@ -230,8 +269,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             same denominator as the cross-entropy).
         softcap (float, optional): logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
         options: torch's ``LinearCrossEntropyOptions``; only ``batch_chunk_size`` is used (tokens per chunk).
-        memory_budget (int, optional): bytes for one chunk of fp32 logits; default 1/16 of the full
-            logits, clamped to [16 MiB, 256 MiB]. The result does not depend on it beyond fp32 rounding.
+        memory_budget (int, optional): bytes for one chunk of logits (fp32; bf16/fp16 heads on the Triton
+            backend keep their own dtype); default 1/16 of the full logits, clamped to [16 MiB, 256 MiB]
+            and rounded to 128-row tiles. The result does not depend on it beyond rounding.
         output_dtype (torch.dtype, optional): dtype of the returned loss; default the input's (as torch).
             ``torch.float32`` keeps a bf16 model's loss unrounded (it is computed in fp32 either way).
 
@@ -290,8 +330,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     options_ = Options(reduction, ignore_index, label_smoothing, z_loss, softcap)
     x2 = input.reshape(-1, input.shape[-1])
-    cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
-    step = getattr(options, "batch_chunk_size", None) or chunk_rows(x2.shape[0], vocab, cd, memory_budget)
+    step = getattr(options, "batch_chunk_size", None) or chunk_rows(
+        x2.shape[0], vocab, workspace_dtype(input.device, input.dtype), memory_budget)
     problem = LinearProblem(x2, linear_weight, linear_bias, target.reshape(-1), weight, options_,
                             tuple(target.shape), int(step), output_dtype or input.dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad

@@ -62,3 +62,26 @@ def forward_for(problem) -> Callable:
         if triton_rows.supports(problem):
             return triton_rows.cross_entropy_forward
     return portable.cross_entropy_forward
+
+
+def scale_by_upstream_(grad: torch.Tensor, upstream: torch.Tensor, per_row: bool = False) -> None:
+    """grad *= upstream in place, with fp32 math for half-precision gradients.
+
+    Backward hands over a gradient computed for a unit upstream gradient; this applies the real one.
+    `upstream` is a scalar, or with `per_row` one value per row of `grad` (rows = its first dimension,
+    all other dimensions contiguous per row). A unit upstream (what loss.backward() passes) costs nothing:
+    on CPU it is read on the host, on the Triton backend each program reads it on the device and returns
+    before touching the gradient, so there is no host synchronisation and no pass over the buffer.
+    """
+    if grad.numel() == 0:
+        return
+    if backend_for(grad.device, grad.dtype) == "triton" and grad.is_contiguous():
+        from . import triton_rows
+
+        triton_rows.scale_(grad, upstream, per_row)
+        return
+    if not per_row and upstream.device.type == "cpu" and float(upstream) == 1.0:
+        return
+    # In-place ops compute in the promoted dtype and cast once: an fp32 upstream of 65536 stays finite
+    # here, where casting it to fp16 first would make it inf.
+    grad.mul_(upstream.reshape(grad.shape[0], *([1] * (grad.dim() - 1))) if per_row else upstream)

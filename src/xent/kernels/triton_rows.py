@@ -38,6 +38,23 @@ def _tanh(x):
 
 
 @triton.jit
+def _downcast(x, dtype: tl.constexpr):
+    """fp32 -> the output dtype, rounding to nearest even as torch's casts and the GPU's conversions do.
+
+    bf16 is rounded on the bits, because Triton's interpreter (how CI runs these kernels) truncates
+    fp32 -> bf16, which would make the CPU tests see a gradient twice as coarse as the GPU's."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif dtype == tl.float32:
+        return x
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _rows_kernel(Z, stride_z, OUT, stride_out, TARGET, DENSE, stride_dense,
                  SHIFT, SUMEXP, TARGET_LOGIT, DENSE_REL, LSE,
                  C_SOFTMAX, C_ZLOSS, C_TARGET, C_DENSE,
@@ -114,7 +131,7 @@ def _rows_kernel(Z, stride_z, OUT, stride_out, TARGET, DENSE, stride_dense,
                 g -= c_dense * tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
             if SOFTCAP:
                 g *= 1.0 - th * th
-            tl.store(out_row + idx, g.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(out_row + idx, _downcast(g, OUT.dtype.element_ty), mask=mask)
 
 
 def _block_size(n_cols: int) -> int:
@@ -186,3 +203,40 @@ def cross_entropy_forward(problem, need_grad: bool):
           coefs=targets.coefficients(targets.scale()).rows(0, n) if need_grad else None)
     loss_rows = targets.block_losses(stats) if c else torch.zeros(n, dtype=torch.float64, device=x.device)
     return finish_loss(problem, loss_rows, targets.denominator), grad
+
+
+@triton.jit
+def _scale_kernel(G, UP, n_cols, stride_row, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    # PER_ROW: grid (rows, column blocks), one upstream value per row; else grid (blocks,) over a flat buffer.
+    if PER_ROW:
+        row = tl.program_id(0).to(tl.int64)
+        col_block = tl.program_id(1).to(tl.int64)
+        u = tl.load(UP + row).to(tl.float32)
+    else:
+        row = 0
+        col_block = tl.program_id(0).to(tl.int64)
+        u = tl.load(UP).to(tl.float32)
+    if u != 1.0:  # the unit upstream of loss.backward(): leave the buffer untouched, no memory traffic
+        idx = col_block * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n_cols
+        ptr = G + row * stride_row + idx
+        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, _downcast(g * u, G.dtype.element_ty), mask=mask)
+
+
+def scale_(grad: Tensor, upstream: Tensor, per_row: bool) -> None:
+    """grad (contiguous) *= upstream (a scalar, or one per row of grad's first dimension), fp32 math."""
+    up = upstream.reshape(-1)
+    if up.device != grad.device:
+        up = up.to(grad.device)
+    block = 2048
+    if per_row:
+        rows, n_cols = grad.shape[0], grad[0].numel() if grad.shape[0] else 0
+        if rows == 0 or n_cols == 0:
+            return
+        block = min(block, triton.next_power_of_2(n_cols))
+        _scale_kernel[(rows, triton.cdiv(n_cols, block))](grad, up, n_cols, n_cols, PER_ROW=True, BLOCK=block,
+                                                          num_warps=4)
+    else:
+        n = grad.numel()
+        _scale_kernel[(triton.cdiv(n, block),)](grad, up, n, 0, PER_ROW=False, BLOCK=block, num_warps=4)
