@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import xent
 from xent import kernels
-from xent.linear import chunk_rows, workspace_dtype
+from xent.kernels.linear import chunk_rows, workspace_dtype
 
 from helpers import assert_close
 

@@ -29,14 +29,42 @@ _SCALAR_NAMES = {
 
 
 def eager_under_compile(fn):
-    """Run `fn` eagerly under torch.compile (one graph break around it).
-
-    xent's losses check their arguments on the host, loop over chunks in Python and keep state on their
-    autograd contexts; traced piecemeal, that would recompile per shape at best. The compiled graph
-    around the loss is unaffected.
-    """
+    """Run `fn` eagerly under torch.compile (one graph break around it): for the vocab-parallel losses,
+    whose collectives and host-side agreement checks are not traced."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
+
+
+# How a loss is being called; the ops (ops.py) pick their implementation by it.
+EAGER, TRACED, FUNC = "eager", "traced", "func"
+
+
+def route(*tensors: Tensor | None) -> str:
+    """FUNC under a torch.func transform of these tensors (grad, vjp, jacrev, vmap...); TRACED while
+    torch.compile, torch.export or make_fx traces (fake or proxy tensors); EAGER otherwise."""
+    if _is_compiling():  # first: dynamo folds it to a constant and traces nothing below
+        return TRACED
+    present = [t for t in tensors if t is not None]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+        return FUNC
+    if any(isinstance(t, _FakeTensor) for t in present) or (_proxy_mode is not None and _proxy_mode() is not None):
+        return TRACED
+    return EAGER
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+try:  # private but long-stable homes of the fake tensor and of make_fx's tracing mode
+    from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
+except ImportError:  # pragma: no cover
+    _FakeTensor = ()
+try:
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode as _proxy_mode
+except ImportError:  # pragma: no cover
+    _proxy_mode = None
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -149,7 +177,7 @@ def check_optional_positive(value, name: str, fn: str, allow_none: bool) -> floa
     if value is None and allow_none:
         return None
     v = as_float(value, name, fn)
-    if math.isnan(v) or v < 0 or (allow_none and v == 0):
+    if not v >= 0 or (allow_none and v == 0):  # `not >=` also catches NaN (and traces, unlike math.isnan)
         raise ValueError(f"{fn}: {name} must be {'> 0' if allow_none else '>= 0'}, got {v:g}")
     return v
 
@@ -200,6 +228,26 @@ class Problem:
         """fp32 for fp32/bf16/fp16 (our math and reductions never run in half precision), else fp64."""
         return torch.float64 if self.output_dtype == torch.float64 or self.logits.dtype == torch.float64 \
             else torch.float32
+
+
+@dataclass(frozen=True, eq=False)
+class LinearProblem:
+    """A validated linear cross-entropy: rows of hidden states, the head and class-index targets."""
+
+    input: Tensor  # (R, H) view of the caller's (..., H) input
+    linear_weight: Tensor  # (V, H)
+    linear_bias: Tensor | None  # (V,)
+    target: Tensor  # (R,) class indices
+    weight: Tensor | None  # (V,) class weights
+    options: Options
+    output_shape: tuple  # the target's shape, for reduction='none'
+    output_dtype: torch.dtype  # of the returned loss (the input's unless asked otherwise)
+    chunk_size: int = 0  # tokens per chunk; 0: sized from memory_budget (kernels/linear.py)
+    memory_budget: int | None = None  # bytes of one chunk's logits; None: the default
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.linear_weight.dtype == torch.float64 else torch.float32
 
 
 def _as_3d(t: Tensor) -> Tensor:
@@ -255,13 +303,19 @@ def check_class_weight(input: Tensor, weight: Tensor | None, autocast: bool = Fa
 
 
 def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """IndexError naming the first target that is neither a class nor ignore_index (as torch on CPU)."""
+    """IndexError naming the first target that is neither a class nor ignore_index (as torch on CPU).
+
+    On a GPU, and while a graph is traced, a device-side assert instead (as torch's own kernels): no
+    host synchronisation and nothing data-dependent in the trace. Under a torch.func transform of the
+    targets themselves (vmap over them) there is no single answer to assert on, and it is skipped.
+    """
+    if route(target) == FUNC:
+        return
     if target.numel() == 0:
         return
     flat = target.reshape(-1).long()  # uint8 compares as int64, as torch: -100 or 300 must not wrap
     bad = ((flat >= num_classes) | (flat < 0)) & (flat != ignore_index)
-    if target.device.type != "cpu":
-        # As torch's own kernels do on GPUs: a device-side assert, not a host synchronisation per call.
+    if target.device.type != "cpu" or route(target) == TRACED:
         torch._assert_async(~bad.any(), "xent: a target is out of bounds (neither a class index nor ignore_index)")
         return
     if bool(bad.any()):
@@ -293,16 +347,22 @@ def cross_entropy_problem(input, target, weight, *, reduction, ignore_index, lab
         raise IndexError(f"{fn}: input must have a class dimension, got a 0-d tensor")
     check_index_target(input, target)
     check_index_weight(input, weight, autocast)
-    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    check_target_range(target, num_classes, options.ignore_index)
+    return make_problem(input, target, weight, options, loss_dtype(input.dtype, autocast))
+
+
+def make_problem(input: Tensor, target: Tensor, weight: Tensor | None, options: Options,
+                 output_dtype: torch.dtype) -> Problem:
+    """The Problem of arguments that passed the checks above: layout only, no checks (the ops rebuild
+    it from their flat arguments with this). The target range is checked by the op itself."""
+    output_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    if input.shape == target.shape:
+        return Problem(_as_3d(input), _as_3d(target), weight, True, options, input.shape, output_shape,
+                       output_dtype)
     if input.dim() == 1:
-        output_shape = ()
         target = target.reshape(1, 1)
     else:
-        output_shape = (input.shape[0],) + tuple(input.shape[2:])
         target = target.reshape(input.shape[0], math.prod(input.shape[2:]))
-    return Problem(_as_3d(input), target, weight, False, options, input.shape, output_shape,
-                   loss_dtype(input.dtype, autocast))
+    return Problem(_as_3d(input), target, weight, False, options, input.shape, output_shape, output_dtype)
 
 
 def _probability_problem(input: Tensor, target: Tensor, weight, options: Options, fn: str, autocast: bool) -> Problem:
@@ -324,5 +384,24 @@ def _probability_problem(input: Tensor, target: Tensor, weight, options: Options
         output_dtype = torch.promote_types(output_dtype, d)
     if weight is not None:
         check_same_device(weight, input, "weight")
-    output_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
-    return Problem(_as_3d(input), _as_3d(target), weight, True, options, input.shape, output_shape, output_dtype)
+    return make_problem(input, target, weight, options, output_dtype)
+
+
+def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> None:
+    """F.linear's own checks, with torch's exception types."""
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    if input.dim() == 0:
+        raise RuntimeError("expected input with at least one (hidden) dimension, got a 0-d tensor")
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise RuntimeError(f"expected equal input and linear_weight last dimensions (in_features), got "
+                           f"{input.shape[-1]} and {linear_weight.shape[-1]}, respectively")
+    out_shape = tuple(linear_weight.shape[:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) not in (out_shape, (math.prod(out_shape),)):
+        raise RuntimeError(f"expected linear_bias shape {out_shape}, got {tuple(linear_bias.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(f"expected input and {name} to have the same dtype, but got: "
+                               f"{scalar_name(input.dtype)} != {scalar_name(t.dtype)}")
+        if t is not None:
+            check_same_device(t, input, name)

@@ -24,13 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._autograd import scale_by_upstream_
 from ._validate import eager_under_compile as _eager_under_compile
-from ._validate import (Options, as_float, as_index, check_class_weight, check_float_input, check_label_smoothing,
+from ._validate import (LinearProblem, Options, check_linear, as_float, as_index, check_class_weight, check_float_input, check_label_smoothing,
                         check_optional_positive, check_same_device, check_target_dtype, check_tensor,
                         resolve_reduction)
 from .kernels import backend_for, rows
-from .linear import LinearProblem, chunk_rows, linear_pass, workspace_dtype
+from .kernels.linear import linear_pass
+from .ops import scale_input_grad_
 from .kernels.portable import CHUNK_ELEMENTS
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
@@ -310,7 +310,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # a second backward (retain_graph=True): recompute, collectively, on every rank
             grad = _logits_forward(*ctx.saved_tensors, ctx.spec, need_grad=True)[1]
-        scale_by_upstream_(grad.view(grad.shape[0], grad.shape[1], 1), grad_loss, ctx.spec[2].reduction)
+        scale_input_grad_(grad, grad_loss, ctx.spec[2].reduction)
         return grad.view(ctx.shape), None, None, None
 
 
@@ -338,9 +338,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tens
     opts = _validate(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input")
     check_tensor(local_linear_weight, "local_linear_weight", fn)
     check_tensor(linear_bias, "linear_bias", fn, optional=True)
-    from .linear import _check_linear
-
-    _check_linear(input, local_linear_weight, linear_bias)
+    check_linear(input, local_linear_weight, linear_bias)
     if local_linear_weight.dim() != 2:
         raise RuntimeError(f"{fn}: local_linear_weight must be (C_local, H), got {list(local_linear_weight.shape)}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
@@ -348,9 +346,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tens
                          f"dimension), got {list(target.shape)}")
     x2 = input.reshape(-1, input.shape[-1])
     problem = LinearProblem(x2, local_linear_weight, linear_bias, target.reshape(-1), weight, opts,
-                            tuple(target.shape), chunk_rows(x2.shape[0], local_linear_weight.shape[0],
-                                                            workspace_dtype(input.device, input.dtype),
-                                                            memory_budget), input.dtype)
+                            tuple(target.shape), input.dtype, memory_budget=memory_budget)
     return _VocabParallelLinear.apply(input, local_linear_weight, linear_bias, target, weight, (group, vocab_start,
                                                                                                  problem))
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _autograd
-from ._validate import eager_under_compile as _eager_under_compile
+from . import ops
 from ._validate import (_as_3d, as_index, autocast_dtype, check_float_input, check_index_target,
                         check_index_weight, check_target_range, check_tensor, cross_entropy_problem, loss_dtype,
                         resolve_reduction)
 
 
-@_eager_under_compile
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
                   ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None) -> Tensor:
@@ -57,10 +55,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     reduction = resolve_reduction(reduction, size_average, reduce)
     problem = cross_entropy_problem(input, target, weight, reduction=reduction, ignore_index=ignore_index,
                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    return _autograd.cross_entropy(problem, input, target, weight)
+    return ops.cross_entropy(problem, input, target, weight)
 
 
-@_eager_under_compile
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
              ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean") -> Tensor:
     r"""Negative log-likelihood of log-probabilities; the same signature, result and errors as

@@ -59,7 +59,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         y = torch.where(valid, target, 0)
         nll = -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         smooth = -(w * lp).sum(-1)
-        w_y = torch.where(valid, w[y], 0)
+        w_y = torch.where(valid, w.gather(0, y.reshape(-1)).reshape(y.shape), 0)  # not w[y]: vmap-safe
         loss = torch.where(valid, (1 - eps) * w_y * nll + (eps / num_classes) * smooth + z_loss * lse**2, 0)
         denominator = w_y.sum()
 
@@ -79,7 +79,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore
     target = target.long()
     valid = target != ignore_index
     y = torch.where(valid, target, 0)
-    w_y = torch.where(valid, w[y], 0)
+    w_y = torch.where(valid, w.gather(0, y.reshape(-1)).reshape(y.shape), 0)  # not w[y]: vmap-safe
     loss = torch.where(valid, -w_y * x.gather(-1, y.unsqueeze(-1)).squeeze(-1), 0)
     if reduction == "none":
         return loss

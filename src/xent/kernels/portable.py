@@ -34,9 +34,10 @@ def chunk_blocks(n: int, c: int, d: int, budget: int) -> Iterator[tuple[int, int
                 yield n0, n0 + 1, d0, min(d, d0 + step)
 
 
-def cross_entropy_forward(problem: Problem, need_grad: bool,
-                          chunk_elements: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """The loss as the caller asked for it, and d(loss)/d(input) for a unit upstream gradient.
+def cross_entropy_forward(problem: Problem, need_grad: bool, chunk_elements: int | None = None,
+                          upstream: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The loss as the caller asked for it, and d(loss)/d(input) for a unit upstream gradient, or for
+    `upstream` (the loss's gradient: a scalar, or one per row for reduction='none') when given.
 
     The gradient (input dtype, laid out (N, C, D) contiguous) is what backward scales in place.
     """
@@ -58,13 +59,15 @@ def cross_entropy_forward(problem: Problem, need_grad: bool,
         denominator = torch.tensor(float(num_rows) if c else float("nan"), dtype=cd, device=dev)
         scale = torch.full((num_rows,), 1.0 / max(num_rows, 1) if opts.reduction == "mean" else 1.0, dtype=cd,
                            device=dev)
+        if upstream is not None:
+            scale = scale * upstream.reshape(-1).to(cd)
         terms = rows.RowTerms(a=None, b=1.0, z_loss=opts.z_loss)
         dense_mass = torch.empty(num_rows, dtype=cd, device=dev)  # U = sum_c u_c, per row
     else:
         targets = rows.IndexTargets(problem.target, problem.weight, ignore_index=opts.ignore_index,
                                     label_smoothing=eps, z_loss=opts.z_loss, reduction=opts.reduction,
                                     num_classes=c, dtype=cd)
-        denominator, scale, terms, dense_mass = targets.denominator, targets.scale(), targets.terms, \
+        denominator, scale, terms, dense_mass = targets.denominator, targets.scale(upstream), targets.terms, \
             targets.dense_mass
 
     block_of_classes = targets.block() if targets is not None else None

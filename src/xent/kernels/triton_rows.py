@@ -184,8 +184,9 @@ def supports(problem) -> bool:
     return not problem.probabilities and problem.logits.shape[2] == 1 and problem.compute_dtype == torch.float32
 
 
-def cross_entropy_forward(problem, need_grad: bool):
-    """Loss and the gradient for a unit upstream gradient, in one launch over all rows (no host sync)."""
+def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = None):
+    """Loss and the gradient for a unit upstream gradient (or for `upstream`, the loss's gradient), in one
+    launch over all rows (no host sync)."""
     x = problem.logits[:, :, 0]
     if x.stride(1) != 1 and x.shape[1] > 1:
         x = x.contiguous()
@@ -200,7 +201,7 @@ def cross_entropy_forward(problem, need_grad: bool):
     rows_(x, stats=stats, target=targets.index, dense=targets.class_weight if smoothing else None,
           dense_is_ones=smoothing and targets.class_weight is None, softcap=opts.softcap,
           out=grad[:, :, 0] if grad is not None else None,
-          coefs=targets.coefficients(targets.scale()).rows(0, n) if need_grad else None)
+          coefs=targets.coefficients(targets.scale(upstream)).rows(0, n) if need_grad else None)
     loss_rows = targets.block_losses(stats) if c else torch.zeros(n, dtype=torch.float64, device=x.device)
     return finish_loss(problem, loss_rows, targets.denominator), grad
 

@@ -1,0 +1,157 @@
+"""The linear cross-entropy chunk loop: a matmul fills a workspace with one chunk of logits, the row
+kernel turns it into the loss statistics and, in place, the logits' gradient, and two more matmuls fold
+that into the gradients of the input and the head before the next chunk reuses the workspace.
+
+Serves xent.linear_cross_entropy (all classes) and the vocab-parallel linear loss (one rank's block of
+classes, whose gradient pass gets the global log-sum-exp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._validate import HALF_DTYPES, LinearProblem, autocast_dtype
+from . import backend_for, rows
+
+# Default workspace: 1/16 of the full logits, between 16 MiB and 256 MiB (benchmarks/RESULTS.md).
+MIN_CHUNK_BYTES = 16 << 20
+MAX_CHUNK_BYTES = 256 << 20
+
+
+def workspace_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the logits workspace for a head of `dtype`: the head's own for bf16/fp16 on the Triton
+    backend (half-precision GEMMs; the kernel does fp32 math), else the compute dtype (fp32 or fp64)."""
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    return dtype if dtype in HALF_DTYPES and backend_for(device, cd) == "triton" else cd
+
+
+def chunk_rows(num_rows: int, vocab: int, ws_dtype: torch.dtype, memory_budget: int | None) -> int:
+    """Tokens per chunk so that one chunk of logits takes about `memory_budget` bytes (see module top).
+
+    The default budget is rounded down to whole 128-row tiles, so every chunk's GEMMs run full tiles."""
+    row_bytes = max(1, vocab) * torch.finfo(ws_dtype).bits // 8
+    if memory_budget is not None:
+        return max(1, min(num_rows, memory_budget // row_bytes))
+    rows_ = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_rows * row_bytes // 16)) // row_bytes
+    if rows_ >= 256:
+        rows_ -= rows_ % 128
+    return max(1, min(num_rows, rows_))
+
+
+def rows_per_chunk(p: LinearProblem) -> int:
+    """Tokens per chunk: the caller's chunk size, or as many as the memory budget holds."""
+    if p.chunk_size:
+        return p.chunk_size
+    return chunk_rows(p.input.shape[0], p.linear_weight.shape[0],
+                      workspace_dtype(p.input.device, p.input.dtype), p.memory_budget)
+
+
+def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTargets | None = None,
+                scale: Tensor | None = None, want: tuple[bool, bool, bool] = (False, False, False),
+                lse: Tensor | None = None):
+    """One pass over the rows' logits, chunk by chunk: their statistics and, when `targets` and `scale` are
+    given, the gradients in `want` (input, linear_weight, linear_bias) of sum_i scale_i * loss_i.
+
+    `block` says which classes the head holds (all of them, or one rank's shard, whose gradient then
+    needs the rows' global `lse`). Weight and bias gradients come back in fp32 (fp64 for fp64 parameters).
+    """
+    x, w_lin, b_lin = p.input, p.linear_weight, p.linear_bias
+    num_rows, vocab = x.shape[0], w_lin.shape[0]
+    cd = p.compute_dtype
+    dev = x.device
+    cap = p.options.softcap
+    need_grad = scale is not None and any(want)
+    want_input, want_weight, want_bias = want if need_grad else (False, False, False)
+
+    smoothing = p.options.label_smoothing > 0
+    stats = rows.RowStats.empty(num_rows, target=True, dense=smoothing, dtype=cd, device=dev)
+    grad_input = torch.empty_like(x) if want_input else None
+    grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev) if want_weight else None
+    grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
+    coefficients = targets.coefficients(scale, lse, block) if need_grad else None
+    unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
+    backend = backend_for(dev, cd)
+
+    # On the Triton backend a half-precision head keeps its workspace in that dtype: the logits come from
+    # a bf16/fp16 GEMM (fp32 accumulation, as F.linear), the kernel reads them and writes the gradient in
+    # place with fp32 math, and the two gradient GEMMs run on half inputs too. The torch backend's row
+    # math works in the workspace itself, so it keeps fp32 there.
+    ws_dtype = workspace_dtype(dev, x.dtype)
+    step = rows_per_chunk(p)
+    work_buf = torch.empty(min(step, num_rows) * vocab, dtype=ws_dtype, device=dev) if num_rows and vocab else None
+    chain_buf = torch.empty_like(work_buf) if cap is not None and need_grad and work_buf is not None \
+        and backend == "torch" else None
+    for r0 in range(0, num_rows if vocab else 0, step):
+        r1 = min(num_rows, r0 + step)
+        xc = x[r0:r1]
+        ws = work_buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+
+        def load(xc=xc, ws=ws) -> None:
+            """The chunk's logits (as F.linear computes them, in the parameters' dtype) into the workspace."""
+            if x.dtype == ws.dtype:
+                if b_lin is None:
+                    torch.mm(xc, w_lin.T, out=ws)
+                else:
+                    torch.addmm(b_lin, xc, w_lin.T, out=ws)
+            else:
+                ws.copy_(F.linear(xc, w_lin, b_lin))
+
+        rows.pass_chunk(backend, ws, r0, r1, stats, load, target=block.index[r0:r1].unsqueeze(1),
+                        dense=block.class_weight if smoothing else None,
+                        dense_is_ones=smoothing and block.class_weight is None, softcap=cap,
+                        chain_out=chain_buf[: ws.numel()].view_as(ws) if chain_buf is not None else None,
+                        coefficients=coefficients, unshifted=unshifted)
+        if not need_grad:
+            continue
+        grad_logits = ws if ws.dtype == x.dtype else ws.to(x.dtype)
+        if want_input:
+            torch.mm(grad_logits, w_lin, out=grad_input[r0:r1])
+        if want_weight:
+            accumulate_mm_(grad_weight, grad_logits.T, xc)
+        if want_bias:
+            grad_bias.add_(ws.sum(0, dtype=cd))
+    return stats, grad_input, grad_weight, grad_bias
+
+
+def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32/fp64) += a @ b, with a GEMM in a's and b's dtype (half inputs never run an fp32 GEMM).
+
+    Half inputs on CUDA accumulate straight into fp32 through the GEMM's beta = 1 (torch's
+    `addmm(..., out_dtype=float32)`); where that overload is missing (CPU, older torch) the product is
+    taken in half precision with fp32 accumulation inside the GEMM, rounded once, and added in fp32.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.device.type == "cuda" and _OUT_DTYPE_ADDMM.get(a.device.type, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_ADDMM[a.device.type] = False  # this torch has no such kernel: do not try again
+    acc.add_(torch.mm(a, b))
+
+
+_OUT_DTYPE_ADDMM: dict[str, bool] = {}
+
+
+def loss_rows(p: LinearProblem, targets: rows.IndexTargets, stats: rows.RowStats) -> Tensor:
+    if p.input.shape[0] and p.linear_weight.shape[0]:
+        return targets.block_losses(stats).to(p.compute_dtype)
+    return torch.zeros(p.input.shape[0], dtype=p.compute_dtype, device=p.input.device)
+
+
+def index_targets(p: LinearProblem) -> rows.IndexTargets:
+    o = p.options
+    return rows.IndexTargets(p.target, p.weight, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
+                             z_loss=o.z_loss, reduction=o.reduction, num_classes=p.linear_weight.shape[0],
+                             dtype=p.compute_dtype)
+
+
+def no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False) if autocast_dtype(device) is not None \
+        else contextlib.nullcontext()
