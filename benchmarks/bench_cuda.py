@@ -3,7 +3,8 @@
 On the GPU machine (torch >= 2.4 with triton; the .whl folder holds the liger_kernel and cut_cross_entropy
 wheels, installed without network; transformers is used if present):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src; python benchmarks/bench_cuda.py --out $OUT/bench_cuda.md
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:src; python benchmarks/bench_cuda.py --out $OUT/bench_cuda.md
 
 Other uses:
 
@@ -584,7 +585,7 @@ def _apply_liger(model) -> None:
         if before is None:
             delattr(cls, "forward")
         else:
-            setattr(cls, "forward", before)
+            cls.forward = before
         model.forward = types.MethodType(after, model)
     if "forward" not in vars(model):
         raise RuntimeError("apply_liger_kernel_to_llama did not replace the model's forward")
@@ -712,7 +713,8 @@ def main() -> None:
     report(f"device: {name}; torch {torch.__version__}; triton {_version('triton', 'triton')}; "
            f"liger-kernel {_version('liger-kernel', 'liger_kernel')}; "
            f"cut-cross-entropy {_version('cut-cross-entropy', 'cut_cross_entropy')}; "
-           f"transformers {_version('transformers', 'transformers')}; xent backend {os.environ.get('XENT_BACKEND', 'auto')}; "
+           f"transformers {_version('transformers', 'transformers')}; "
+           f"xent backend {os.environ.get('XENT_BACKEND', 'auto')}; "
            f"medians of {args.repeats} interleaved runs{' (smoke sizes)' if args.smoke else ''}\n")
     for note in peers.notes:
         report.note(note)

@@ -35,7 +35,8 @@ def main() -> None:
     steps = {impl: make_step(w, impl)[0] for impl in LINEAR_IMPLS}
     times = time_interleaved(steps, args.repeats, device=args.device)
     del steps
-    print("| implementation | time (s) | xent time / this | per-round ratio (median) | peak growth beyond grads / logits |")
+    print("| implementation | time (s) | xent time / this | per-round ratio (median) "
+          "| peak growth beyond grads / logits |")
     print("|---|---|---|---|---|")
     for impl in LINEAR_IMPLS:
         mem = peak_growth_fresh(w, impl)

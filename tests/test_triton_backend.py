@@ -142,9 +142,9 @@ def test_probability_targets_and_k_dim_fall_back_to_the_portable_kernel(monkeypa
 def test_backend_selection_and_errors(monkeypatch):
     dev = torch.device("cpu")
     monkeypatch.setenv("XENT_BACKEND", "torch")
-    assert kernels.backend_for(dev) == "torch"
+    assert kernels.backend_for(dev).name == "torch"
     monkeypatch.setenv("XENT_BACKEND", "auto")
-    assert kernels.backend_for(dev) == "torch"  # CPU tensors take the portable kernel in auto mode
+    assert kernels.backend_for(dev).name == "torch"  # CPU tensors take the portable kernel in auto mode
     monkeypatch.setenv("XENT_BACKEND", "cuda")
     with pytest.raises(ValueError, match="XENT_BACKEND must be one of"):
         kernels.backend_for(dev)

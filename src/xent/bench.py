@@ -15,12 +15,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
 
 # ----------------------------------------------------------------------------------------------------
 # The workloads: each builds its tensors once and returns a step() doing forward + backward.

@@ -11,7 +11,6 @@ import sys
 
 import torch
 
-
 # ----------------------------------------------------------------------------------------------------
 # xent verify: the seed tutorial's appendix, computed three ways
 
@@ -184,7 +183,8 @@ def _print_table(rows: list[dict]) -> None:
     print("ratio: time over torch's (cross_entropy) or over the naive matmul + cross_entropy (linear).")
     print("x logits: peak memory growth (beyond the returned gradients, for linear) over the full logits' bytes.")
     print("|d loss|, |d grad|: largest difference from that baseline.")
-    header = f"  {'impl':<15}{'time (s)':>10}{'ratio':>8}{'peak (MB)':>11}{'x logits':>10}{'|d loss|':>11}{'|d grad|':>11}"
+    header = (f"  {'impl':<15}{'time (s)':>10}{'ratio':>8}{'peak (MB)':>11}{'x logits':>10}{'|d loss|':>11}"
+              f"{'|d grad|':>11}")
     last = None
     for r in rows:
         if r["workload"] != last:

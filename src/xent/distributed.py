@@ -24,14 +24,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._validate import (
+    LinearProblem,
+    Options,
+    as_float,
+    as_index,
+    check_class_weight,
+    check_float_input,
+    check_label_smoothing,
+    check_linear,
+    check_optional_positive,
+    check_same_device,
+    check_target_dtype,
+    check_tensor,
+    resolve_reduction,
+)
 from ._validate import eager_under_compile as _eager_under_compile
-from ._validate import (LinearProblem, Options, check_linear, as_float, as_index, check_class_weight, check_float_input, check_label_smoothing,
-                        check_optional_positive, check_same_device, check_target_dtype, check_tensor,
-                        resolve_reduction)
 from .kernels import backend_for, rows
 from .kernels.linear import linear_pass
-from .ops import scale_input_grad_
 from .kernels.portable import CHUNK_ELEMENTS
+from .ops import scale_input_grad_
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
 _NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)
@@ -286,7 +298,7 @@ def _block_pass(x: Tensor, stats: rows.RowStats, block: rows.ClassBlock, cd: tor
     for r0 in range(0, num_rows, step):
         r1 = min(num_rows, r0 + step)
         ws = grad[r0:r1] if in_grad else scratch[: (r1 - r0) * size].view(r1 - r0, size)
-        rows.pass_chunk(backend, ws, r0, r1, stats, lambda ws=ws, r0=r0, r1=r1: ws.copy_(x[r0:r1]),
+        backend.chunk(ws, r0, r1, stats, lambda ws=ws, r0=r0, r1=r1: ws.copy_(x[r0:r1]),
                         source=x[r0:r1] if direct else None, target=block.index[r0:r1].unsqueeze(1),
                         dense=block.class_weight if smoothing else None,
                         dense_is_ones=smoothing and block.class_weight is None, coefficients=coefficients,
@@ -369,7 +381,7 @@ class _VocabParallelLinear(torch.autograd.Function):
             raise RuntimeError("vocab_parallel_linear_cross_entropy does not support double backward "
                                "(create_graph=True)")
         group, _, p = ctx.spec
-        ctx.saved_tensors  # raises if an input was modified in place since forward
+        _ = ctx.saved_tensors  # raises if an input was modified in place since forward
         upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)
         # Every rank runs the same backward: the all-reduce below needs all of them, even a rank whose
         # input does not require grad.

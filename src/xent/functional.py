@@ -6,9 +6,19 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validate import (_as_3d, as_index, autocast_dtype, check_float_input, check_index_target,
-                        check_index_weight, check_target_range, check_tensor, cross_entropy_problem, loss_dtype,
-                        resolve_reduction)
+from ._validate import (
+    _as_3d,
+    as_index,
+    autocast_dtype,
+    check_float_input,
+    check_index_target,
+    check_index_weight,
+    check_target_range,
+    check_tensor,
+    cross_entropy_problem,
+    loss_dtype,
+    resolve_reduction,
+)
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,

@@ -15,7 +15,8 @@ targets).
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Iterable
+from collections.abc import Hashable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -77,7 +78,7 @@ class LabelEncoder:
             self._set_classes(list(_flatten(classes)[0]), check_unique=True)
 
     # -- learning the classes ------------------------------------------------------------------------
-    def fit(self, labels: Any) -> "LabelEncoder":
+    def fit(self, labels: Any) -> LabelEncoder:
         flat, _ = _flatten(labels)
         distinct = list(dict.fromkeys(flat))
         try:

@@ -18,9 +18,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from ._validate import (LinearProblem, Options, as_float, as_index, autocast_dtype, check_class_weight,
-                        check_float_input, check_label_smoothing, check_linear, check_optional_positive,
-                        check_same_device, check_target_dtype, check_tensor, check_weight_shape, resolve_reduction)
+from ._validate import (
+    LinearProblem,
+    Options,
+    as_float,
+    as_index,
+    autocast_dtype,
+    check_class_weight,
+    check_float_input,
+    check_label_smoothing,
+    check_linear,
+    check_optional_positive,
+    check_same_device,
+    check_target_dtype,
+    check_tensor,
+    check_weight_shape,
+    resolve_reduction,
+)
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,

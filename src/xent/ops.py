@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._validate import (EAGER, FUNC, LinearProblem, Options, Problem, _as_3d, check_target_range, make_problem,
-                        route)
+from ._validate import EAGER, FUNC, LinearProblem, Options, Problem, _as_3d, check_target_range, make_problem, route
 from .kernels import forward_for, scale_by_upstream_
 from .kernels import linear as linear_kernels
 

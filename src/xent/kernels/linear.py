@@ -26,7 +26,7 @@ def workspace_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype of the logits workspace for a head of `dtype`: the head's own for bf16/fp16 on the Triton
     backend (half-precision GEMMs; the kernel does fp32 math), else the compute dtype (fp32 or fp64)."""
     cd = torch.float64 if dtype == torch.float64 else torch.float32
-    return dtype if dtype in HALF_DTYPES and backend_for(device, cd) == "triton" else cd
+    return dtype if dtype in HALF_DTYPES and backend_for(device, cd).name == "triton" else cd
 
 
 def chunk_rows(num_rows: int, vocab: int, ws_dtype: torch.dtype, memory_budget: int | None) -> int:
@@ -84,7 +84,7 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
     step = rows_per_chunk(p)
     work_buf = torch.empty(min(step, num_rows) * vocab, dtype=ws_dtype, device=dev) if num_rows and vocab else None
     chain_buf = torch.empty_like(work_buf) if cap is not None and need_grad and work_buf is not None \
-        and backend == "torch" else None
+        and backend.name == "torch" else None
     for r0 in range(0, num_rows if vocab else 0, step):
         r1 = min(num_rows, r0 + step)
         xc = x[r0:r1]
@@ -100,7 +100,7 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
             else:
                 ws.copy_(F.linear(xc, w_lin, b_lin))
 
-        rows.pass_chunk(backend, ws, r0, r1, stats, load, target=block.index[r0:r1].unsqueeze(1),
+        backend.chunk(ws, r0, r1, stats, load, target=block.index[r0:r1].unsqueeze(1),
                         dense=block.class_weight if smoothing else None,
                         dense_is_ones=smoothing and block.class_weight is None, softcap=cap,
                         chain_out=chain_buf[: ws.numel()].view_as(ws) if chain_buf is not None else None,

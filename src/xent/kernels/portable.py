@@ -8,7 +8,7 @@ allocated except the gradient itself; without a gradient only one chunk-sized sc
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -102,7 +102,7 @@ def cross_entropy_forward(problem: Problem, need_grad: bool, chunk_elements: int
                 if weight is not None:
                     dense.mul_(weight)
                 torch.sum(dense, 1, out=dense_mass[r0:r1])
-            rows.pass_chunk("torch", ws, r0, r1, stats, lambda: _copy_rows(ws, block),
+            rows.torch_chunk(ws, r0, r1, stats, lambda ws=ws, block=block: _copy_rows(ws, block),
                             source=block[:, :, 0] if direct else None,
                             target=block_of_classes.index[r0:r1].unsqueeze(1) if targets is not None else None,
                             dense=dense if terms.b else None, dense_is_ones=bool(terms.b) and dense is None,
@@ -120,14 +120,7 @@ def cross_entropy_forward(problem: Problem, need_grad: bool, chunk_elements: int
         lse = stats.lse()
         loss_rows = terms.loss(lse, None, rows.dense_cross_entropy(lse, stats.shift, dense_mass, stats.dense_rel))
 
-    return finish_loss(problem, loss_rows, denominator), grad
-
-
-def finish_loss(problem: Problem, loss_rows: Tensor, denominator: Tensor) -> Tensor:
-    """Reduce the per-row losses as the caller asked, in the compute dtype, then cast."""
-    loss = rows.reduce_rows(loss_rows.to(problem.compute_dtype), problem.options.reduction, denominator)
-    loss = loss.reshape(problem.output_shape) if problem.options.reduction == "none" else loss
-    return loss.to(problem.output_dtype)
+    return rows.finish_loss(problem, loss_rows, denominator), grad
 
 
 def _copy_rows(workspace: Tensor, block: Tensor) -> None:

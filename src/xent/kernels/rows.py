@@ -123,12 +123,12 @@ class RowStats:
     dense_rel: Tensor | None  # <u, z - shift>
 
     @classmethod
-    def empty(cls, num_rows: int, *, target: bool, dense: bool, dtype: torch.dtype, device) -> "RowStats":
+    def empty(cls, num_rows: int, *, target: bool, dense: bool, dtype: torch.dtype, device) -> RowStats:
         def new():
             return torch.empty(num_rows, dtype=dtype, device=device)
         return cls(new(), new(), new() if target else None, new() if dense else None)
 
-    def rows(self, r0: int, r1: int) -> "RowStats":
+    def rows(self, r0: int, r1: int) -> RowStats:
         """Views of rows r0:r1 (writing them fills this object)."""
         return RowStats(*(t[r0:r1] if t is not None else None for t in (self.shift, self.sumexp,
                                                                          self.target_logit, self.dense_rel)))
@@ -159,30 +159,18 @@ def dense_cross_entropy(lse: Tensor, shift: Tensor, dense_mass, dense_rel: Tenso
     return dense_mass * (lse - shift) - dense_rel
 
 
-def pass_chunk(backend: str, workspace: Tensor, r0: int, r1: int, stats: RowStats, load, *,
-             source: Tensor | None = None, target: Tensor | None = None, dense: Tensor | None = None,
-             dense_is_ones: bool = False, softcap: float | None = None, chain_out: Tensor | None = None,
-             coefficients: ChunkCoefficients | None = None, unshifted: bool = False) -> None:
-    """One chunk of rows r0:r1 through the row kernel.
+def torch_chunk(workspace: Tensor, r0: int, r1: int, stats: RowStats, load, *, source: Tensor | None = None,
+                target: Tensor | None = None, dense: Tensor | None = None, dense_is_ones: bool = False,
+                softcap: float | None = None, chain_out: Tensor | None = None,
+                coefficients: ChunkCoefficients | None = None, unshifted: bool = False) -> None:
+    """One chunk of rows r0:r1 through the row math, with plain torch ops (the torch backend's chunk).
 
     load() puts the chunk's raw logits in `workspace` (unless `source` holds them and is read in place).
     Fills `stats` (the batch's RowStats; when `coefficients` carry a global lse, the vocab-parallel
-    gradient pass, they are scratch) and, given `coefficients`, leaves the gradient in `workspace`. dense / dense_is_ones:
-    the loss's u, passed only when it has a dense term. softcap is applied here, with its chain factor
-    kept in `chain_out` (torch backend) for the gradient.
+    gradient pass, they are scratch) and, given `coefficients`, leaves the gradient in `workspace`.
+    dense / dense_is_ones: the loss's u, passed only when it has a dense term. softcap is applied here,
+    with its chain factor kept in `chain_out` for the gradient.
     """
-    if backend == "triton":
-        from . import triton_rows  # imported on first use: triton is optional
-
-        if source is None:
-            load()
-        lse = coefficients.lse[r0:r1] if coefficients is not None and coefficients.lse is not None else None
-        triton_rows.rows_(workspace if source is None else source, stats=stats.rows(r0, r1) if lse is None else None,
-                          target=target.view(-1) if target is not None else None, dense=dense,
-                          dense_is_ones=dense_is_ones, softcap=softcap,
-                          out=workspace if coefficients is not None else None,
-                          coefs=coefficients.rows(r0, r1) if coefficients is not None else None, lse=lse)
-        return
 
     def load_capped() -> Tensor | None:
         if source is not None:
@@ -195,7 +183,7 @@ def pass_chunk(backend: str, workspace: Tensor, r0: int, r1: int, stats: RowStat
     if coefficients is not None:
         softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
         gradient_(workspace, softmax_coef, target=target, target_coef=target_coef, dense=dense,
-                       dense_coef=dense_coef, chain=chain)
+                  dense_coef=dense_coef, chain=chain)
 
 
 @dataclass(frozen=True)
@@ -210,7 +198,7 @@ class RowTerms:
     b: float
     z_loss: float
 
-    def rows(self, r0: int, r1: int) -> "RowTerms":
+    def rows(self, r0: int, r1: int) -> RowTerms:
         return RowTerms(self.a[r0:r1] if self.a is not None else None, self.b, self.z_loss)
 
     def loss(self, lse: Tensor, target_logit: Tensor | None, dense_ce: Tensor | None) -> Tensor:
@@ -290,7 +278,7 @@ class ClassBlock:
     class_weight: Tensor | None  # (block size,) the block's class weights; None for all ones
 
     @staticmethod
-    def shard(target: Tensor, valid: Tensor, class_weight: Tensor | None, start: int, size: int) -> "ClassBlock":
+    def shard(target: Tensor, valid: Tensor, class_weight: Tensor | None, start: int, size: int) -> ClassBlock:
         """The classes [start, start + size) (one rank's part of the vocabulary) for targets `target`."""
         owned = valid & (target >= start) & (target < start + size)
         weight = None
@@ -359,3 +347,10 @@ def reduce_rows(loss_rows: Tensor, reduction: str, denominator: Tensor) -> Tenso
         return loss_rows
     total = loss_rows.sum()
     return total / denominator if reduction == "mean" else total
+
+
+def finish_loss(problem, loss_rows: Tensor, denominator: Tensor) -> Tensor:
+    """Reduce a Problem's per-row losses as the caller asked, in the compute dtype, then cast."""
+    loss = reduce_rows(loss_rows.to(problem.compute_dtype), problem.options.reduction, denominator)
+    loss = loss.reshape(problem.output_shape) if problem.options.reduction == "none" else loss
+    return loss.to(problem.output_dtype)

@@ -20,7 +20,6 @@ import triton.language as tl
 from torch import Tensor
 
 from . import rows
-from .portable import finish_loss
 
 DENSE_NONE, DENSE_ONES, DENSE_SHARED, DENSE_PER_ROW = 0, 1, 2, 3
 
@@ -179,6 +178,21 @@ def rows_(z: Tensor, *, stats=None, target: Tensor | None = None, dense: Tensor 
     )
 
 
+def triton_chunk(workspace: Tensor, r0: int, r1: int, stats: rows.RowStats, load, *, source: Tensor | None = None,
+                 target: Tensor | None = None, dense: Tensor | None = None, dense_is_ones: bool = False,
+                 softcap: float | None = None, chain_out: Tensor | None = None, coefficients=None,
+                 unshifted: bool = False) -> None:
+    """rows.torch_chunk's contract, in one launch of the kernel (chain_out and unshifted are not needed:
+    the kernel applies the softcap chain itself and always shifts by the running max)."""
+    if source is None:
+        load()
+    lse = coefficients.lse[r0:r1] if coefficients is not None and coefficients.lse is not None else None
+    rows_(workspace if source is None else source, stats=stats.rows(r0, r1) if lse is None else None,
+          target=target.view(-1) if target is not None else None, dense=dense, dense_is_ones=dense_is_ones,
+          softcap=softcap, out=workspace if coefficients is not None else None,
+          coefs=coefficients.rows(r0, r1) if coefficients is not None else None, lse=lse)
+
+
 def supports(problem) -> bool:
     """The Triton driver's cases: class-index targets over (N, C) rows, fp32/bf16/fp16."""
     return not problem.probabilities and problem.logits.shape[2] == 1 and problem.compute_dtype == torch.float32
@@ -203,7 +217,7 @@ def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = No
           out=grad[:, :, 0] if grad is not None else None,
           coefs=targets.coefficients(targets.scale(upstream)).rows(0, n) if need_grad else None)
     loss_rows = targets.block_losses(stats) if c else torch.zeros(n, dtype=torch.float64, device=x.device)
-    return finish_loss(problem, loss_rows, targets.denominator), grad
+    return rows.finish_loss(problem, loss_rows, targets.denominator), grad
 
 
 @triton.jit

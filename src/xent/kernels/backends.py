@@ -1,0 +1,81 @@
+"""The compute backends, as objects that say what they support and compute: one chunk of rows through
+the row math, a whole cross-entropy, and the in-place upstream scaling of a handed-over gradient.
+
+* ``TORCH``: plain torch ops over rows.py, any device (tuned for CPU); serves every problem.
+* ``TRITON``: the Triton row kernel (triton_rows.py); CUDA tensors, or CPU tensors through Triton's
+  interpreter (TRITON_INTERPRET=1, how CI checks it without a GPU). Its cross-entropy driver serves
+  class-index targets over (N, C) rows in fp32/bf16/fp16; other problems take the torch driver.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from . import portable, rows
+
+
+class TorchBackend:
+    name = "torch"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return None
+
+    def supports_cross_entropy(self, problem) -> bool:
+        return True
+
+    def cross_entropy(self, problem, need_grad: bool, upstream: Tensor | None = None):
+        return portable.cross_entropy_forward(problem, need_grad, upstream=upstream)
+
+    def chunk(self, *args, **kwargs) -> None:
+        rows.torch_chunk(*args, **kwargs)
+
+    def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:
+        if not per_row and upstream.device.type == "cpu" and float(upstream) == 1.0:
+            return  # reading a CPU scalar costs nothing; skip the pass over the buffer
+        # In-place ops compute in the promoted dtype and cast once: an fp32 upstream of 65536 stays finite
+        # here, where casting it to fp16 first would make it inf.
+        grad.mul_(upstream.reshape(grad.shape[0], *([1] * (grad.dim() - 1))) if per_row else upstream)
+
+    def __repr__(self) -> str:
+        return f"<xent backend {self.name}>"
+
+
+class TritonBackend(TorchBackend):
+    name = "triton"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'xent[cuda]')"
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return None  # CUDA tensors, or CPU tensors through Triton's interpreter
+        return (f"the Triton backend runs on CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run its "
+                f"kernels on CPU through Triton's interpreter")
+
+    @staticmethod
+    def _kernels():
+        from . import triton_rows  # imported on first use: triton is optional
+
+        return triton_rows
+
+    def supports_cross_entropy(self, problem) -> bool:
+        return self._kernels().supports(problem)
+
+    def cross_entropy(self, problem, need_grad: bool, upstream: Tensor | None = None):
+        return self._kernels().cross_entropy_forward(problem, need_grad, upstream=upstream)
+
+    def chunk(self, *args, **kwargs) -> None:
+        self._kernels().triton_chunk(*args, **kwargs)
+
+    def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:
+        if not grad.is_contiguous():
+            super().scale_(grad, upstream, per_row)
+            return
+        self._kernels().scale_(grad, upstream, per_row)
+
+
+TORCH = TorchBackend()
+TRITON = TritonBackend()
