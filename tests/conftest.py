@@ -19,10 +19,28 @@ settings.load_profile("explore" if os.environ.get("XENT_HYPOTHESIS") == "explore
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# The devices the differential tests run on: the CPU always, and the GPU where there is one (there, xent's
+# CUDA path: the Triton kernel for class-index rows, the torch backend for the rest). A CPU-only machine
+# runs exactly the CPU tests.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request) -> torch.device:
+    """The device a differential test runs on ("cpu", and "cuda" when available).
+
+    Tests draw their inputs on the CPU (so that seeds give the same values everywhere) and move them here;
+    the torch reference they compare with runs on the same device. Session-scoped, so that Hypothesis
+    tests may take it (their examples share one fixture value).
+    """
+    return torch.device(request.param)
+
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Force many tiny chunks so the chunk loop (and its row/column bookkeeping) is exercised."""
+    """Force many tiny chunks so the chunk loop (and its row/column bookkeeping) is exercised.
+
+    Only the portable (torch backend) driver chunks: on CUDA the Triton driver takes all rows in one launch."""
     from xent.kernels import portable
 
     def set_budget(elements: int) -> None:

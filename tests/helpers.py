@@ -35,3 +35,23 @@ def raises_like(fn_ours, fn_torch):
             return exc
         return None
     return run(fn_ours), run(fn_torch)
+
+
+def on(device, *tensors):
+    """The tensors moved to `device` (None stays None); on the CPU the very same objects.
+
+    A non-contiguous tensor stays non-contiguous: `.to()` would copy it densely, so its values go into a
+    strided view of a wider buffer on the device, as the tests' strided inputs are built.
+    """
+    out = []
+    for t in tensors:
+        moved = t.to(device) if t is not None else None
+        if moved is t:  # None, or already there
+            out.append(t)
+            continue
+        if not t.is_contiguous() and moved.is_contiguous() and t.dim():
+            big = torch.zeros(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=moved.device)
+            big[..., ::2] = moved
+            moved = big[..., ::2]
+        out.append(moved)
+    return out[0] if len(out) == 1 else out

@@ -4,6 +4,9 @@ Each example draws a layout (unbatched, (N, C), K-dim), dtype, target kind (indi
 with their dtypes), class weights, ignore_index and how many targets use it, label smoothing, reduction,
 a non-contiguous input, the chunk size of the kernel and a random upstream gradient; it then checks the
 loss, every gradient torch defines, output dtype/shape, and that no input was modified.
+
+Every test runs on each `device` (conftest.py): the CPU, and the GPU where there is one. Inputs are drawn
+on the CPU and moved; torch's reference runs on the same device.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from hypothesis import strategies as st
 import xent
 from xent.kernels import portable
 
-from helpers import assert_close, loosest
+from helpers import assert_close, loosest, on
 
 
 @dataclass
@@ -110,6 +113,14 @@ def chunk_budget(elements: int | None):
         portable.CHUNK_ELEMENTS = saved
 
 
+def on_device(case: Case, device) -> Case:
+    """The case with its tensors on `device` (the same object on the CPU); strides are kept."""
+    x, t, w = on(device, case.input, case.target, case.kwargs["weight"])
+    if x is case.input:
+        return case
+    return Case(x, t, dict(case.kwargs, weight=w), case.grad_target, case.grad_weight, case.chunk, case.seed)
+
+
 def run(fn, case: Case, upstream_seed: int):
     """Loss and gradients (input, target?, weight?) of fn under a random upstream gradient."""
     x = case.input.detach().requires_grad_()  # detach keeps the (possibly non-contiguous) strides
@@ -118,14 +129,15 @@ def run(fn, case: Case, upstream_seed: int):
     if kwargs["weight"] is not None:
         kwargs["weight"] = kwargs["weight"].detach().requires_grad_(case.grad_weight)
     loss = fn(x, t, **kwargs)
-    gen = torch.Generator().manual_seed(upstream_seed)
-    upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(loss.dtype)
+    gen = torch.Generator().manual_seed(upstream_seed)  # drawn on the CPU: the same values on every device
+    upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(device=loss.device, dtype=loss.dtype)
     wrt = [x] + ([t] if case.grad_target else []) + ([kwargs["weight"]] if case.grad_weight else [])
     grads = torch.autograd.grad(loss, wrt, upstream) if loss.numel() else [torch.zeros_like(w) for w in wrt]
     return loss.detach(), [g.detach() for g in grads]
 
 
-def check_case(case: Case, torch_fn=F.cross_entropy):
+def check_case(case: Case, torch_fn=F.cross_entropy, device="cpu"):
+    case = on_device(case, device)
     before = [case.input.clone(), case.target.clone()] + (
         [case.kwargs["weight"].clone()] if case.kwargs["weight"] is not None else [])
     with chunk_budget(case.chunk):
@@ -153,9 +165,9 @@ def check_case(case: Case, torch_fn=F.cross_entropy):
         assert torch.equal(b, a) or (b.isnan() == a.isnan()).all(), f"an input was modified: {case!r}"
 
 
-@given(cases())
-def test_matches_torch_fp32_fp64(case):
-    check_case(case)
+@given(case=cases())
+def test_matches_torch_fp32_fp64(device, case):
+    check_case(case, device=device)
 
 
 def reference(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
@@ -169,11 +181,12 @@ def reference(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoo
                                         softcap).to(out_dtype)
 
 
-@given(cases(dtypes=(torch.bfloat16, torch.float16)))
-def test_half_precision_matches_float64_formula_and_torch(case):
+@given(case=cases(dtypes=(torch.bfloat16, torch.float16)))
+def test_half_precision_matches_float64_formula_and_torch(device, case):
     """Half precision: the exact value (float64 formula) is the oracle, since torch's own result carries
     half-precision accumulation error; torch must still agree loosely."""
-    check_case(case, torch_fn=reference)
+    case = on_device(case, device)
+    check_case(case, torch_fn=reference, device=device)
     with chunk_budget(case.chunk):
         ours, _ = run(xent.cross_entropy, case, case.seed)
     theirs, _ = run(lambda x, t, **kw: F.cross_entropy(x, t.long() if t.dtype == torch.uint8 else t, **kw),
@@ -182,41 +195,43 @@ def test_half_precision_matches_float64_formula_and_torch(case):
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.05, atol=0.05 * scale, equal_nan=True)
 
 
-@given(cases(dtypes=(torch.float64,)))
-def test_matches_reference_including_z_loss_and_softcap(case):
+@given(case=cases(dtypes=(torch.float64,)))
+def test_matches_reference_including_z_loss_and_softcap(device, case):
     """z_loss and softcap have no torch equivalent: the float64 reference (the formulas) is the oracle."""
     case.kwargs["z_loss"] = 0.25
     case.kwargs["softcap"] = 2.5
-    check_case(case, torch_fn=reference)
+    check_case(case, torch_fn=reference, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_mean_is_closer_to_float64_than_torch(dtype):
+def test_half_precision_mean_is_closer_to_float64_than_torch(dtype, device):
     """The one intended difference from torch: fp32 accumulation. bf16 mean of 1000 rows of ln 4."""
-    x = torch.zeros(1000, 4, dtype=dtype)
-    y = torch.zeros(1000, dtype=torch.long)
-    exact = torch.log(torch.tensor(4.0, dtype=torch.float64))
-    ours = xent.cross_entropy(x, y).double()
-    theirs = F.cross_entropy(x, y).double()
+    x = torch.zeros(1000, 4, dtype=dtype, device=device)
+    y = torch.zeros(1000, dtype=torch.long, device=device)
+    exact = float(torch.log(torch.tensor(4.0, dtype=torch.float64)))
+    ours = float(xent.cross_entropy(x, y))
+    theirs = float(F.cross_entropy(x, y))
     assert abs(ours - exact) <= abs(theirs - exact)
     assert abs(ours - exact) <= torch.finfo(dtype).eps * exact
 
 
-def test_fp16_sum_does_not_overflow():
-    """torch's fp16 sum over 70000 rows overflows to inf in its half-precision accumulator."""
-    x = torch.zeros(70000, 4, dtype=torch.float16)
-    y = torch.zeros(70000, dtype=torch.long)
+def test_fp16_sum_does_not_overflow(device):
+    """torch's fp16 sum over 70000 rows overflows to inf in its half-precision accumulator (on the CPU)."""
+    x = torch.zeros(70000, 4, dtype=torch.float16, device=device)
+    y = torch.zeros(70000, dtype=torch.long, device=device)
     ours = xent.cross_entropy(x, y, reduction="mean")
     assert torch.isfinite(ours) and abs(float(ours) - 1.3862943611198906) < 1e-3
 
 
 @pytest.mark.parametrize("shape", [(64, 1000), (6, 50, 7, 3)])
 @pytest.mark.parametrize("chunk", [1, 7, 100, 5000, None])
-def test_result_does_not_depend_on_chunk_size(shape, chunk):
+def test_result_does_not_depend_on_chunk_size(shape, chunk, device):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
     y = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=gen)
     w = torch.rand(shape[1], generator=gen, dtype=torch.float64)
+    x, y, w = on(device, x, y, w)
+    x.requires_grad_()
     with chunk_budget(chunk):
         loss = xent.cross_entropy(x, y, weight=w, label_smoothing=0.2)
         (grad,) = torch.autograd.grad(loss, x)
@@ -226,9 +241,9 @@ def test_result_does_not_depend_on_chunk_size(shape, chunk):
     assert_close(grad, expected_grad)
 
 
-def test_channels_last_input():
-    x = torch.randn(2, 5, 4, 3).to(memory_format=torch.channels_last).requires_grad_()
-    y = torch.randint(0, 5, (2, 4, 3))
+def test_channels_last_input(device):
+    x = torch.randn(2, 5, 4, 3).to(device=device, memory_format=torch.channels_last).requires_grad_()
+    y = torch.randint(0, 5, (2, 4, 3)).to(device)
     loss = xent.cross_entropy(x, y, reduction="none")
     expected = F.cross_entropy(x, y, reduction="none")
     assert_close(loss, expected)
@@ -236,10 +251,9 @@ def test_channels_last_input():
     assert_close(torch.autograd.grad(loss, x, g)[0], torch.autograd.grad(expected, x, g)[0])
 
 
-def test_module_matches_functional_and_torch():
+def test_module_matches_functional_and_torch(device):
     w = torch.rand(6)
-    ours = xent.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.3, reduction="sum")
-    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.3, reduction="sum")
-    x = torch.randn(9, 6)
-    y = torch.randint(0, 6, (9,))
+    ours = xent.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.3, reduction="sum").to(device)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.3, reduction="sum").to(device)
+    x, y = on(device, torch.randn(9, 6), torch.randint(0, 6, (9,)))
     assert_close(ours(x, y), theirs(x, y))

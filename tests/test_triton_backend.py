@@ -1,14 +1,19 @@
-"""The Triton backend, run through Triton's interpreter on CPU when there is no GPU (TRITON_INTERPRET=1).
+"""The Triton backend: on CUDA tensors where there is a GPU, else through Triton's interpreter on CPU
+tensors (TRITON_INTERPRET=1, set by conftest.py before anything imports triton).
 
 The same differential checks as the torch backend, on small shapes (the interpreter runs each program in
 Python), for every option the Triton kernel serves: class-index targets with weights, ignore_index,
 label smoothing, z_loss, softcap, every reduction, fp32/bf16/fp16; linear cross-entropy through it; and
-the backend selection (XENT_BACKEND) with its errors.
+the backend selection (XENT_BACKEND) with its errors, on both kinds of machine.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +27,9 @@ from xent import kernels
 from helpers import assert_close
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = torch.cuda.is_available()
+# Where the Triton kernel runs here: the GPU, or (no GPU) CPU tensors through the interpreter.
+DEVICE = "cuda" if CUDA else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -132,41 +139,75 @@ def test_dispatch_uses_the_triton_kernel(monkeypatch):
 
 
 def test_probability_targets_and_k_dim_fall_back_to_the_portable_kernel(monkeypatch):
-    x = torch.randn(2, 5, 3)
-    y = torch.randint(0, 5, (2, 3))
+    from xent.kernels import triton_rows
+
+    calls = []
+    original = triton_rows.rows_
+    monkeypatch.setattr(triton_rows, "rows_", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    # on DEVICE: with XENT_BACKEND=triton, CPU tensors are refused unless Triton's interpreter is on
+    x = torch.randn(2, 5, 3).to(DEVICE)
+    y = torch.randint(0, 5, (2, 3)).to(DEVICE)
     assert_close(xent.cross_entropy(x, y), F.cross_entropy(x, y))
-    z, p = torch.randn(4, 5), torch.rand(4, 5)
+    z, p = torch.randn(4, 5).to(DEVICE), torch.rand(4, 5).to(DEVICE)
     assert_close(xent.cross_entropy(z, p, label_smoothing=0.1), F.cross_entropy(z, p, label_smoothing=0.1))
+    assert not calls, "probability targets / K-dim input reached the Triton kernel"
 
 
 def test_backend_selection_and_errors(monkeypatch):
-    dev = torch.device("cpu")
-    monkeypatch.setenv("XENT_BACKEND", "torch")
-    assert kernels.backend_for(dev).name == "torch"
-    monkeypatch.setenv("XENT_BACKEND", "auto")
-    assert kernels.backend_for(dev).name == "torch"  # CPU tensors take the portable kernel in auto mode
-    monkeypatch.setenv("XENT_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="XENT_BACKEND must be one of"):
-        kernels.backend_for(dev)
+    """XENT_BACKEND and TRITON_INTERPRET, set explicitly here, so that the answers are the same on a machine
+    with a GPU (where conftest.py leaves TRITON_INTERPRET unset) and without one (where it sets it)."""
+    cpu = torch.device("cpu")
+    cuda = torch.device("cuda")  # backend_for only looks at the device type: no GPU is touched
+    def backend_for(*args):
+        return kernels.backend_for(*args).name
+    for interpret in ("1", None):
+        if interpret is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        monkeypatch.setenv("XENT_BACKEND", "torch")
+        assert backend_for(cpu) == backend_for(cuda) == "torch"
+        monkeypatch.setenv("XENT_BACKEND", "auto")
+        assert backend_for(cpu) == "torch"  # CPU tensors take the portable kernel in auto mode, interpreter or not
+        assert backend_for(cuda) == "triton"  # CUDA tensors take the Triton kernel whenever triton is installed
+        assert backend_for(cuda, torch.float64) == "torch"  # float64 always takes the torch backend
+        monkeypatch.setenv("XENT_BACKEND", "triton")
+        assert backend_for(cuda) == "triton"
+        assert backend_for(cpu, torch.float64) == "torch"
+        if interpret:
+            assert backend_for(cpu) == "triton"  # CPU tensors through the interpreter
+        else:
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+                backend_for(cpu)
+        monkeypatch.setenv("XENT_BACKEND", "cuda")
+        with pytest.raises(ValueError, match="XENT_BACKEND must be one of"):
+            backend_for(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("XENT_BACKEND", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        kernels.backend_for(dev)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else object())
-    with pytest.raises(RuntimeError, match="not installed"):
-        kernels.backend_for(dev)
+    with monkeypatch.context() as m:  # as if triton were not installed
+        m.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "triton" else object())
+        for dev in (cpu, cuda):
+            with pytest.raises(RuntimeError, match="not installed"):
+                backend_for(dev)
+        m.setenv("XENT_BACKEND", "auto")
+        assert backend_for(cpu) == backend_for(cuda) == "torch"
 
 
 def test_cuda_benchmark_script_runs(tmp_path):
-    """benchmarks/bench_cuda.py is ready for a GPU; here its smoke mode runs it through the interpreter."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    """benchmarks/bench_cuda.py in its smoke mode: on the GPU where there is one, else on CPU tensors through
+    Triton's interpreter (what CI checks)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cuda.py"
-    env = dict(os.environ, TRITON_INTERPRET="1", XENT_BACKEND="triton")
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--device", "cpu", "--repeats", "1"],
+    env = dict(os.environ, XENT_BACKEND="triton")
+    if CUDA:
+        # the real thing: CUDA tensors and compiled kernels, never the interpreter
+        env.pop("TRITON_INTERPRET", None)
+        args = ["--device", "cuda"]
+        if "--no-compile" in script.read_text():  # torch.compile's first compile would dominate a smoke run
+            args.append("--no-compile")
+    else:
+        env["TRITON_INTERPRET"] = "1"
+        args = ["--device", "cpu"]
+    done = subprocess.run([sys.executable, str(script), "--smoke", *args, "--repeats", "1"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| 16 x 512 | bfloat16 | xent |" in done.stdout and "| 16, 32, 512 | bfloat16 | xent |" in done.stdout

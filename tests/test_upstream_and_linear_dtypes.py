@@ -44,6 +44,16 @@ def test_scale_by_upstream_matches_an_fp32_product(monkeypatch, backend, dtype, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_upstream_scales_every_row(monkeypatch, backend):
+    """loss.sum().backward() hands reduction='none' an upstream expanded from a scalar (stride 0)."""
+    monkeypatch.setenv("XENT_BACKEND", backend)
+    grad = torch.randn(6, 300).to(DEVICE)
+    out = grad.clone()
+    kernels.scale_by_upstream_(out, torch.tensor(3.0, device=DEVICE).expand(6), per_row=True)
+    torch.testing.assert_close(out, grad * 3.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unit_upstream_leaves_the_gradient_bit_for_bit(monkeypatch, backend):
     monkeypatch.setenv("XENT_BACKEND", backend)
     grad = torch.randn(5, 700).to(DEVICE)

@@ -44,7 +44,8 @@ class Workload:
 
 
 CE_IMPLS = ("xent", "torch")
-LINEAR_IMPLS = ("xent", "naive", "torch-chunked")
+# torch's chunked F.linear_cross_entropy exists from torch 2.13 on; older installs compare with the rest.
+LINEAR_IMPLS = ("xent", "naive") + (("torch-chunked",) if hasattr(torch.nn, "LinearCrossEntropyOptions") else ())
 
 
 def make_step(w: Workload, impl: str, seed: int = 0) -> tuple[Callable[[], torch.Tensor], Callable[[], list]]:

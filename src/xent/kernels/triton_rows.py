@@ -101,9 +101,12 @@ def _rows_kernel(Z, stride_z, OUT, stride_out, TARGET, DENSE, stride_dense,
             if SOFTCAP:
                 zt = softcap * _tanh(zt / softcap)
             tl.store(TARGET_LOGIT + row, zt)
-        lse = m + tl.log(s)
+        log_s = tl.log(s)
+        lse = m + log_s
     else:
         lse = tl.load(LSE + row).to(tl.float32)
+        m = lse
+        log_s = 0.0
 
     if GRAD:
         c_softmax = tl.load(C_SOFTMAX + row)
@@ -121,7 +124,9 @@ def _rows_kernel(Z, stride_z, OUT, stride_out, TARGET, DENSE, stride_dense,
             if SOFTCAP:
                 th = _tanh(z / softcap)
                 z = softcap * th
-            g = c_softmax * tl.exp(z - lse)
+            # exp((z - m) - log s), not exp(z - lse): lse rounded to fp32 would cost absolute precision
+            # in proportion to the largest logit.
+            g = c_softmax * tl.exp((z - m) - log_s)
             if HAS_TARGET:
                 g -= tl.where(idx == target, c_target, 0.0)
             if DENSE_MODE == 1:
@@ -241,7 +246,7 @@ def _scale_kernel(G, UP, n_cols, stride_row, PER_ROW: tl.constexpr, BLOCK: tl.co
 
 def scale_(grad: Tensor, upstream: Tensor, per_row: bool) -> None:
     """grad (contiguous) *= upstream (a scalar, or one per row of grad's first dimension), fp32 math."""
-    up = upstream.reshape(-1)
+    up = upstream.reshape(-1).contiguous()  # an expanded upstream (loss.sum().backward()) has stride 0
     if up.device != grad.device:
         up = up.to(grad.device)
     block = 2048
