@@ -405,3 +405,92 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | Non
                                f"{scalar_name(input.dtype)} != {scalar_name(t.dtype)}")
         if t is not None:
             check_same_device(t, input, name)
+
+
+@dataclass(frozen=True, eq=False)
+class ThroughLogits:
+    """A linear cross-entropy computed through its materialized logits: probability targets and K-dim
+    heads (C, d1, ..., H), which torch accepts; arguments after autocast's casts."""
+
+    input: Tensor
+    linear_weight: Tensor
+    linear_bias: Tensor | None
+    target: Tensor
+    weight: Tensor | None
+    reduction: str
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    output_dtype: torch.dtype
+
+
+def linear_cross_entropy_problem(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                 label_smoothing, z_loss, softcap, options, memory_budget, output_dtype,
+                                 fn: str = "linear_cross_entropy"):
+    """Validate linear_cross_entropy's arguments (torch 2.13's F.linear_cross_entropy order) into either
+    (LinearProblem, input, linear_weight, linear_bias), the tensors as autocast casts them, or ThroughLogits."""
+    reduction = resolve_reduction(reduction)
+    for name, t, optional in (("input", input, False), ("linear_weight", linear_weight, False),
+                              ("target", target, False), ("linear_bias", linear_bias, True), ("weight", weight, True)):
+        check_tensor(t, name, fn, optional=optional)
+    ignore_index = -100 if ignore_index is None else as_index(ignore_index, "ignore_index", fn)
+    label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
+    z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
+    softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
+    autocast = autocast_dtype(input.device)
+    if autocast is not None:  # as under autocast F.linear casts, then cross_entropy returns float32
+        input, linear_weight, linear_bias = (_autocast(t, autocast) for t in (input, linear_weight, linear_bias))
+        output_dtype = output_dtype or torch.float32
+    check_linear(input, linear_weight, linear_bias)
+
+    vocab = linear_weight.shape[0]
+    probabilities = target.is_floating_point() and tuple(target.shape) == (*input.shape[:-1], vocab)
+    if linear_weight.dim() > 2 and input.dim() != 2:
+        raise RuntimeError(f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires "
+                           f"batched input, (N, {input.shape[-1]}), got input with shape {tuple(input.shape)}")
+    if linear_weight.dim() > 2 or probabilities:
+        return ThroughLogits(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
+                             label_smoothing, z_loss, softcap, output_dtype or input.dtype)
+
+    label_smoothing = check_label_smoothing(label_smoothing)
+    check_float_input(input, fn)
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        if input.dim() == 2 and target.dim() >= 1:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                             f"({target.shape[0]}).")
+        raise ValueError(f"Expected target of shape {list(input.shape[:-1])} (input without its last, hidden "
+                         f"dimension), got {list(target.shape)}")
+    check_target_dtype(target)
+    check_same_device(target, input, "target")
+    check_weight_shape(weight, vocab)
+    check_class_weight(input, weight, autocast is not None)
+    chunk_size = getattr(options, "batch_chunk_size", None) or 0
+    problem = LinearProblem(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, target.reshape(-1),
+                            weight, Options(reduction, ignore_index, label_smoothing, z_loss, softcap),
+                            tuple(target.shape), output_dtype or input.dtype, int(chunk_size), memory_budget)
+    return problem, input, linear_weight, linear_bias
+
+
+def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """What autocast does to F.linear's arguments: float32 (and the other half type) become `dtype`."""
+    return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+
+
+def vocab_parallel_options(local_logits: Tensor, target: Tensor, weight: Tensor | None, reduction, ignore_index,
+                           label_smoothing, z_loss, fn: str, logits_name: str) -> Options:
+    """The vocab-parallel losses' local checks (those that need the other ranks run after the exchange)."""
+    reduction = resolve_reduction(reduction)
+    check_tensor(local_logits, logits_name, fn)
+    check_tensor(target, "target", fn)
+    check_tensor(weight, "weight", fn, optional=True)
+    options = Options(reduction, as_index(ignore_index, "ignore_index", fn),
+                      check_label_smoothing(as_float(label_smoothing, "label_smoothing", fn)),
+                      check_optional_positive(z_loss, "z_loss", fn, allow_none=False), None)
+    check_float_input(local_logits, fn)
+    check_target_dtype(target)
+    check_same_device(target, local_logits, "target")
+    if weight is not None and weight.dim() != 1:
+        raise RuntimeError(f"weight must be the full (C,) class-weight tensor, got shape {list(weight.shape)}")
+    check_class_weight(local_logits, weight)  # its size is checked against the gathered shards
+    return options

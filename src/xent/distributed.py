@@ -27,27 +27,30 @@ from torch import Tensor
 from ._validate import (
     LinearProblem,
     Options,
-    as_float,
     as_index,
-    check_class_weight,
-    check_float_input,
-    check_label_smoothing,
     check_linear,
-    check_optional_positive,
-    check_same_device,
-    check_target_dtype,
     check_tensor,
-    resolve_reduction,
+    check_weight_shape,
+    vocab_parallel_options,
 )
 from ._validate import eager_under_compile as _eager_under_compile
 from .kernels import backend_for, rows
 from .kernels.linear import linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
-from .ops import scale_input_grad_
+from .ops import save_for_handover, saved_inputs, scale_input_grad_, take_handover
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
 _NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)
 _HEADER = 7
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the vocabulary is split: over the ranks of `group`, this rank's block starting at `vocab_start`
+    (None: blocks in rank order, sizes gathered)."""
+
+    group: object
+    vocab_start: int | None
 
 
 @dataclass(frozen=True)
@@ -153,28 +156,8 @@ def _merge(header: Tensor, shift, sumexp, target_logit, owned, dense_rel, valid:
     return lse, target_logit.sum(0), dense_ce, valid & (owned.sum(0) != 1)
 
 
-def _validate(local_logits: Tensor, target: Tensor, weight: Tensor | None, reduction, ignore_index, label_smoothing,
-              z_loss, fn: str, logits_name: str) -> Options:
-    reduction = resolve_reduction(reduction)
-    check_tensor(local_logits, logits_name, fn)
-    check_tensor(target, "target", fn)
-    check_tensor(weight, "weight", fn, optional=True)
-    options = Options(reduction, as_index(ignore_index, "ignore_index", fn),
-                      check_label_smoothing(as_float(label_smoothing, "label_smoothing", fn)),
-                      check_optional_positive(z_loss, "z_loss", fn, allow_none=False), None)
-    check_float_input(local_logits, fn)
-    check_target_dtype(target)
-    check_same_device(target, local_logits, "target")
-    if weight is not None and weight.dim() != 1:
-        raise RuntimeError(f"weight must be the full (C,) class-weight tensor, got shape {list(weight.shape)}")
-    check_class_weight(local_logits, weight)  # its size is checked against the gathered shards
-    return options
-
-
 def _check_weight_size(weight: Tensor | None, shards: Shards) -> None:
-    if weight is not None and weight.shape[0] != shards.num_classes:
-        raise RuntimeError(f"weight tensor should be defined either for all {shards.num_classes} classes or no "
-                           f"classes but got weight tensor of shape: {list(weight.shape)}")
+    check_weight_shape(weight, shards.num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,16 +191,16 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, group=
     fail otherwise).
     """
     fn = "vocab_parallel_cross_entropy"
-    opts = _validate(local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn,
+    opts = vocab_parallel_options(local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn,
                      "local_logits")
     if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
         raise ValueError(f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without "
                          f"its class dimension), got {list(target.shape)}")
     need_grad = torch.is_grad_enabled() and local_logits.requires_grad
-    spec = (group, vocab_start, opts)
+    layout = Layout(group, vocab_start)
     if not need_grad:
-        return _logits_forward(local_logits, target, weight, spec, need_grad=False)[0]
-    return _VocabParallelCrossEntropy.apply(local_logits, target, weight, spec)
+        return _logits_forward(local_logits, target, weight, layout, opts, need_grad=False)[0]
+    return _VocabParallelCrossEntropy.apply(local_logits, target, weight, layout, opts)
 
 
 def _vocab_parallel_loss(target: Tensor, weight: Tensor | None, local_size: int, group, vocab_start,
@@ -256,8 +239,9 @@ def _vocab_parallel_loss(target: Tensor, weight: Tensor | None, local_size: int,
     return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd)
 
 
-def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None, spec, need_grad: bool):
-    group, vocab_start, opts = spec
+def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, opts: Options,
+                    need_grad: bool):
+    group, vocab_start = layout.group, layout.vocab_start
     x = local_logits.reshape(-1, local_logits.shape[-1])
     num_rows, local_size = x.shape
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -309,21 +293,21 @@ def _block_pass(x: Tensor, stats: rows.RowStats, block: rows.ClassBlock, cd: tor
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local_logits, target, weight, spec):
-        loss, grad = _logits_forward(local_logits, target, weight, spec, need_grad=True)
-        ctx.grad, ctx.spec, ctx.shape = grad, spec, local_logits.shape
-        ctx.save_for_backward(local_logits, target, weight)
+    def forward(ctx, local_logits, target, weight, layout: Layout, opts: Options):
+        loss, grad = _logits_forward(local_logits, target, weight, layout, opts, need_grad=True)
+        ctx.layout, ctx.opts, ctx.shape = layout, opts, local_logits.shape
+        save_for_handover(ctx, [grad], (local_logits, target, weight))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():
             raise RuntimeError("vocab_parallel_cross_entropy does not support double backward (create_graph=True)")
-        grad, ctx.grad = ctx.grad, None
+        (grad,) = take_handover(ctx)
         if grad is None:  # a second backward (retain_graph=True): recompute, collectively, on every rank
-            grad = _logits_forward(*ctx.saved_tensors, ctx.spec, need_grad=True)[1]
-        scale_input_grad_(grad, grad_loss, ctx.spec[2].reduction)
-        return grad.view(ctx.shape), None, None, None
+            grad = _logits_forward(*saved_inputs(ctx), ctx.layout, ctx.opts, need_grad=True)[1]
+        scale_input_grad_(grad.data, grad_loss, ctx.opts.reduction)
+        return grad.view(ctx.shape), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,7 +331,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tens
     :func:`vocab_parallel_cross_entropy`.
     """
     fn = "vocab_parallel_linear_cross_entropy"
-    opts = _validate(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input")
+    opts = vocab_parallel_options(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input")
     check_tensor(local_linear_weight, "local_linear_weight", fn)
     check_tensor(linear_bias, "linear_bias", fn, optional=True)
     check_linear(input, local_linear_weight, linear_bias)
@@ -359,18 +343,19 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tens
     x2 = input.reshape(-1, input.shape[-1])
     problem = LinearProblem(x2, local_linear_weight, linear_bias, target.reshape(-1), weight, opts,
                             tuple(target.shape), input.dtype, memory_budget=memory_budget)
-    return _VocabParallelLinear.apply(input, local_linear_weight, linear_bias, target, weight, (group, vocab_start,
-                                                                                                 problem))
+    return _VocabParallelLinear.apply(input, local_linear_weight, linear_bias, target, weight,
+                                      Layout(group, vocab_start), problem)
 
 
 class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, local_linear_weight, linear_bias, target, weight, spec):
-        group, vocab_start, p = spec
+    def forward(ctx, input, local_linear_weight, linear_bias, target, weight, layout: Layout, p: LinearProblem):
         block, targets, lse, loss_rows = _vocab_parallel_loss(
-            target, weight, local_linear_weight.shape[0], group, vocab_start, p.options, p.compute_dtype,
+            target, weight, local_linear_weight.shape[0], layout.group, layout.vocab_start, p.options,
+            p.compute_dtype,
             "vocab_parallel_linear_cross_entropy", lambda block: linear_pass(p, block)[0])
-        ctx.spec, ctx.lse, ctx.targets, ctx.block, ctx.input_shape = spec, lse, targets, block, input.shape
+        ctx.layout, ctx.problem, ctx.input_shape = layout, p, input.shape
+        ctx.lse, ctx.targets, ctx.block = lse, targets, block
         ctx.save_for_backward(input, local_linear_weight, linear_bias)
         loss = targets.reduce(loss_rows)
         return (loss.reshape(p.output_shape) if p.options.reduction == "none" else loss).to(p.output_dtype)
@@ -380,7 +365,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("vocab_parallel_linear_cross_entropy does not support double backward "
                                "(create_graph=True)")
-        group, _, p = ctx.spec
+        group, p = ctx.layout.group, ctx.problem
         _ = ctx.saved_tensors  # raises if an input was modified in place since forward
         upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)
         # Every rank runs the same backward: the all-reduce below needs all of them, even a rank whose
@@ -390,4 +375,4 @@ class _VocabParallelLinear(torch.autograd.Function):
         dist.all_reduce(gi, group=group)
         gw = gw.to(p.linear_weight.dtype) if gw is not None else None
         gb = gb.to(p.linear_bias.dtype) if gb is not None else None
-        return (gi.view(ctx.input_shape) if ctx.needs_input_grad[0] else None), gw, gb, None, None, None
+        return (gi.view(ctx.input_shape) if ctx.needs_input_grad[0] else None), gw, gb, None, None, None, None

@@ -18,23 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from ._validate import (
-    LinearProblem,
-    Options,
-    as_float,
-    as_index,
-    autocast_dtype,
-    check_class_weight,
-    check_float_input,
-    check_label_smoothing,
-    check_linear,
-    check_optional_positive,
-    check_same_device,
-    check_target_dtype,
-    check_tensor,
-    check_weight_shape,
-    resolve_reduction,
-)
+from ._validate import ThroughLogits, linear_cross_entropy_problem
+from .functional import cross_entropy
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
@@ -82,60 +67,20 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         >>> loss = xent.linear_cross_entropy(hidden, lm_head, labels, label_smoothing=0.1)
         >>> loss.backward()
     """
-    reduction = resolve_reduction(reduction)
-    fn = "linear_cross_entropy"
-    for name, t, optional in (("input", input, False), ("linear_weight", linear_weight, False),
-                              ("target", target, False), ("linear_bias", linear_bias, True), ("weight", weight, True)):
-        check_tensor(t, name, fn, optional=optional)
-    ignore_index = -100 if ignore_index is None else as_index(ignore_index, "ignore_index", fn)
-    label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
-    z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
-    softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
-    autocast = autocast_dtype(input.device)
-    if autocast is not None:  # as under autocast F.linear casts, then cross_entropy returns float32
-        input, linear_weight, linear_bias = (_autocast(t, autocast) for t in (input, linear_weight, linear_bias))
-        output_dtype = output_dtype or torch.float32
-    check_linear(input, linear_weight, linear_bias)
-
-    vocab = linear_weight.shape[0]
-    probabilities = target.is_floating_point() and tuple(target.shape) == (*input.shape[:-1], vocab)
-    if linear_weight.dim() > 2 and input.dim() != 2:
-        raise RuntimeError(f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires "
-                           f"batched input, (N, {input.shape[-1]}), got input with shape {tuple(input.shape)}")
-    if linear_weight.dim() > 2 or probabilities:
-        return _through_logits(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                               label_smoothing, z_loss, softcap).to(output_dtype or input.dtype)
-
-    label_smoothing = check_label_smoothing(label_smoothing)
-    check_float_input(input, fn)
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        if input.dim() == 2 and target.dim() >= 1:
-            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-                             f"({target.shape[0]}).")
-        raise ValueError(f"Expected target of shape {list(input.shape[:-1])} (input without its last, hidden "
-                         f"dimension), got {list(target.shape)}")
-    check_target_dtype(target)
-    check_same_device(target, input, "target")
-    check_weight_shape(weight, vocab)
-    check_class_weight(input, weight, autocast is not None)
-
-    chunk_size = getattr(options, "batch_chunk_size", None) or 0
-    problem = LinearProblem(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, target.reshape(-1),
-                            weight, Options(reduction, ignore_index, label_smoothing, z_loss, softcap),
-                            tuple(target.shape), output_dtype or input.dtype, int(chunk_size), memory_budget)
+    described = linear_cross_entropy_problem(input, linear_weight, target, linear_bias, weight, reduction,
+                                             ignore_index, label_smoothing, z_loss, softcap, options, memory_budget,
+                                             output_dtype)
+    if isinstance(described, ThroughLogits):
+        return _through_logits(described)
+    problem, input, linear_weight, linear_bias = described
     return ops.linear_cross_entropy(problem, input, linear_weight, linear_bias, target, weight)
 
 
-def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """What autocast does to F.linear's arguments: float32 (and the other half type) become `dtype`."""
-    return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
-
-
-def _through_logits(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                    z_loss, softcap) -> Tensor:
+def _through_logits(d: ThroughLogits) -> Tensor:
     """Probability targets and K-dim heads, which torch also accepts: via the materialized logits."""
-    from .functional import cross_entropy
-
+    input, linear_weight, linear_bias, target, weight = d.input, d.linear_weight, d.linear_bias, d.target, d.weight
+    reduction, ignore_index, label_smoothing, z_loss, softcap = d.reduction, d.ignore_index, d.label_smoothing, \
+        d.z_loss, d.softcap
     hidden = input.shape[-1]
     logits = F.linear(input, linear_weight.reshape(-1, hidden),
                       linear_bias.reshape(-1) if linear_bias is not None else None)
@@ -146,6 +91,6 @@ def _through_logits(input, linear_weight, target, linear_bias, weight, reduction
         loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1, target.shape[-1]),
                              weight=weight, ignore_index=ignore_index, reduction=reduction,
                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        return loss.reshape(lead) if reduction == "none" else loss
+        return (loss.reshape(lead) if reduction == "none" else loss).to(d.output_dtype)
     return cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap).to(d.output_dtype)

@@ -159,7 +159,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         fused = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
         loss, grad = cross_entropy_forward(problem, need_grad=fused)
         ctx.problem = problem
-        _save(ctx, [grad.view(problem.input_shape) if grad is not None else None], (input, target, weight))
+        save_for_handover(ctx, [grad.view(problem.input_shape) if grad is not None else None], (input, target, weight))
         return loss
 
     @staticmethod
@@ -168,7 +168,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         if create_graph or any(ctx.needs_input_grad[1:3]):
             return (*_differentiate_formula(ctx, grad_loss, create_graph), None)
-        (grad,) = _take_gradients(ctx)
+        (grad,) = take_handover(ctx)
         if grad is None:
             _, grad = cross_entropy_forward(problem, need_grad=True)
             grad = grad.view(problem.input_shape)
@@ -176,8 +176,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _save(ctx, grads: list, inputs: tuple) -> None:
-    """Keep forward's gradients for backward, as saved tensors (hooks see them), and the inputs.
+def save_for_handover(ctx, grads: list, inputs: tuple) -> None:
+    """Keep forward's gradients for backward, as saved tensors (hooks see them), and the inputs. Every
+    xent autograd Function that computes its gradient in forward hands it over through these three.
 
     The inputs are kept as references with their versions, not as saved tensors: the first backward
     does not read them, so (as with torch, which saves log-softmax) modifying the logits in place after
@@ -189,8 +190,8 @@ def _save(ctx, grads: list, inputs: tuple) -> None:
     ctx.handed_over = False
 
 
-def _saved_inputs(ctx) -> tuple:
-    """The inputs kept by _save, after autograd's check that none was modified in place since forward."""
+def saved_inputs(ctx) -> tuple:
+    """The inputs kept by save_for_handover, after autograd's check that none was modified in place since forward."""
     for t, version in zip(ctx.inputs, ctx.versions):
         if t is not None and t._version != version:
             raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
@@ -200,7 +201,7 @@ def _saved_inputs(ctx) -> tuple:
     return ctx.inputs
 
 
-def _take_gradients(ctx) -> list:
+def take_handover(ctx) -> list:
     """Forward's gradients, for backward to scale in place and hand over; None for each when a previous
     backward (retain_graph=True) already took them (the inputs are checked then, since the caller
     recomputes from them), or forward computed none.
@@ -209,17 +210,17 @@ def _take_gradients(ctx) -> list:
     second backward can still unpack them, and sees `handed_over`."""
     grads = list(ctx.saved_tensors)
     if ctx.handed_over:
-        _saved_inputs(ctx)
+        saved_inputs(ctx)
         return [None] * len(grads)
     ctx.handed_over = True
     if all(g is None for g in grads):
-        _saved_inputs(ctx)
+        saved_inputs(ctx)
     return grads
 
 
 def _differentiate_formula(ctx, grad_loss: Tensor, create_graph: bool) -> tuple:
     problem: Problem = ctx.problem
-    saved = list(_saved_inputs(ctx))
+    saved = list(saved_inputs(ctx))
     wanted = ctx.needs_input_grad[:3]
     with torch.enable_grad():
         if not create_graph:
@@ -237,7 +238,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         want = tuple(ctx.needs_input_grad[:3])
         loss, grads = linear_forward(problem, want)
         ctx.problem, ctx.want, ctx.input_shape = problem, want, input.shape
-        _save(ctx, grads if grads is not None else [None, None, None],
+        save_for_handover(ctx, grads if grads is not None else [None, None, None],
               (input, linear_weight, linear_bias, target, weight))
         return loss
 
@@ -246,7 +247,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         problem: LinearProblem = ctx.problem
         if torch.is_grad_enabled():
             return (*_linear_double_backward(ctx, grad_loss), None, None, None)
-        grads = _take_gradients(ctx)
+        grads = take_handover(ctx)
         if all(g is None for g in grads):
             grads = linear_backward(problem, grad_loss, ctx.want)
         else:
@@ -262,7 +263,7 @@ def _linear_double_backward(ctx, grad_loss) -> tuple:
     logits, which double backward needs anyway; the cross-entropy part is xent's own (differentiable
     through the formulas)."""
     p: LinearProblem = ctx.problem
-    input, w_lin, b_lin, target, weight = _saved_inputs(ctx)
+    input, w_lin, b_lin, target, weight = saved_inputs(ctx)
     logits = F.linear(input, w_lin, b_lin).reshape(-1, w_lin.shape[0])
     problem = make_problem(logits, target.reshape(-1), weight, p.options, p.output_dtype)
     loss = cross_entropy(problem, logits, problem.target.reshape(-1), weight)
