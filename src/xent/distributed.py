@@ -35,6 +35,7 @@ from ._validate import (
 )
 from ._validate import eager_under_compile as _eager_under_compile
 from .kernels import backend_for, rows
+from .kernels.driver import Chunk, RowPass
 from .kernels.linear import linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
 from .ops import save_for_handover, saved_inputs, scale_input_grad_, take_handover
@@ -279,16 +280,19 @@ def _block_pass(x: Tensor, stats: rows.RowStats, block: rows.ClassBlock, cd: tor
     direct = x.dtype == cd and x.stride(1) == 1
     in_grad = grad is not None and grad.dtype == cd
     scratch = None if in_grad else torch.empty(min(step, num_rows) * size, dtype=cd, device=x.device)
-    for r0 in range(0, num_rows, step):
-        r1 = min(num_rows, r0 + step)
-        ws = grad[r0:r1] if in_grad else scratch[: (r1 - r0) * size].view(r1 - r0, size)
-        backend.chunk(ws, r0, r1, stats, lambda ws=ws, r0=r0, r1=r1: ws.copy_(x[r0:r1]),
-                        source=x[r0:r1] if direct else None, target=block.index[r0:r1].unsqueeze(1),
-                        dense=block.class_weight if smoothing else None,
-                        dense_is_ones=smoothing and block.class_weight is None, coefficients=coefficients,
-                        unshifted=x.device.type == "cpu")
-        if grad is not None and not in_grad:
-            grad[r0:r1].copy_(ws)
+
+    def chunks():
+        for r0 in range(0, num_rows, step):
+            r1 = min(num_rows, r0 + step)
+            ws = grad[r0:r1] if in_grad else scratch[: (r1 - r0) * size].view(r1 - r0, size)
+            yield Chunk(r0, r1, ws, lambda ws=ws, r0=r0, r1=r1: ws.copy_(x[r0:r1]),
+                        source=x[r0:r1] if direct else None)
+            if grad is not None and not in_grad:
+                grad[r0:r1].copy_(ws)
+
+    RowPass(backend, stats, target_index=block.index, dense=block.class_weight if smoothing else None,
+            dense_is_ones=smoothing and block.class_weight is None, coefficients=coefficients,
+            unshifted=x.device.type == "cpu").run(chunks())
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

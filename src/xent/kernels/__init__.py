@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import portable
 from .backends import TORCH, TRITON, TorchBackend
 
 BACKENDS = ("auto", "torch", "triton")
@@ -37,7 +38,7 @@ def forward_for(problem) -> Callable:
     unit upstream gradient, or for `upstream`). Problems the chosen backend's driver does not serve
     (probability targets, K-dim input on Triton) take the torch driver, also on CUDA."""
     backend = backend_for(problem.logits.device, problem.compute_dtype)
-    return (backend if backend.supports_cross_entropy(problem) else TORCH).cross_entropy
+    return backend.cross_entropy_driver(problem) or portable.cross_entropy_forward
 
 
 def scale_by_upstream_(grad: torch.Tensor, upstream: torch.Tensor, per_row: bool = False) -> None:

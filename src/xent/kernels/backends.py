@@ -3,8 +3,9 @@ the row math, a whole cross-entropy, and the in-place upstream scaling of a hand
 
 * ``TORCH``: plain torch ops over rows.py, any device (tuned for CPU); serves every problem.
 * ``TRITON``: the Triton row kernel (triton_rows.py); CUDA tensors, or CPU tensors through Triton's
-  interpreter (TRITON_INTERPRET=1, how CI checks it without a GPU). Its cross-entropy driver serves
-  class-index targets over (N, C) rows in fp32/bf16/fp16; other problems take the torch driver.
+  interpreter (TRITON_INTERPRET=1, how CI checks it without a GPU). It also has a whole-problem
+  cross-entropy (one launch over all rows) for class-index targets over (N, C) rows in fp32/bf16/fp16;
+  other problems take the chunk driver.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import portable, rows
+from . import rows
 
 
 class TorchBackend:
@@ -24,11 +25,10 @@ class TorchBackend:
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
-    def supports_cross_entropy(self, problem) -> bool:
-        return True
-
-    def cross_entropy(self, problem, need_grad: bool, upstream: Tensor | None = None):
-        return portable.cross_entropy_forward(problem, need_grad, upstream=upstream)
+    def cross_entropy_driver(self, problem):
+        """A whole-problem cross-entropy of this backend's own for `problem`, or None: the chunk driver
+        (kernels/portable.py) then runs it, chunk by chunk, through `chunk`."""
+        return None
 
     def chunk(self, *args, **kwargs) -> None:
         rows.torch_chunk(*args, **kwargs)
@@ -61,13 +61,13 @@ class TritonBackend(TorchBackend):
 
         return triton_rows
 
-    def supports_cross_entropy(self, problem) -> bool:
-        return self._kernels().supports(problem)
+    def cross_entropy_driver(self, problem):
+        kernels = self._kernels()
+        return kernels.cross_entropy_forward if kernels.supports(problem) else None
 
-    def cross_entropy(self, problem, need_grad: bool, upstream: Tensor | None = None):
-        return self._kernels().cross_entropy_forward(problem, need_grad, upstream=upstream)
-
-    def chunk(self, *args, **kwargs) -> None:
+    def chunk(self, *args, chain_out=None, unshifted=False, **kwargs) -> None:
+        # The kernel applies the softcap chain factor itself and always shifts by the running max: it
+        # needs neither the chain scratch nor the unshifted shortcut of the torch row math.
         self._kernels().triton_chunk(*args, **kwargs)
 
     def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:

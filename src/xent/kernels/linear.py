@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._validate import HALF_DTYPES, LinearProblem, autocast_dtype
 from . import backend_for, rows
+from .driver import Chunk, RowPass
 
 # Default workspace: 1/16 of the full logits, between 16 MiB and 256 MiB (benchmarks/RESULTS.md).
 MIN_CHUNK_BYTES = 16 << 20
@@ -85,35 +86,37 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
     work_buf = torch.empty(min(step, num_rows) * vocab, dtype=ws_dtype, device=dev) if num_rows and vocab else None
     chain_buf = torch.empty_like(work_buf) if cap is not None and need_grad and work_buf is not None \
         and backend.name == "torch" else None
-    for r0 in range(0, num_rows if vocab else 0, step):
-        r1 = min(num_rows, r0 + step)
-        xc = x[r0:r1]
-        ws = work_buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
 
-        def load(xc=xc, ws=ws) -> None:
-            """The chunk's logits (as F.linear computes them, in the parameters' dtype) into the workspace."""
-            if x.dtype == ws.dtype:
-                if b_lin is None:
-                    torch.mm(xc, w_lin.T, out=ws)
-                else:
-                    torch.addmm(b_lin, xc, w_lin.T, out=ws)
+    def load(xc: Tensor, ws: Tensor) -> None:
+        """The chunk's logits (as F.linear computes them, in the parameters' dtype) into the workspace."""
+        if x.dtype == ws.dtype:
+            if b_lin is None:
+                torch.mm(xc, w_lin.T, out=ws)
             else:
-                ws.copy_(F.linear(xc, w_lin, b_lin))
+                torch.addmm(b_lin, xc, w_lin.T, out=ws)
+        else:
+            ws.copy_(F.linear(xc, w_lin, b_lin))
 
-        backend.chunk(ws, r0, r1, stats, load, target=block.index[r0:r1].unsqueeze(1),
-                        dense=block.class_weight if smoothing else None,
-                        dense_is_ones=smoothing and block.class_weight is None, softcap=cap,
-                        chain_out=chain_buf[: ws.numel()].view_as(ws) if chain_buf is not None else None,
-                        coefficients=coefficients, unshifted=unshifted)
-        if not need_grad:
-            continue
-        grad_logits = ws if ws.dtype == x.dtype else ws.to(x.dtype)
-        if want_input:
-            torch.mm(grad_logits, w_lin, out=grad_input[r0:r1])
-        if want_weight:
-            accumulate_mm_(grad_weight, grad_logits.T, xc)
-        if want_bias:
-            grad_bias.add_(ws.sum(0, dtype=cd))
+    def chunks():
+        for r0 in range(0, num_rows if vocab else 0, step):
+            r1 = min(num_rows, r0 + step)
+            xc = x[r0:r1]
+            ws = work_buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+            yield Chunk(r0, r1, ws, lambda xc=xc, ws=ws: load(xc, ws))
+            if not need_grad:
+                continue
+            # the workspace holds the chunk's logits gradient: fold it into the parameters' gradients
+            grad_logits = ws if ws.dtype == x.dtype else ws.to(x.dtype)
+            if want_input:
+                torch.mm(grad_logits, w_lin, out=grad_input[r0:r1])
+            if want_weight:
+                accumulate_mm_(grad_weight, grad_logits.T, xc)
+            if want_bias:
+                grad_bias.add_(ws.sum(0, dtype=cd))
+
+    RowPass(backend, stats, target_index=block.index, dense=block.class_weight if smoothing else None,
+            dense_is_ones=smoothing and block.class_weight is None, softcap=cap, coefficients=coefficients,
+            chain_buf=chain_buf, unshifted=unshifted).run(chunks())
     return stats, grad_input, grad_weight, grad_bias
 
 

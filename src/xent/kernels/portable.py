@@ -15,6 +15,8 @@ from torch import Tensor
 
 from .._validate import Problem
 from . import rows
+from .backends import TORCH
+from .driver import Chunk, RowPass
 
 # Logits per chunk: 2^20 fp32 values (4 MiB) keep a chunk and its few row vectors inside the L2 caches
 # of a typical CPU while making the per-chunk Python overhead negligible (benchmarks/RESULTS.md).
@@ -84,32 +86,33 @@ def cross_entropy_forward(problem: Problem, need_grad: bool, chunk_elements: int
         def scratch(wanted: bool) -> Tensor | None:
             return torch.empty(chunk, dtype=cd, device=dev) if wanted else None
 
-        work_buf, chain_buf = scratch(not in_grad), scratch(cap is not None and need_grad)
+        work_buf = scratch(not in_grad)
         probs_buf = scratch(problem.probabilities)
 
-        for n0, n1, d0, d1 in chunk_blocks(n, c, d, budget):
-            r0, r1 = n0 * d + d0, (n1 - 1) * d + d1
-            r = r1 - r0
-            block = x[n0:n1, :, d0:d1]
-            ws = grad[n0:n1, :, 0] if in_grad else work_buf[: r * c].view(r, c)
+        def chunks():
+            for n0, n1, d0, d1 in chunk_blocks(n, c, d, budget):
+                r0, r1 = n0 * d + d0, (n1 - 1) * d + d1
+                r = r1 - r0
+                block = x[n0:n1, :, d0:d1]
+                ws = grad[n0:n1, :, 0] if in_grad else work_buf[: r * c].view(r, c)
+                dense = None
+                if problem.probabilities:  # u = w * ((1 - eps) P + eps / C), row by row
+                    dense = probs_buf[: r * c].view(r, c)
+                    _copy_rows(dense, problem.target[n0:n1, :, d0:d1])
+                    if eps > 0:
+                        dense.mul_(1.0 - eps).add_(eps / c)
+                    if weight is not None:
+                        dense.mul_(weight)
+                    torch.sum(dense, 1, out=dense_mass[r0:r1])
+                yield Chunk(r0, r1, ws, lambda ws=ws, block=block: _copy_rows(ws, block),
+                            source=block[:, :, 0] if direct else None, dense=dense)
+                if grad is not None and not in_grad:
+                    _copy_rows_back(grad[n0:n1, :, d0:d1], ws)
 
-            dense = weight
-            if problem.probabilities:
-                dense = probs_buf[: r * c].view(r, c)
-                _copy_rows(dense, problem.target[n0:n1, :, d0:d1])
-                if eps > 0:
-                    dense.mul_(1.0 - eps).add_(eps / c)
-                if weight is not None:
-                    dense.mul_(weight)
-                torch.sum(dense, 1, out=dense_mass[r0:r1])
-            rows.torch_chunk(ws, r0, r1, stats, lambda ws=ws, block=block: _copy_rows(ws, block),
-                            source=block[:, :, 0] if direct else None,
-                            target=block_of_classes.index[r0:r1].unsqueeze(1) if targets is not None else None,
-                            dense=dense if terms.b else None, dense_is_ones=bool(terms.b) and dense is None,
-                            softcap=cap, chain_out=chain_buf[: r * c].view(r, c) if chain_buf is not None else None,
-                            coefficients=coefficients, unshifted=unshifted)
-            if grad is not None and not in_grad:
-                _copy_rows_back(grad[n0:n1, :, d0:d1], ws)
+        RowPass(TORCH, stats, target_index=block_of_classes.index if targets is not None else None,
+                dense=weight if terms.b else None, dense_is_ones=bool(terms.b) and weight is None, softcap=cap,
+                coefficients=coefficients, chain_buf=scratch(cap is not None and need_grad),
+                unshifted=unshifted).run(chunks())
 
     # The loss of every row at once, from the per-row statistics of the pass (float64: see log_sum_exp).
     if c == 0:  # no classes: every row is ignored (index targets) or sums over nothing (probabilities)

@@ -185,10 +185,8 @@ def rows_(z: Tensor, *, stats=None, target: Tensor | None = None, dense: Tensor 
 
 def triton_chunk(workspace: Tensor, r0: int, r1: int, stats: rows.RowStats, load, *, source: Tensor | None = None,
                  target: Tensor | None = None, dense: Tensor | None = None, dense_is_ones: bool = False,
-                 softcap: float | None = None, chain_out: Tensor | None = None, coefficients=None,
-                 unshifted: bool = False) -> None:
-    """rows.torch_chunk's contract, in one launch of the kernel (chain_out and unshifted are not needed:
-    the kernel applies the softcap chain itself and always shifts by the running max)."""
+                 softcap: float | None = None, coefficients=None) -> None:
+    """rows.torch_chunk's contract, in one launch of the kernel."""
     if source is None:
         load()
     lse = coefficients.lse[r0:r1] if coefficients is not None and coefficients.lse is not None else None
