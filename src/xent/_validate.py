@@ -12,10 +12,12 @@ import math
 import numbers
 import operator
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
+
+from .problems import HALF_DTYPES, LinearProblem, Options, Problem, ThroughLogits, autocast_dtype, make_problem
 
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -33,51 +35,6 @@ def eager_under_compile(fn):
     whose collectives and host-side agreement checks are not traced."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
-
-
-# How a loss is being called; the ops (ops.py) pick their implementation by it.
-EAGER, TRACED, FUNC = "eager", "traced", "func"
-
-
-def route(*tensors: Tensor | None) -> str:
-    """FUNC under a torch.func transform of these tensors (grad, vjp, jacrev, vmap...); TRACED while
-    torch.compile, torch.export or make_fx traces (fake or proxy tensors); EAGER otherwise."""
-    if _is_compiling():  # first: dynamo folds it to a constant and traces nothing below
-        return TRACED
-    present = [t for t in tensors if t is not None]
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
-        return FUNC
-    if any(isinstance(t, _FakeTensor) for t in present) or (_proxy_mode is not None and _proxy_mode() is not None):
-        return TRACED
-    return EAGER
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
-try:  # private but long-stable homes of the fake tensor and of make_fx's tracing mode
-    from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
-except ImportError:  # pragma: no cover
-    _FakeTensor = ()
-try:
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode as _proxy_mode
-except ImportError:  # pragma: no cover
-    _proxy_mode = None
-
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """torch.autocast's lower-precision dtype when it is on for `device`'s type, else None."""
-    try:
-        if not torch.is_autocast_enabled(device.type):
-            return None
-        return torch.get_autocast_dtype(device.type)
-    except (TypeError, RuntimeError, AttributeError):  # device types autocast does not know
-        return None
 
 
 def loss_dtype(dtype: torch.dtype, autocast: bool) -> torch.dtype:
@@ -186,77 +143,6 @@ def check_optional_positive(value, name: str, fn: str, allow_none: bool) -> floa
 # The normalized problem
 
 
-@dataclass(frozen=True)
-class Options:
-    """The scalar options of one loss computation, after validation."""
-
-    reduction: str = "mean"
-    ignore_index: int = -100
-    label_smoothing: float = 0.0  # 0 when torch would not smooth (eps <= 0 or NaN)
-    z_loss: float = 0.0
-    softcap: float | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class Problem:
-    """One cross-entropy, normalized to a (N, C, D) layout.
-
-    Every input shape torch accepts maps onto it: unbatched (C,) is (1, C, 1), (N, C) is (N, C, 1) and
-    (N, C, d1..dk) is (N, C, d1*...*dk). A *row* is one (n, d) position, R = N * D rows in all, ordered
-    n-major so that `target.reshape(-1)` and the per-row loss line up.
-    """
-
-    logits: Tensor  # (N, C, D) view of the caller's input (no copy)
-    target: Tensor  # class indices (N, D), or class probabilities (N, C, D)
-    weight: Tensor | None  # (C,)
-    probabilities: bool
-    options: Options
-    input_shape: torch.Size
-    output_shape: tuple  # shape of the reduction='none' result
-    output_dtype: torch.dtype
-
-    @property
-    def num_classes(self) -> int:
-        return self.logits.shape[1]
-
-    @property
-    def num_rows(self) -> int:
-        return self.logits.shape[0] * self.logits.shape[2]
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """fp32 for fp32/bf16/fp16 (our math and reductions never run in half precision), else fp64."""
-        return torch.float64 if self.output_dtype == torch.float64 or self.logits.dtype == torch.float64 \
-            else torch.float32
-
-
-@dataclass(frozen=True, eq=False)
-class LinearProblem:
-    """A validated linear cross-entropy: rows of hidden states, the head and class-index targets."""
-
-    input: Tensor  # (R, H) view of the caller's (..., H) input
-    linear_weight: Tensor  # (V, H)
-    linear_bias: Tensor | None  # (V,)
-    target: Tensor  # (R,) class indices
-    weight: Tensor | None  # (V,) class weights
-    options: Options
-    output_shape: tuple  # the target's shape, for reduction='none'
-    output_dtype: torch.dtype  # of the returned loss (the input's unless asked otherwise)
-    chunk_size: int = 0  # tokens per chunk; 0: sized from memory_budget (kernels/linear.py)
-    memory_budget: int | None = None  # bytes of one chunk's logits; None: the default
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if self.linear_weight.dtype == torch.float64 else torch.float32
-
-
-def _as_3d(t: Tensor) -> Tensor:
-    """(C,) -> (1, C, 1); (N, C) -> (N, C, 1); (N, C, d...) -> (N, C, D). A view whenever torch can make one."""
-    if t.dim() == 1:
-        return t.view(1, t.shape[0], 1)
-    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
-
-
 def check_index_target(input: Tensor, target: Tensor) -> None:
     """torch's nll_loss shape and dtype checks, in its order (batch, rank, dtype)."""
     if input.dim() == 0:
@@ -302,28 +188,6 @@ def check_class_weight(input: Tensor, weight: Tensor | None, autocast: bool = Fa
                            "indices (as in torch); pass weight.detach() or use class-probability targets")
 
 
-def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """IndexError naming the first target that is neither a class nor ignore_index (as torch on CPU).
-
-    On a GPU, and while a graph is traced, a device-side assert instead (as torch's own kernels): no
-    host synchronisation and nothing data-dependent in the trace. Under a torch.func transform of the
-    targets themselves (vmap over them) there is no single answer to assert on, and it is skipped.
-    """
-    if route(target) == FUNC:
-        return
-    if target.numel() == 0:
-        return
-    flat = target.reshape(-1).long()  # uint8 compares as int64, as torch: -100 or 300 must not wrap
-    bad = ((flat >= num_classes) | (flat < 0)) & (flat != ignore_index)
-    if target.device.type != "cpu" or route(target) == TRACED:
-        torch._assert_async(~bad.any(), "xent: a target is out of bounds (neither a class index nor ignore_index)")
-        return
-    if bool(bad.any()):
-        first = int(flat[bad.nonzero()[0, 0]])
-        raise IndexError(f"Target {first} is out of bounds. (It must be a class index in [0, {num_classes - 1}] "
-                         f"or ignore_index={ignore_index}.)")
-
-
 def cross_entropy_problem(input, target, weight, *, reduction, ignore_index, label_smoothing, z_loss=0.0,
                           softcap=None, fn: str = "cross_entropy") -> Problem:
     """Validate cross_entropy's arguments, in torch's order, into a Problem.
@@ -348,21 +212,6 @@ def cross_entropy_problem(input, target, weight, *, reduction, ignore_index, lab
     check_index_target(input, target)
     check_index_weight(input, weight, autocast)
     return make_problem(input, target, weight, options, loss_dtype(input.dtype, autocast))
-
-
-def make_problem(input: Tensor, target: Tensor, weight: Tensor | None, options: Options,
-                 output_dtype: torch.dtype) -> Problem:
-    """The Problem of arguments that passed the checks above: layout only, no checks (the ops rebuild
-    it from their flat arguments with this). The target range is checked by the op itself."""
-    output_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
-    if input.shape == target.shape:
-        return Problem(_as_3d(input), _as_3d(target), weight, True, options, input.shape, output_shape,
-                       output_dtype)
-    if input.dim() == 1:
-        target = target.reshape(1, 1)
-    else:
-        target = target.reshape(input.shape[0], math.prod(input.shape[2:]))
-    return Problem(_as_3d(input), target, weight, False, options, input.shape, output_shape, output_dtype)
 
 
 def _probability_problem(input: Tensor, target: Tensor, weight, options: Options, fn: str, autocast: bool) -> Problem:
@@ -405,24 +254,6 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | Non
                                f"{scalar_name(input.dtype)} != {scalar_name(t.dtype)}")
         if t is not None:
             check_same_device(t, input, name)
-
-
-@dataclass(frozen=True, eq=False)
-class ThroughLogits:
-    """A linear cross-entropy computed through its materialized logits: probability targets and K-dim
-    heads (C, d1, ..., H), which torch accepts; arguments after autocast's casts."""
-
-    input: Tensor
-    linear_weight: Tensor
-    linear_bias: Tensor | None
-    target: Tensor
-    weight: Tensor | None
-    reduction: str
-    ignore_index: int
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    output_dtype: torch.dtype
 
 
 def linear_cross_entropy_problem(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,

@@ -24,21 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validate import (
-    LinearProblem,
-    Options,
-    as_index,
-    check_linear,
-    check_tensor,
-    check_weight_shape,
-    vocab_parallel_options,
-)
+from ._validate import as_index, check_linear, check_tensor, check_weight_shape, vocab_parallel_options
 from ._validate import eager_under_compile as _eager_under_compile
 from .kernels import backend_for, rows
 from .kernels.driver import Chunk, RowPass
 from .kernels.linear import linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
 from .ops import save_for_handover, saved_inputs, scale_input_grad_, take_handover
+from .problems import LinearProblem, Options
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
 _NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)

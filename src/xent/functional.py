@@ -7,18 +7,17 @@ from torch import Tensor
 
 from . import ops
 from ._validate import (
-    _as_3d,
     as_index,
-    autocast_dtype,
     check_float_input,
     check_index_target,
     check_index_weight,
-    check_target_range,
     check_tensor,
     cross_entropy_problem,
     loss_dtype,
     resolve_reduction,
 )
+from .ops import check_target_range
+from .problems import _as_3d, autocast_dtype
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,

@@ -29,12 +29,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._validate import EAGER, FUNC, LinearProblem, Options, Problem, _as_3d, check_target_range, make_problem, route
 from .kernels import forward_for, scale_by_upstream_
 from .kernels import linear as linear_kernels
+from .problems import EAGER, FUNC, TRACED, LinearProblem, Options, Problem, _as_3d, make_problem, route
 
 # ----------------------------------------------------------------------------------------------------
 # The kernels behind both the eager Functions and the custom ops
+
+
+def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """IndexError naming the first target that is neither a class nor ignore_index (as torch on CPU).
+
+    On a GPU, and while a graph is traced, a device-side assert instead (as torch's own kernels): no
+    host synchronisation and nothing data-dependent in the trace. Under a torch.func transform of the
+    targets themselves (vmap over them) there is no single answer to assert on, and it is skipped.
+    """
+    if route(target) == FUNC:
+        return
+    if target.numel() == 0:
+        return
+    flat = target.reshape(-1).long()  # uint8 compares as int64, as torch: -100 or 300 must not wrap
+    bad = ((flat >= num_classes) | (flat < 0)) & (flat != ignore_index)
+    if target.device.type != "cpu" or route(target) == TRACED:
+        torch._assert_async(~bad.any(), "xent: a target is out of bounds (neither a class index nor ignore_index)")
+        return
+    if bool(bad.any()):
+        first = int(flat[bad.nonzero()[0, 0]])
+        raise IndexError(f"Target {first} is out of bounds. (It must be a class index in [0, {num_classes - 1}] "
+                         f"or ignore_index={ignore_index}.)")
 
 
 def cross_entropy_forward(problem: Problem, need_grad: bool) -> tuple[Tensor, Tensor | None]:

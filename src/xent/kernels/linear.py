@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validate import HALF_DTYPES, LinearProblem, autocast_dtype
+from ..problems import HALF_DTYPES, LinearProblem, autocast_dtype
 from . import backend_for, rows
 from .driver import Chunk, RowPass
 

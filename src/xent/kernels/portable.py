@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .._validate import Problem
+from ..problems import Problem
 from . import rows
 from .backends import TORCH
 from .driver import Chunk, RowPass
