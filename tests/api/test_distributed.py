@@ -1,6 +1,6 @@
 """Vocab-parallel cross-entropy: 2 and 3 gloo processes on 127.0.0.1, compared with single-process xent/torch.
 
-The ranks run tests/dist_worker.py; each writes 'ok' or its traceback to a file. A watchdog kills them if
+The ranks run tests/api/dist_worker.py; each writes 'ok' or its traceback to a file. A watchdog kills them if
 they have not finished within the deadline (the process group also has a 60 s collective timeout), so a
 hang fails the test instead of stalling the suite.
 """

@@ -196,7 +196,7 @@ def test_backend_selection_and_errors(monkeypatch):
 def test_cuda_benchmark_script_runs(tmp_path):
     """benchmarks/bench_cuda.py in its smoke mode: on the GPU where there is one, else on CPU tensors through
     Triton's interpreter (what CI checks)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cuda.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_cuda.py"
     env = dict(os.environ, XENT_BACKEND="triton")
     if CUDA:
         # the real thing: CUDA tensors and compiled kernels, never the interpreter

@@ -267,7 +267,7 @@ def test_training_step_peak_memory_is_lower_at_a_large_vocabulary():
 def test_example_finetune_script_runs():
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "finetune_tiny_llama.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "finetune_tiny_llama.py"
     done = subprocess.run([sys.executable, str(script), "--steps", "2", "--vocab", "3000", "--batch", "2",
                            "--seq", "32"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
