@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: demo test verify bench clean
+.PHONY: demo test lint format verify bench clean
 demo: $(STAMP)
 	$(VENV)/bin/xent bench
 
@@ -19,6 +19,15 @@ verify: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# ruff, configured in pyproject.toml: the linter, and the formatter in check mode (`make format` applies it)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks examples
+	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_cross_entropy.py

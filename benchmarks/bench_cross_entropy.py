@@ -27,8 +27,10 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"forward + backward, mean loss, {args.dtype}, {args.device}; medians of {args.repeats} interleaved runs\n")
-    print("| N x C | xent time (s) | torch time (s) | time ratio xent/torch | median of per-round ratios "
-          "| xent peak growth / logits | torch peak growth / logits |")
+    print(
+        "| N x C | xent time (s) | torch time (s) | time ratio xent/torch | median of per-round ratios "
+        "| xent peak growth / logits | torch peak growth / logits |"
+    )
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         n, c = (int(v) for v in size.lower().split("x"))
@@ -39,9 +41,12 @@ def main() -> None:
         ratios = [a / b for a, b in zip(times["xent"], times["torch"])]
         mem = {impl: peak_growth_fresh(w, impl) for impl in CE_IMPLS}
         growth = {impl: mem[impl]["peak_growth_bytes"] / mem[impl]["logits_bytes"] for impl in CE_IMPLS}
-        print(f"| {n} x {c} | {median(times['xent']):.3f} | {median(times['torch']):.3f} | "
-              f"{median(times['xent']) / median(times['torch']):.3f} | {median(ratios):.3f} | "
-              f"{growth['xent']:.3f} | {growth['torch']:.3f} |", flush=True)
+        print(
+            f"| {n} x {c} | {median(times['xent']):.3f} | {median(times['torch']):.3f} | "
+            f"{median(times['xent']) / median(times['torch']):.3f} | {median(ratios):.3f} | "
+            f"{growth['xent']:.3f} | {growth['torch']:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

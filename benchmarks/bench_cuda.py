@@ -65,6 +65,7 @@ GB = 1e9
 
 # ----------------------------------------------------------------------------------------------- output
 
+
 class Report:
     """Prints markdown lines to stdout and, with --out, appends them to a file as they come."""
 
@@ -141,6 +142,7 @@ def _version(dist: str, module: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- timing
+
 
 class Case:
     """One implementation's step. `run` is timed; `reset` (untimed, before and after every run) frees what
@@ -232,7 +234,7 @@ def measure(cases: list[Case], repeats: int, device: str) -> dict[str, Result]:
                 _fail(c, results[c.name], e, device)
                 live.remove(c)
     for r in range(repeats):
-        for c in (live if r % 2 == 0 else live[::-1]):
+        for c in live if r % 2 == 0 else live[::-1]:
             if results[c.name].error:
                 continue
             try:
@@ -259,8 +261,12 @@ def _configure_dynamo() -> None:
     try:
         import torch._dynamo
 
-        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                     "accumulated_recompile_limit"):
+        for name in (
+            "cache_size_limit",
+            "recompile_limit",
+            "accumulated_cache_size_limit",
+            "accumulated_recompile_limit",
+        ):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     except Exception:
@@ -277,6 +283,7 @@ def _dynamo_reset() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- peers
+
 
 class Peers:
     """Optional implementations, each import guarded; `notes` says what was skipped and why."""
@@ -301,8 +308,10 @@ class Peers:
             self.notes.append(f"Cut Cross-Entropy skipped: {_short(e)}")
         self.torch_chunked = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
         if not self.torch_chunked:
-            self.notes.append(f"torch chunked F.linear_cross_entropy skipped: torch {torch.__version__} lacks "
-                              f"F.linear_cross_entropy / torch.nn.LinearCrossEntropyOptions (torch >= 2.13)")
+            self.notes.append(
+                f"torch chunked F.linear_cross_entropy skipped: torch {torch.__version__} lacks "
+                f"F.linear_cross_entropy / torch.nn.LinearCrossEntropyOptions (torch >= 2.13)"
+            )
         if device == "cpu":
             self.liger_ce = self.liger_flce = self.cce = None  # Triton kernels for CUDA only
 
@@ -326,8 +335,10 @@ def _torch_chunked(x, w, y):
 def linear_impls(peers: Peers, precision: bool = False) -> dict:
     import xent
 
-    impls = {"xent": lambda x, w, y: xent.linear_cross_entropy(x, w, y),
-             "naive matmul + CE (fp32 logits)": _naive_linear_ce}
+    impls = {
+        "xent": lambda x, w, y: xent.linear_cross_entropy(x, w, y),
+        "naive matmul + CE (fp32 logits)": _naive_linear_ce,
+    }
     if precision:
         impls["naive matmul + CE (bf16 logits)"] = _naive_linear_ce_bf16
     elif peers.compile:
@@ -343,6 +354,7 @@ def linear_impls(peers: Peers, precision: bool = False) -> dict:
 
 # ------------------------------------------------------------------------------------------ cross_entropy
 
+
 def ce_section(report: Report, args, peers: Peers) -> None:
     import xent
 
@@ -353,12 +365,24 @@ def ce_section(report: Report, args, peers: Peers) -> None:
         full = [(8192, 32000), (8192, 128256), (32768, 32000), (16384, 151936), (4096, 256000)]
         sizes = {torch.bfloat16: full, torch.float32: [s for s in full if s != (16384, 151936)]}
     report("## cross_entropy, forward + backward (mean)\n")
-    report("GB/s counts the logits read once and the gradient written once; \"% of copy\" is the time of a "
-           "device-to-device copy of the same bytes (same-size buffer, same rounds) over this time. Peak "
-           "growth: torch.cuda.max_memory_allocated during one step beyond the inputs and the returned "
-           "gradient.\n")
-    report.table(["N x V", "dtype", "implementation", "time (ms)", "GB/s", "% of copy",
-                  "peak growth beyond grad (GB)", "x logits"])
+    report(
+        'GB/s counts the logits read once and the gradient written once; "% of copy" is the time of a '
+        "device-to-device copy of the same bytes (same-size buffer, same rounds) over this time. Peak "
+        "growth: torch.cuda.max_memory_allocated during one step beyond the inputs and the returned "
+        "gradient.\n"
+    )
+    report.table(
+        [
+            "N x V",
+            "dtype",
+            "implementation",
+            "time (ms)",
+            "GB/s",
+            "% of copy",
+            "peak growth beyond grad (GB)",
+            "x logits",
+        ]
+    )
     for dtype in (torch.bfloat16, torch.float32):
         for n, v in sizes[dtype]:
             progress(f"ce {n} x {v} {_dtype_name(dtype)}")
@@ -378,8 +402,7 @@ def ce_section(report: Report, args, peers: Peers) -> None:
                         x.copy_(x0)
 
             def make(name, fn, restore=False):
-                return Case(name, lambda: fn(x, y).backward(), lambda: reset(restore),
-                            lambda: _fresh_grad_bytes(x))
+                return Case(name, lambda: fn(x, y).backward(), lambda: reset(restore), lambda: _fresh_grad_bytes(x))
 
             impls = {"xent": xent.cross_entropy, "torch eager": F.cross_entropy}
             if peers.compile:
@@ -397,15 +420,24 @@ def ce_section(report: Report, args, peers: Peers) -> None:
                     report.row(label + [r.error, "-", "-", "-", "-"])
                     continue
                 bw = 2 * nbytes / r.time
-                report.row(label + [_ms(r.time), _rate(bw / GB), _pct(t_copy / r.time),
-                                    _gb(r.peak) if c.memory else "-",
-                                    _times(r.peak, nbytes) if c.memory else "-"])
+                report.row(
+                    label
+                    + [
+                        _ms(r.time),
+                        _rate(bw / GB),
+                        _pct(t_copy / r.time),
+                        _gb(r.peak) if c.memory else "-",
+                        _times(r.peak, nbytes) if c.memory else "-",
+                    ]
+                )
             del cases, impls, res, x, y, x0, src, dst
             _cleanup(device)
     if peers.liger_ce is not None:
-        report("\nLiger's cross-entropy writes the gradient into the logits' storage (a returned gradient that "
-               "shares the input's storage is not subtracted); the logits are restored between its runs, "
-               "untimed.")
+        report(
+            "\nLiger's cross-entropy writes the gradient into the logits' storage (a returned gradient that "
+            "shares the input's storage is not subtracted); the logits are restored between its runs, "
+            "untimed."
+        )
     report()
     ce_options_section(report, args)
 
@@ -448,8 +480,9 @@ def ce_options_section(report: Report, args) -> None:
     cases = [Case(name, fn, reset, lambda: _fresh_grad_bytes(x)) for name, fn in variants.items()]
     res = measure(cases, args.repeats, device)
     plain = res["plain (mean)"]
-    report.table(["N x V", "dtype", "xent variant", "time (ms)", "time / plain", "peak growth beyond grad (GB)",
-                  "x logits"])
+    report.table(
+        ["N x V", "dtype", "xent variant", "time (ms)", "time / plain", "peak growth beyond grad (GB)", "x logits"]
+    )
     for c in cases:
         r = res[c.name]
         label = [f"{n} x {v}", _dtype_name(dtype), c.name]
@@ -465,19 +498,32 @@ def ce_options_section(report: Report, args) -> None:
 
 # ------------------------------------------------------------------------------------ linear_cross_entropy
 
+
 def linear_section(report: Report, args, peers: Peers) -> None:
     device = args.device
     dtype = torch.bfloat16
     sizes = [(16, 32, 512)] if args.smoke else [(8192, 4096, 128256), (8192, 2304, 256000), (16384, 2048, 128256)]
     report("## linear_cross_entropy, forward + backward (gradients for input and weight), mean\n")
-    report("TFLOP/s = 6 N H V / time (the three GEMMs of forward + backward). The dense GEMM row is one "
-           "torch.mm (N,H)x(H,V) in bf16, timed in the same rounds: its TFLOP/s (2 N H V / time) is the "
-           "machine's matmul rate at this shape, and \"% of GEMM\" compares each implementation with it. Peak "
-           "growth: beyond the inputs and the returned input and weight gradients; x logits = per N*V*2 "
-           "bytes.\n")
+    report(
+        "TFLOP/s = 6 N H V / time (the three GEMMs of forward + backward). The dense GEMM row is one "
+        "torch.mm (N,H)x(H,V) in bf16, timed in the same rounds: its TFLOP/s (2 N H V / time) is the "
+        'machine\'s matmul rate at this shape, and "% of GEMM" compares each implementation with it. Peak '
+        "growth: beyond the inputs and the returned input and weight gradients; x logits = per N*V*2 "
+        "bytes.\n"
+    )
     report(f"torch.backends.cuda.matmul.allow_tf32 = {torch.backends.cuda.matmul.allow_tf32} (left as is)\n")
-    report.table(["N, H, V", "dtype", "implementation", "time (ms)", "TFLOP/s", "% of GEMM",
-                  "peak growth beyond grads (GB)", "x logits"])
+    report.table(
+        [
+            "N, H, V",
+            "dtype",
+            "implementation",
+            "time (ms)",
+            "TFLOP/s",
+            "% of GEMM",
+            "peak growth beyond grads (GB)",
+            "x logits",
+        ]
+    )
     for n, h, v in sizes:
         progress(f"linear {n}, {h}, {v}")
         _dynamo_reset()
@@ -495,8 +541,13 @@ def linear_section(report: Report, args, peers: Peers) -> None:
             return Case(name, lambda: fn(x, w, y).backward(), reset, lambda: _fresh_grad_bytes(x, w))
 
         cases = [make(name, fn) for name, fn in linear_impls(peers).items()]
-        cases.append(Case("dense bf16 GEMM torch.mm (reference)",
-                          lambda: torch.mm(x.detach(), w.detach().t(), out=gemm_out), memory=False))
+        cases.append(
+            Case(
+                "dense bf16 GEMM torch.mm (reference)",
+                lambda: torch.mm(x.detach(), w.detach().t(), out=gemm_out),
+                memory=False,
+            )
+        )
         res = measure(cases, args.repeats, device)
         gemm = res[cases[-1].name]
         gemm_tflops = 2 * n * h * v / gemm.time / 1e12 if not gemm.error else float("nan")
@@ -510,8 +561,10 @@ def linear_section(report: Report, args, peers: Peers) -> None:
                 report.row(label + [_ms(r.time), _rate(gemm_tflops), "100%", "-", "-"])
                 continue
             tflops = 6 * n * h * v / r.time / 1e12
-            report.row(label + [_ms(r.time), _rate(tflops),
-                                _pct(tflops / gemm_tflops), _gb(r.peak), _times(r.peak, logits_bytes)])
+            report.row(
+                label
+                + [_ms(r.time), _rate(tflops), _pct(tflops / gemm_tflops), _gb(r.peak), _times(r.peak, logits_bytes)]
+            )
         del cases, res, x, w, y, gemm_out
         _cleanup(device)
     report()
@@ -524,9 +577,11 @@ def precision_section(report: Report, args, peers: Peers) -> None:
     dtype = torch.bfloat16
     progress(f"linear precision {n}, {h}, {v}")
     report("### linear_cross_entropy precision against float64\n")
-    report("The same bf16 inputs; the reference computes loss and gradients in float64. Errors: "
-           "max |grad - ref| / max |ref| (weight and input gradients), and |loss - ref| with the loss in the "
-           "dtype each implementation returns (bf16 for xent and torch on bf16 inputs).\n")
+    report(
+        "The same bf16 inputs; the reference computes loss and gradients in float64. Errors: "
+        "max |grad - ref| / max |ref| (weight and input gradients), and |loss - ref| with the loss in the "
+        "dtype each implementation returns (bf16 for xent and torch on bf16 inputs).\n"
+    )
     gen = torch.Generator(device=device).manual_seed(1)
     x0 = torch.randn(n, h, generator=gen, device=device, dtype=dtype)
     w0 = (torch.randn(v, h, generator=gen, device=device, dtype=dtype) / h**0.5).to(dtype)
@@ -537,8 +592,16 @@ def precision_section(report: Report, args, peers: Peers) -> None:
     loss64.backward()
     ref = (loss64.item(), x64.grad, w64.grad)
     del x64, w64, loss64
-    report.table(["N, H, V", "dtype", "implementation", "weight grad: max err / max ref",
-                  "input grad: max err / max ref", "loss abs err"])
+    report.table(
+        [
+            "N, H, V",
+            "dtype",
+            "implementation",
+            "weight grad: max err / max ref",
+            "input grad: max err / max ref",
+            "loss abs err",
+        ]
+    )
 
     def rel(g, r):
         return ((g.double() - r).abs().max() / r.abs().max()).item()
@@ -550,8 +613,9 @@ def precision_section(report: Report, args, peers: Peers) -> None:
         try:
             loss = fn(x, w, y)
             loss.backward()
-            report.row(label + [f"{rel(w.grad, ref[2]):.2e}", f"{rel(x.grad, ref[1]):.2e}",
-                                f"{abs(loss.item() - ref[0]):.2e}"])
+            report.row(
+                label + [f"{rel(w.grad, ref[2]):.2e}", f"{rel(x.grad, ref[1]):.2e}", f"{abs(loss.item() - ref[0]):.2e}"]
+            )
         except Exception as e:  # noqa: BLE001
             oom = isinstance(e, torch.cuda.OutOfMemoryError)
             report.row(label + ["OOM" if oom else f"failed ({_short(e)})", "-", "-"])
@@ -561,6 +625,7 @@ def precision_section(report: Report, args, peers: Peers) -> None:
 
 
 # ------------------------------------------------------------------------------------------- end to end
+
 
 def _apply_liger(model) -> None:
     """Liger's fused linear CE on this Llama instance only (everything else of Liger off)."""
@@ -603,20 +668,36 @@ def e2e_section(report: Report, args) -> None:
     import xent.integrations.transformers as xent_hf
 
     if args.smoke:
-        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, vocab_size=512)
+        shape = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=512,
+        )
         batch, seq = 2, 32
     else:
-        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=16,
-                     num_key_value_heads=16, vocab_size=128256)
+        shape = dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=128256,
+        )
         batch, seq = 8, 2048
     dtype = torch.bfloat16
     config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048), use_cache=False)
-    desc = (f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, intermediate "
-            f"{shape['intermediate_size']}, {shape['num_attention_heads']} heads, vocab {shape['vocab_size']}")
-    report(f"LlamaConfig({desc}), {_dtype_name(dtype)}, randomly initialised (same seed for every "
-           f"variant), transformers {transformers.__version__}; model.train(), labels = input_ids. Peak "
-           f"growth: beyond the parameters, including their gradients.\n")
+    desc = (
+        f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, intermediate "
+        f"{shape['intermediate_size']}, {shape['num_attention_heads']} heads, vocab {shape['vocab_size']}"
+    )
+    report(
+        f"LlamaConfig({desc}), {_dtype_name(dtype)}, randomly initialised (same seed for every "
+        f"variant), transformers {transformers.__version__}; model.train(), labels = input_ids. Peak "
+        f"growth: beyond the parameters, including their gradients.\n"
+    )
     progress(f"e2e {desc}, {batch} x {seq}")
 
     def build():
@@ -666,8 +747,15 @@ def e2e_section(report: Report, args) -> None:
             report.row(label + [r.error, "-", "-", "-"])
             continue
         loss = losses.get(c.name)
-        report.row(label + [_ms(r.time), f"{batch * seq / r.time:,.0f}", _gb(r.peak),
-                            f"{loss.float().item():.4f}" if loss is not None else "-"])
+        report.row(
+            label
+            + [
+                _ms(r.time),
+                f"{batch * seq / r.time:,.0f}",
+                _gb(r.peak),
+                f"{loss.float().item():.4f}" if loss is not None else "-",
+            ]
+        )
     report()
     for note in notes:
         report.note(note)
@@ -677,6 +765,7 @@ def e2e_section(report: Report, args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -710,12 +799,14 @@ def main() -> None:
     else:
         name = f"{device} (xent through Triton's interpreter: TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})"
     report("# xent GPU benchmark\n")
-    report(f"device: {name}; torch {torch.__version__}; triton {_version('triton', 'triton')}; "
-           f"liger-kernel {_version('liger-kernel', 'liger_kernel')}; "
-           f"cut-cross-entropy {_version('cut-cross-entropy', 'cut_cross_entropy')}; "
-           f"transformers {_version('transformers', 'transformers')}; "
-           f"xent backend {os.environ.get('XENT_BACKEND', 'auto')}; "
-           f"medians of {args.repeats} interleaved runs{' (smoke sizes)' if args.smoke else ''}\n")
+    report(
+        f"device: {name}; torch {torch.__version__}; triton {_version('triton', 'triton')}; "
+        f"liger-kernel {_version('liger-kernel', 'liger_kernel')}; "
+        f"cut-cross-entropy {_version('cut-cross-entropy', 'cut_cross_entropy')}; "
+        f"transformers {_version('transformers', 'transformers')}; "
+        f"xent backend {os.environ.get('XENT_BACKEND', 'auto')}; "
+        f"medians of {args.repeats} interleaved runs{' (smoke sizes)' if args.smoke else ''}\n"
+    )
     for note in peers.notes:
         report.note(note)
     if peers.notes:

@@ -30,20 +30,27 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     w = Workload("linear", args.tokens, args.vocab, hidden=args.hidden, dtype=args.dtype, device=args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}; {w.label()}; "
-          f"medians of {args.repeats} interleaved runs\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}; {w.label()}; "
+        f"medians of {args.repeats} interleaved runs\n"
+    )
     steps = {impl: make_step(w, impl)[0] for impl in LINEAR_IMPLS}
     times = time_interleaved(steps, args.repeats, device=args.device)
     del steps
-    print("| implementation | time (s) | xent time / this | per-round ratio (median) "
-          "| peak growth beyond grads / logits |")
+    print(
+        "| implementation | time (s) | xent time / this | per-round ratio (median) "
+        "| peak growth beyond grads / logits |"
+    )
     print("|---|---|---|---|---|")
     for impl in LINEAR_IMPLS:
         mem = peak_growth_fresh(w, impl)
         extra = (mem["peak_growth_bytes"] - mem["grad_bytes"]) / mem["logits_bytes"]
         per_round = median([a / b for a, b in zip(times["xent"], times[impl])])
-        print(f"| {impl} | {median(times[impl]):.3f} | {median(times['xent']) / median(times[impl]):.3f} | "
-              f"{per_round:.3f} | {extra:.3f} |", flush=True)
+        print(
+            f"| {impl} | {median(times[impl]):.3f} | {median(times['xent']) / median(times[impl]):.3f} | "
+            f"{per_round:.3f} | {extra:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,15 @@ def train(variant: str, steps: int, vocab: int, batch: int, seq: int) -> dict:
 
     torch.manual_seed(0)
     data = torch.tensor(list(TEXT.read_bytes()), dtype=torch.long)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq,
+    )
     model = LlamaForCausalLM(config).train()
     if variant == "xent":
         import xent.integrations.transformers as xent_hf
@@ -45,14 +52,17 @@ def train(variant: str, steps: int, vocab: int, batch: int, seq: int) -> dict:
     start = time.perf_counter()
     for _ in range(steps):
         offsets = torch.randint(0, data.numel() - seq, (batch,), generator=gen)
-        ids = torch.stack([data[o:o + seq] for o in offsets.tolist()])
+        ids = torch.stack([data[o : o + seq] for o in offsets.tolist()])
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(out.loss))
-    return {"losses": losses, "peak_mb": (_status_bytes("VmHWM") - base) / 2**20,
-            "seconds": time.perf_counter() - start}
+    return {
+        "losses": losses,
+        "peak_mb": (_status_bytes("VmHWM") - base) / 2**20,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def main() -> None:
@@ -69,22 +79,38 @@ def main() -> None:
 
     results = {}
     for variant in ("transformers", "xent"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--vocab", str(args.vocab),
-               "--batch", str(args.batch), "--seq", str(args.seq)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--steps",
+            str(args.steps),
+            "--vocab",
+            str(args.vocab),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if done.returncode != 0:
             sys.exit(f"{variant} run failed:\n{done.stderr[-3000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
 
     logits_mb = args.batch * args.seq * args.vocab * 4 / 2**20
-    print(f"tiny Llama (2 layers, H=128, V={args.vocab}), batch {args.batch} x {args.seq} bytes of "
-          f"{TEXT.name}; the logits of one step are {logits_mb:.0f} MB\n")
+    print(
+        f"tiny Llama (2 layers, H=128, V={args.vocab}), batch {args.batch} x {args.seq} bytes of "
+        f"{TEXT.name}; the logits of one step are {logits_mb:.0f} MB\n"
+    )
     print(f"{'step':>4}  {'loss (transformers)':>20}  {'loss (xent)':>12}")
     for i, (a, b) in enumerate(zip(results["transformers"]["losses"], results["xent"]["losses"]), 1):
         print(f"{i:>4}  {a:>20.4f}  {b:>12.4f}")
     t, x = results["transformers"], results["xent"]
-    print(f"\npeak memory growth of the loop: transformers {t['peak_mb']:.0f} MB, xent {x['peak_mb']:.0f} MB "
-          f"({x['peak_mb'] / t['peak_mb']:.2f}x)")
+    print(
+        f"\npeak memory growth of the loop: transformers {t['peak_mb']:.0f} MB, xent {x['peak_mb']:.0f} MB "
+        f"({x['peak_mb'] / t['peak_mb']:.2f}x)"
+    )
     print(f"time: transformers {t['seconds']:.1f} s, xent {x['seconds']:.1f} s")
     worst = max(abs(a - b) for a, b in zip(t["losses"], x["losses"]))
     print(f"largest loss difference over the run: {worst:.2e}")

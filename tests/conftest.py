@@ -11,10 +11,21 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI runs a fixed, reproducible set of examples; XENT_HYPOTHESIS=explore draws fresh ones locally.
-settings.register_profile("ci", derandomize=True, deadline=None, max_examples=150, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("explore", deadline=None, max_examples=2000, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=150,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "explore",
+    deadline=None,
+    max_examples=2000,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile("explore" if os.environ.get("XENT_HYPOTHESIS") == "explore" else "ci")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -34,16 +45,3 @@ def device(request) -> torch.device:
     tests may take it (their examples share one fixture value).
     """
     return torch.device(request.param)
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force many tiny chunks so the chunk loop (and its row/column bookkeeping) is exercised.
-
-    Only the portable (torch backend) driver chunks: on CUDA the Triton driver takes all rows in one launch."""
-    from xent.kernels import portable
-
-    def set_budget(elements: int) -> None:
-        monkeypatch.setattr(portable, "CHUNK_ELEMENTS", elements)
-
-    return set_budget

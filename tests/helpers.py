@@ -22,19 +22,15 @@ def loosest(*dtypes):
 def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
     dtype = dtype or expected.dtype
     tol = TOL.get(dtype, TOL[torch.float32])
-    torch.testing.assert_close(actual, expected, rtol=tol["rtol"] * scale, atol=tol["atol"] * scale,
-                               equal_nan=True, check_dtype=True, msg=lambda m: f"{msg}\n{m}")
-
-
-def raises_like(fn_ours, fn_torch):
-    """Run both; return (our exception, torch's exception), either possibly None."""
-    def run(fn):
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - we compare whatever is raised
-            return exc
-        return None
-    return run(fn_ours), run(fn_torch)
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=tol["rtol"] * scale,
+        atol=tol["atol"] * scale,
+        equal_nan=True,
+        check_dtype=True,
+        msg=lambda m: f"{msg}\n{m}",
+    )
 
 
 def on(device, *tensors):

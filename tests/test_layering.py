@@ -21,8 +21,18 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "xent"
 
 LAYERS = [  # top to bottom
-    {"xent", "xent.functional", "xent.modules", "xent.linear", "xent.distributed", "xent.integrations",
-     "xent.integrations.transformers", "xent.labels", "xent.cli", "xent.bench"},
+    {
+        "xent",
+        "xent.functional",
+        "xent.modules",
+        "xent.linear",
+        "xent.distributed",
+        "xent.integrations",
+        "xent.integrations.transformers",
+        "xent.labels",
+        "xent.cli",
+        "xent.bench",
+    },
     {"xent._validate"},
     {"xent.ops"},
     {"xent.kernels", "xent.kernels.portable", "xent.kernels.linear", "xent.kernels.driver"},
@@ -77,7 +87,7 @@ def test_no_import_cycle():
 
     def visit(module: str, path: list[str]) -> None:
         if state.get(module) == 1:
-            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module) :] + [module]))
         if state.get(module) == 2:
             return
         state[module] = 1

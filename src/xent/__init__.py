@@ -18,5 +18,16 @@ from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_entropy", "nll_loss", "linear_cross_entropy", "CrossEntropyLoss", "NLLLoss",
-           "LinearCrossEntropyLoss", "one_hot", "LabelEncoder", "reference", "distributed", "__version__"]
+__all__ = [
+    "cross_entropy",
+    "nll_loss",
+    "linear_cross_entropy",
+    "CrossEntropyLoss",
+    "NLLLoss",
+    "LinearCrossEntropyLoss",
+    "one_hot",
+    "LabelEncoder",
+    "reference",
+    "distributed",
+    "__version__",
+]

@@ -24,9 +24,18 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # torch's C++ names for scalar types, used in its messages ("expected scalar type Float but found Double").
 _SCALAR_NAMES = {
-    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
-    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
 }
 
 
@@ -59,8 +68,7 @@ def resolve_reduction(reduction, size_average=None, reduce=None) -> str:
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
     if isinstance(reduction, str) and reduction == "elementwise_mean":
-        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
-                      stacklevel=3)
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel=3)
         return "mean"
     if not (isinstance(reduction, str) and reduction in REDUCTIONS):
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -71,8 +79,9 @@ def legacy_reduction(size_average, reduce) -> str:
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
     result = "mean" if (size_average and reduce) else ("sum" if reduce else "none")
-    warnings.warn(f"size_average and reduce args will be deprecated, please use reduction='{result}' instead.",
-                  stacklevel=3)
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{result}' instead.", stacklevel=3
+    )
     return result
 
 
@@ -115,19 +124,23 @@ def check_float_input(input: Tensor, fn: str) -> None:
     if input.dtype not in FLOAT_DTYPES:
         raise NotImplementedError(
             f"{fn}: input must hold floating point scores (float32, float64, bfloat16 or float16), "
-            f"but got {scalar_name(input.dtype)}")
+            f"but got {scalar_name(input.dtype)}"
+        )
 
 
 def check_same_device(t: Tensor, input: Tensor, what: str) -> None:
     if t.device != input.device:
-        raise RuntimeError(f"Expected all tensors to be on the same device: {what} is on {t.device}, "
-                           f"input is on {input.device}")
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device: {what} is on {t.device}, input is on {input.device}"
+        )
 
 
 def check_weight_shape(weight: Tensor | None, num_classes: int, prefix: str = "") -> None:
     if weight is not None and (weight.dim() != 1 or weight.numel() != num_classes):
-        raise RuntimeError(f"{prefix}weight tensor should be defined either for all {num_classes} classes or no "
-                           f"classes but got weight tensor of shape: {_shape(weight)}")
+        raise RuntimeError(
+            f"{prefix}weight tensor should be defined either for all {num_classes} classes or no "
+            f"classes but got weight tensor of shape: {_shape(weight)}"
+        )
 
 
 def check_optional_positive(value, name: str, fn: str, allow_none: bool) -> float | None:
@@ -150,8 +163,9 @@ def check_index_target(input: Tensor, target: Tensor) -> None:
     if input.dim() != 1:
         target_batch = target.shape[0] if target.dim() > 0 else 0
         if input.shape[0] != target_batch:
-            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-                             f"({target_batch}).")
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target_batch})."
+            )
     if input.dim() <= 2 and target.dim() > 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     if input.dim() >= 3:
@@ -180,16 +194,30 @@ def check_class_weight(input: Tensor, weight: Tensor | None, autocast: bool = Fa
     if weight is None:
         return
     if loss_dtype(weight.dtype, autocast) != loss_dtype(input.dtype, autocast):
-        raise RuntimeError(f"expected scalar type {scalar_name(loss_dtype(input.dtype, autocast))} but found "
-                           f"{scalar_name(loss_dtype(weight.dtype, autocast))}")
+        raise RuntimeError(
+            f"expected scalar type {scalar_name(loss_dtype(input.dtype, autocast))} but found "
+            f"{scalar_name(loss_dtype(weight.dtype, autocast))}"
+        )
     check_same_device(weight, input, "weight")
     if weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("the loss is not differentiable with respect to 'weight' when target holds class "
-                           "indices (as in torch); pass weight.detach() or use class-probability targets")
+        raise RuntimeError(
+            "the loss is not differentiable with respect to 'weight' when target holds class "
+            "indices (as in torch); pass weight.detach() or use class-probability targets"
+        )
 
 
-def cross_entropy_problem(input, target, weight, *, reduction, ignore_index, label_smoothing, z_loss=0.0,
-                          softcap=None, fn: str = "cross_entropy") -> Problem:
+def cross_entropy_problem(
+    input,
+    target,
+    weight,
+    *,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss=0.0,
+    softcap=None,
+    fn: str = "cross_entropy",
+) -> Problem:
     """Validate cross_entropy's arguments, in torch's order, into a Problem.
 
     `reduction` must already be resolved (torch checks it before anything else).
@@ -216,8 +244,9 @@ def cross_entropy_problem(input, target, weight, *, reduction, ignore_index, lab
 
 def _probability_problem(input: Tensor, target: Tensor, weight, options: Options, fn: str, autocast: bool) -> Problem:
     if not target.is_floating_point():
-        raise RuntimeError(f"Expected floating point type for target with class probabilities, got "
-                           f"{scalar_name(target.dtype)}")
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got {scalar_name(target.dtype)}"
+        )
     if options.ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
     if input.dim() == 0:
@@ -243,27 +272,49 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | Non
     if input.dim() == 0:
         raise RuntimeError("expected input with at least one (hidden) dimension, got a 0-d tensor")
     if input.shape[-1] != linear_weight.shape[-1]:
-        raise RuntimeError(f"expected equal input and linear_weight last dimensions (in_features), got "
-                           f"{input.shape[-1]} and {linear_weight.shape[-1]}, respectively")
+        raise RuntimeError(
+            f"expected equal input and linear_weight last dimensions (in_features), got "
+            f"{input.shape[-1]} and {linear_weight.shape[-1]}, respectively"
+        )
     out_shape = tuple(linear_weight.shape[:-1])
     if linear_bias is not None and tuple(linear_bias.shape) not in (out_shape, (math.prod(out_shape),)):
         raise RuntimeError(f"expected linear_bias shape {out_shape}, got {tuple(linear_bias.shape)}")
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is not None and t.dtype != input.dtype:
-            raise RuntimeError(f"expected input and {name} to have the same dtype, but got: "
-                               f"{scalar_name(input.dtype)} != {scalar_name(t.dtype)}")
+            raise RuntimeError(
+                f"expected input and {name} to have the same dtype, but got: "
+                f"{scalar_name(input.dtype)} != {scalar_name(t.dtype)}"
+            )
         if t is not None:
             check_same_device(t, input, name)
 
 
-def linear_cross_entropy_problem(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                                 label_smoothing, z_loss, softcap, options, memory_budget, output_dtype,
-                                 fn: str = "linear_cross_entropy"):
+def linear_cross_entropy_problem(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    options,
+    memory_budget,
+    output_dtype,
+    fn: str = "linear_cross_entropy",
+):
     """Validate linear_cross_entropy's arguments (torch 2.13's F.linear_cross_entropy order) into either
     (LinearProblem, input, linear_weight, linear_bias), the tensors as autocast casts them, or ThroughLogits."""
     reduction = resolve_reduction(reduction)
-    for name, t, optional in (("input", input, False), ("linear_weight", linear_weight, False),
-                              ("target", target, False), ("linear_bias", linear_bias, True), ("weight", weight, True)):
+    for name, t, optional in (
+        ("input", input, False),
+        ("linear_weight", linear_weight, False),
+        ("target", target, False),
+        ("linear_bias", linear_bias, True),
+        ("weight", weight, True),
+    ):
         check_tensor(t, name, fn, optional=optional)
     ignore_index = -100 if ignore_index is None else as_index(ignore_index, "ignore_index", fn)
     label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
@@ -278,28 +329,53 @@ def linear_cross_entropy_problem(input, linear_weight, target, linear_bias, weig
     vocab = linear_weight.shape[0]
     probabilities = target.is_floating_point() and tuple(target.shape) == (*input.shape[:-1], vocab)
     if linear_weight.dim() > 2 and input.dim() != 2:
-        raise RuntimeError(f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires "
-                           f"batched input, (N, {input.shape[-1]}), got input with shape {tuple(input.shape)}")
+        raise RuntimeError(
+            f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires "
+            f"batched input, (N, {input.shape[-1]}), got input with shape {tuple(input.shape)}"
+        )
     if linear_weight.dim() > 2 or probabilities:
-        return ThroughLogits(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
-                             label_smoothing, z_loss, softcap, output_dtype or input.dtype)
+        return ThroughLogits(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            output_dtype or input.dtype,
+        )
 
     label_smoothing = check_label_smoothing(label_smoothing)
     check_float_input(input, fn)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         if input.dim() == 2 and target.dim() >= 1:
-            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-                             f"({target.shape[0]}).")
-        raise ValueError(f"Expected target of shape {list(input.shape[:-1])} (input without its last, hidden "
-                         f"dimension), got {list(target.shape)}")
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+            )
+        raise ValueError(
+            f"Expected target of shape {list(input.shape[:-1])} (input without its last, hidden "
+            f"dimension), got {list(target.shape)}"
+        )
     check_target_dtype(target)
     check_same_device(target, input, "target")
     check_weight_shape(weight, vocab)
     check_class_weight(input, weight, autocast is not None)
     chunk_size = getattr(options, "batch_chunk_size", None) or 0
-    problem = LinearProblem(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, target.reshape(-1),
-                            weight, Options(reduction, ignore_index, label_smoothing, z_loss, softcap),
-                            tuple(target.shape), output_dtype or input.dtype, int(chunk_size), memory_budget)
+    problem = LinearProblem(
+        input.reshape(-1, input.shape[-1]),
+        linear_weight,
+        linear_bias,
+        target.reshape(-1),
+        weight,
+        Options(reduction, ignore_index, label_smoothing, z_loss, softcap),
+        tuple(target.shape),
+        output_dtype or input.dtype,
+        int(chunk_size),
+        memory_budget,
+    )
     return problem, input, linear_weight, linear_bias
 
 
@@ -308,16 +384,29 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
 
 
-def vocab_parallel_options(local_logits: Tensor, target: Tensor, weight: Tensor | None, reduction, ignore_index,
-                           label_smoothing, z_loss, fn: str, logits_name: str) -> Options:
+def vocab_parallel_options(
+    local_logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    fn: str,
+    logits_name: str,
+) -> Options:
     """The vocab-parallel losses' local checks (those that need the other ranks run after the exchange)."""
     reduction = resolve_reduction(reduction)
     check_tensor(local_logits, logits_name, fn)
     check_tensor(target, "target", fn)
     check_tensor(weight, "weight", fn, optional=True)
-    options = Options(reduction, as_index(ignore_index, "ignore_index", fn),
-                      check_label_smoothing(as_float(label_smoothing, "label_smoothing", fn)),
-                      check_optional_positive(z_loss, "z_loss", fn, allow_none=False), None)
+    options = Options(
+        reduction,
+        as_index(ignore_index, "ignore_index", fn),
+        check_label_smoothing(as_float(label_smoothing, "label_smoothing", fn)),
+        check_optional_positive(z_loss, "z_loss", fn, allow_none=False),
+        None,
+    )
     check_float_input(local_logits, fn)
     check_target_dtype(target)
     check_same_device(target, local_logits, "target")

@@ -64,13 +64,16 @@ def make_step(w: Workload, impl: str, seed: int = 0) -> tuple[Callable[[], torch
             return fn(x, target)
     else:
         h = (torch.randn(w.tokens, w.hidden, generator=gen, device=w.device, dtype=dtype)).requires_grad_()
-        lm = (torch.randn(w.vocab, w.hidden, generator=gen, device=w.device, dtype=dtype) / w.hidden**0.5) \
-            .requires_grad_()
+        lm = (
+            torch.randn(w.vocab, w.hidden, generator=gen, device=w.device, dtype=dtype) / w.hidden**0.5
+        ).requires_grad_()
         params = [h, lm]
         if impl == "xent":
+
             def forward():
                 return xent.linear_cross_entropy(h, lm, target)
         elif impl == "naive":
+
             def forward():
                 return F.cross_entropy(h @ lm.T, target)
         elif impl == "torch-chunked":
@@ -103,8 +106,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(steps: dict[str, Callable], repeats: int, warmup: int = 1, device: str = "cpu",
-                     on_step: Callable[[], None] | None = None) -> dict[str, list[float]]:
+def time_interleaved(
+    steps: dict[str, Callable],
+    repeats: int,
+    warmup: int = 1,
+    device: str = "cpu",
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each step, alternating which goes first in every round."""
     names = list(steps)
     for _ in range(warmup):
@@ -177,8 +185,14 @@ def peak_growth_here(w: Workload, impl: str, warm: bool = True) -> dict:
         step()
         peak = _status_bytes("VmHWM") - base
     grad_bytes = sum(g.numel() * g.element_size() for g in grads() if g is not None)
-    return {"impl": impl, "peak_growth_bytes": peak, "grad_bytes": grad_bytes, "logits_bytes": w.logits_bytes,
-            "peak_reset": exact if not w.device.startswith("cuda") else True, "warm": warm}
+    return {
+        "impl": impl,
+        "peak_growth_bytes": peak,
+        "grad_bytes": grad_bytes,
+        "logits_bytes": w.logits_bytes,
+        "peak_reset": exact if not w.device.startswith("cuda") else True,
+        "warm": warm,
+    }
 
 
 def peak_growth_fresh(w: Workload, impl: str, threads: int | None = None, warm: bool = True) -> dict:

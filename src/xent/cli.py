@@ -1,7 +1,7 @@
 """The `xent` command line.
 
-    xent bench     time, peak memory and accuracy of xent against torch on this machine (the main job)
-    xent verify    the seed tutorial's appendix: formula vs xent vs torch
+xent bench     time, peak memory and accuracy of xent against torch on this machine (the main job)
+xent verify    the seed tutorial's appendix: formula vs xent vs torch
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ TUTORIAL_TARGETS = [1, 2]
 TUTORIAL_WEIGHTS = [0.7, 0.2, 0.1]
 TUTORIAL_ALPHA = 0.1
 # What the tutorial printed for torch's value of each example (its appendix output).
-TUTORIAL_PRINTED = {"plain": 0.45524317026138306, "weight": 0.5048722624778748,
-                    "label smoothing": 0.5469098091125488, "weight + label smoothing": 0.7722168564796448}
+TUTORIAL_PRINTED = {
+    "plain": 0.45524317026138306,
+    "weight": 0.5048722624778748,
+    "label smoothing": 0.5469098091125488,
+    "weight + label smoothing": 0.7722168564796448,
+}
 
 
-def _tutorial_printed_formula(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                              alpha: float) -> torch.Tensor:
+def _tutorial_printed_formula(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """The weight + smoothing formula as the tutorial *prints* it: the target's weight w[y_i] scales the
     whole smoothed row, l_i = w[y_i] * (-sum_c y'_ic log p_ic), mean over sum_i w[y_i]. torch instead
     weights each class's term by its own w[c]."""
@@ -52,10 +57,14 @@ def verify(tolerance: float = 1e-6) -> int:
         "label smoothing": dict(label_smoothing=TUTORIAL_ALPHA),
         "weight + label smoothing": dict(weight=weights, label_smoothing=TUTORIAL_ALPHA),
     }
-    print("xent verify: the seed tutorial's appendix (2 samples, 3 classes, weights "
-          f"{TUTORIAL_WEIGHTS}, label_smoothing {TUTORIAL_ALPHA})\n")
-    header = f"{'example':<26}{'formula (float64)':>20}{'xent':>14}{'torch':>14}{'tutorial':>14}" \
-             f"{'max|grad diff|':>16}  result"
+    print(
+        "xent verify: the seed tutorial's appendix (2 samples, 3 classes, weights "
+        f"{TUTORIAL_WEIGHTS}, label_smoothing {TUTORIAL_ALPHA})\n"
+    )
+    header = (
+        f"{'example':<26}{'formula (float64)':>20}{'xent':>14}{'torch':>14}{'tutorial':>14}"
+        f"{'max|grad diff|':>16}  result"
+    )
     print(header)
     print("-" * len(header))
     failures = 0
@@ -69,20 +78,30 @@ def verify(tolerance: float = 1e-6) -> int:
         theirs.backward()
         ours, theirs = ours.detach(), theirs.detach()
         grad_diff = float((x_ours.grad - x_torch.grad).abs().max())
-        ok = (abs(float(ours) - formula) <= tolerance and abs(float(theirs) - formula) <= tolerance
-              and abs(TUTORIAL_PRINTED[name] - formula) <= tolerance and grad_diff <= tolerance)
+        ok = (
+            abs(float(ours) - formula) <= tolerance
+            and abs(float(theirs) - formula) <= tolerance
+            and abs(TUTORIAL_PRINTED[name] - formula) <= tolerance
+            and grad_diff <= tolerance
+        )
         failures += not ok
-        print(f"{name:<26}{formula:>20.12f}{float(ours):>14.8f}{float(theirs):>14.8f}"
-              f"{TUTORIAL_PRINTED[name]:>14.8f}{grad_diff:>16.2e}  {'PASS' if ok else 'FAIL'}")
+        print(
+            f"{name:<26}{formula:>20.12f}{float(ours):>14.8f}{float(theirs):>14.8f}"
+            f"{TUTORIAL_PRINTED[name]:>14.8f}{grad_diff:>16.2e}  {'PASS' if ok else 'FAIL'}"
+        )
 
     printed = float(_tutorial_printed_formula(logits, targets, weights, TUTORIAL_ALPHA))
     per_class = float(xent.reference.cross_entropy(logits, targets, weight=weights, label_smoothing=TUTORIAL_ALPHA))
     torch_both = float(F.cross_entropy(logits, targets, weight=weights, label_smoothing=TUTORIAL_ALPHA))
     print("\nweight + label smoothing, the two ways of writing it:")
-    print(f"  tutorial's printed formula  l_i = w[y_i] * (-sum_c y'_ic log p_ic)   = {printed:.10f}  "
-          f"{'agrees' if abs(printed - torch_both) <= tolerance else 'DISAGREES'} with torch ({torch_both:.10f})")
-    print(f"  per-class form              l_i = -sum_c w[c] * y'_ic * log p_ic     = {per_class:.10f}  "
-          f"{'agrees' if abs(per_class - torch_both) <= tolerance else 'DISAGREES'} with torch")
+    print(
+        f"  tutorial's printed formula  l_i = w[y_i] * (-sum_c y'_ic log p_ic)   = {printed:.10f}  "
+        f"{'agrees' if abs(printed - torch_both) <= tolerance else 'DISAGREES'} with torch ({torch_both:.10f})"
+    )
+    print(
+        f"  per-class form              l_i = -sum_c w[c] * y'_ic * log p_ic     = {per_class:.10f}  "
+        f"{'agrees' if abs(per_class - torch_both) <= tolerance else 'DISAGREES'} with torch"
+    )
     # The printed formula is expected to be wrong; if it ever matched, our understanding would be.
     failures += abs(printed - torch_both) <= tolerance or abs(per_class - torch_both) > tolerance
     print(f"\n{'all checks passed' if not failures else f'{failures} check(s) FAILED'}")
@@ -117,8 +136,14 @@ class Progress:
 
 
 def _max_diff(ours: list, theirs: list) -> float:
-    return max((float((a.double() - b.double()).abs().max()) for a, b in zip(ours, theirs)
-                if a is not None and b is not None and a.numel()), default=0.0)
+    return max(
+        (
+            float((a.double() - b.double()).abs().max())
+            for a, b in zip(ours, theirs)
+            if a is not None and b is not None and a.numel()
+        ),
+        default=0.0,
+    )
 
 
 def _bench_workload(w, impls: tuple, repeats: int, progress: Progress, memory: bool) -> list[dict]:
@@ -132,8 +157,9 @@ def _bench_workload(w, impls: tuple, repeats: int, progress: Progress, memory: b
         results[impl] = (loss, [g.detach().clone() for g in grads()])
         step.release()
         steps[impl] = step
-    times = time_interleaved(steps, repeats, warmup=0, device=w.device,
-                             on_step=lambda: progress.step(f"timing {w.label()}"))
+    times = time_interleaved(
+        steps, repeats, warmup=0, device=w.device, on_step=lambda: progress.step(f"timing {w.label()}")
+    )
     del steps
     rows = []
     for impl in impls:
@@ -141,12 +167,18 @@ def _bench_workload(w, impls: tuple, repeats: int, progress: Progress, memory: b
         if memory:
             progress.step(f"memory {impl}")
         extra = mem["peak_growth_bytes"] - (mem["grad_bytes"] if w.kind == "linear" else 0) if mem else None
-        rows.append(dict(workload=w.label(), impl=impl, time=median(times[impl]),
-                         time_ratio=median(times[impl]) / median(times[baseline]),
-                         peak_mb=mem["peak_growth_bytes"] / 2**20 if mem else float("nan"),
-                         mem_ratio=extra / w.logits_bytes if mem else float("nan"),
-                         loss_diff=abs(float(results[impl][0]) - float(results[baseline][0])),
-                         grad_diff=_max_diff(results[impl][1], results[baseline][1])))
+        rows.append(
+            dict(
+                workload=w.label(),
+                impl=impl,
+                time=median(times[impl]),
+                time_ratio=median(times[impl]) / median(times[baseline]),
+                peak_mb=mem["peak_growth_bytes"] / 2**20 if mem else float("nan"),
+                mem_ratio=extra / w.logits_bytes if mem else float("nan"),
+                loss_diff=abs(float(results[impl][0]) - float(results[baseline][0])),
+                grad_diff=_max_diff(results[impl][1], results[baseline][1]),
+            )
+        )
     return rows
 
 
@@ -162,13 +194,19 @@ def bench(args) -> int:
     if args.what in ("all", "ce"):
         workloads.append((Workload("ce", args.tokens, args.vocab, dtype=args.dtype, device=args.device), CE_IMPLS))
     if args.what in ("all", "linear"):
-        workloads.append((Workload("linear", args.tokens, args.vocab, hidden=args.hidden, dtype=args.dtype,
-                                   device=args.device), LINEAR_IMPLS))
+        workloads.append(
+            (
+                Workload("linear", args.tokens, args.vocab, hidden=args.hidden, dtype=args.dtype, device=args.device),
+                LINEAR_IMPLS,
+            )
+        )
     memory = not args.no_memory
     total = sum(args.repeats * len(impls) + (len(impls) if memory else 0) for _, impls in workloads)
     progress = Progress(total, enabled=not args.quiet)
-    print(f"xent bench: torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; "
-          f"medians of {args.repeats} interleaved runs, forward + backward, mean loss")
+    print(
+        f"xent bench: torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; "
+        f"medians of {args.repeats} interleaved runs, forward + backward, mean loss"
+    )
     rows = []
     for w, impls in workloads:
         rows += _bench_workload(w, impls, args.repeats, progress, memory)
@@ -183,21 +221,25 @@ def _print_table(rows: list[dict]) -> None:
     print("ratio: time over torch's (cross_entropy) or over the naive matmul + cross_entropy (linear).")
     print("x logits: peak memory growth (beyond the returned gradients, for linear) over the full logits' bytes.")
     print("|d loss|, |d grad|: largest difference from that baseline.")
-    header = (f"  {'impl':<15}{'time (s)':>10}{'ratio':>8}{'peak (MB)':>11}{'x logits':>10}{'|d loss|':>11}"
-              f"{'|d grad|':>11}")
+    header = (
+        f"  {'impl':<15}{'time (s)':>10}{'ratio':>8}{'peak (MB)':>11}{'x logits':>10}{'|d loss|':>11}{'|d grad|':>11}"
+    )
     last = None
     for r in rows:
         if r["workload"] != last:
             print(f"\n{r['workload']}\n{header}")
             last = r["workload"]
-        print(f"  {r['impl']:<15}{r['time']:>10.3f}{r['time_ratio']:>8.2f}{r['peak_mb']:>11.1f}"
-              f"{r['mem_ratio']:>10.3f}{r['loss_diff']:>11.2e}{r['grad_diff']:>11.2e}")
+        print(
+            f"  {r['impl']:<15}{r['time']:>10.3f}{r['time_ratio']:>8.2f}{r['peak_mb']:>11.1f}"
+            f"{r['mem_ratio']:>10.3f}{r['loss_diff']:>11.2e}{r['grad_diff']:>11.2e}"
+        )
 
 
 def _plot(args, progress_enabled: bool) -> None:
     """Time and peak memory against vocabulary size, for both workloads."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -209,9 +251,13 @@ def _plot(args, progress_enabled: bool) -> None:
     per_impl = args.plot_repeats + (0 if args.no_memory else 1)
     progress = Progress(len(vocabs) * per_impl * (len(CE_IMPLS) + len(LINEAR_IMPLS)), enabled=progress_enabled)
     for v in vocabs:
-        for w, impls in ((Workload("ce", args.tokens, v, dtype=args.dtype, device=args.device), CE_IMPLS),
-                         (Workload("linear", args.tokens, v, hidden=args.hidden, dtype=args.dtype,
-                                   device=args.device), LINEAR_IMPLS)):
+        for w, impls in (
+            (Workload("ce", args.tokens, v, dtype=args.dtype, device=args.device), CE_IMPLS),
+            (
+                Workload("linear", args.tokens, v, hidden=args.hidden, dtype=args.dtype, device=args.device),
+                LINEAR_IMPLS,
+            ),
+        ):
             for r in _bench_workload(w, impls, args.plot_repeats, progress, memory=not args.no_memory):
                 series.setdefault((w.kind, r["impl"]), []).append((v, r["time"], r["peak_mb"]))
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -243,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xent", description="Fused cross-entropy for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_bench = sub.add_parser("bench", help="time and memory of xent against torch on this machine")
-    p_bench.add_argument("--what", choices=["all", "ce", "linear"], default="all",
-                         help="cross_entropy, linear_cross_entropy, or both (default)")
+    p_bench.add_argument(
+        "--what",
+        choices=["all", "ce", "linear"],
+        default="all",
+        help="cross_entropy, linear_cross_entropy, or both (default)",
+    )
     p_bench.add_argument("--tokens", type=int, default=1024, help="rows / tokens N (default 1024)")
     p_bench.add_argument("--hidden", type=int, default=512, help="hidden size H of the linear head (default 512)")
     p_bench.add_argument("--vocab", type=int, default=32768, help="classes / vocabulary V (default 32768)")

@@ -66,8 +66,10 @@ class Shards:
 
 def _group_info(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("vocab-parallel cross-entropy needs torch.distributed to be initialized "
-                           "(torch.distributed.init_process_group)")
+        raise RuntimeError(
+            "vocab-parallel cross-entropy needs torch.distributed to be initialized "
+            "(torch.distributed.init_process_group)"
+        )
     return dist.get_rank(group), dist.get_world_size(group)
 
 
@@ -93,9 +95,11 @@ def _identity(target: Tensor) -> Tensor:
 def _check_same_targets(identity: list[list[float]], fn: str) -> None:
     """identity: every rank's _identity, on the host; raise on every rank alike when they differ."""
     if any(row != identity[0] for row in identity):
-        raise ValueError(f"{fn}: the ranks' targets differ (every rank must pass the same target): per rank "
-                         f"(numel, ndim, dim 0) = {[tuple(int(v) for v in row[:3]) for row in identity]}, "
-                         f"checksums {[row[3] for row in identity]}")
+        raise ValueError(
+            f"{fn}: the ranks' targets differ (every rank must pass the same target): per rank "
+            f"(numel, ndim, dim 0) = {[tuple(int(v) for v in row[:3]) for row in identity]}, "
+            f"checksums {[row[3] for row in identity]}"
+        )
 
 
 def _shards_from_sizes(target: Tensor, local_size: int, group, fn: str) -> Shards:
@@ -108,8 +112,9 @@ def _shards_from_sizes(target: Tensor, local_size: int, group, fn: str) -> Shard
     return Shards(rank, tuple(sum(sizes[:k]) for k in range(len(sizes))), sizes)
 
 
-def _exchange_statistics(stats: rows.RowStats, block: rows.ClassBlock, target: Tensor, start: int,
-                         local_size: int, group) -> tuple[Tensor, ...]:
+def _exchange_statistics(
+    stats: rows.RowStats, block: rows.ClassBlock, target: Tensor, start: int, local_size: int, group
+) -> tuple[Tensor, ...]:
     """The one collective of the forward pass: every rank's header and per-row statistics.
 
     Returns the (world, _HEADER) header and shift, sumexp, target logit, owned, dense_rel, each (world, rows),
@@ -118,8 +123,11 @@ def _exchange_statistics(stats: rows.RowStats, block: rows.ClassBlock, target: T
     num_rows = stats.shift.numel()
     parts = [stats.shift, stats.sumexp, torch.where(block.owned, stats.target_logit, 0), block.owned]
     parts += [stats.dense_rel] if stats.dense_rel is not None else []
-    weight_sum = block.class_weight.double().sum().reshape(1) if block.class_weight is not None else \
-        torch.tensor([float(local_size)], dtype=torch.float64).to(target.device, non_blocking=True)
+    weight_sum = (
+        block.class_weight.double().sum().reshape(1)
+        if block.class_weight is not None
+        else torch.tensor([float(local_size)], dtype=torch.float64).to(target.device, non_blocking=True)
+    )
     place = torch.tensor([float(local_size), float(start)], dtype=torch.float64).to(target.device, non_blocking=True)
     mine = torch.cat([_identity(target), place, weight_sum] + [p.double() for p in parts])
     table = _all_gather(mine, group)
@@ -132,9 +140,11 @@ def _check_tiling(shards: Shards, fn: str) -> None:
     end = 0
     for start, size in sorted(zip(shards.starts, shards.sizes)):
         if start != end or size < 0:
-            raise ValueError(f"{fn}: the ranks' vocabulary blocks (start, size) = "
-                             f"{list(zip(shards.starts, shards.sizes))} do not tile [0, C): pass each rank's "
-                             f"vocab_start, or None to place the blocks in rank order")
+            raise ValueError(
+                f"{fn}: the ranks' vocabulary blocks (start, size) = "
+                f"{list(zip(shards.starts, shards.sizes))} do not tile [0, C): pass each rank's "
+                f"vocab_start, or None to place the blocks in rank order"
+            )
         end = start + size
 
 
@@ -159,9 +169,18 @@ def _check_weight_size(weight: Tensor | None, shards: Shards) -> None:
 
 
 @_eager_under_compile
-def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, group=None, vocab_start: int | None = None,
-                                 weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                                 label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
+def vocab_parallel_cross_entropy(
+    local_logits: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> Tensor:
     r"""Cross-entropy of logits whose classes are split across the ranks of `group`, without gathering them.
 
     Equals ``xent.cross_entropy(full_logits.reshape(-1, C), target.reshape(-1), ...)`` (reshaped back for
@@ -185,11 +204,14 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, group=
     fail otherwise).
     """
     fn = "vocab_parallel_cross_entropy"
-    opts = vocab_parallel_options(local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn,
-                     "local_logits")
+    opts = vocab_parallel_options(
+        local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "local_logits"
+    )
     if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
-        raise ValueError(f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without "
-                         f"its class dimension), got {list(target.shape)}")
+        raise ValueError(
+            f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without "
+            f"its class dimension), got {list(target.shape)}"
+        )
     need_grad = torch.is_grad_enabled() and local_logits.requires_grad
     layout = Layout(group, vocab_start)
     if not need_grad:
@@ -197,8 +219,17 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, group=
     return _VocabParallelCrossEntropy.apply(local_logits, target, weight, layout, opts)
 
 
-def _vocab_parallel_loss(target: Tensor, weight: Tensor | None, local_size: int, group, vocab_start,
-                         opts: Options, cd: torch.dtype, fn: str, local_statistics):
+def _vocab_parallel_loss(
+    target: Tensor,
+    weight: Tensor | None,
+    local_size: int,
+    group,
+    vocab_start,
+    opts: Options,
+    cd: torch.dtype,
+    fn: str,
+    local_statistics,
+):
     """The forward of both vocab-parallel losses: this rank's block of classes, its statistics (from
     local_statistics(block) -> RowStats), the one exchange, and the merged per-row losses.
 
@@ -218,23 +249,33 @@ def _vocab_parallel_loss(target: Tensor, weight: Tensor | None, local_size: int,
     header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group)
     lse, z_target, dense_ce, unowned = _merge(header, *gathered, valid, opts.label_smoothing)
     host = torch.cat([header.reshape(-1), unowned.any().double().reshape(1)]).tolist()
-    table = [host[k * _HEADER:(k + 1) * _HEADER] for k in range(header.shape[0])]
+    table = [host[k * _HEADER : (k + 1) * _HEADER] for k in range(header.shape[0])]
     _check_same_targets([row[:_SIZE] for row in table], fn)
     shards = Shards(rank, tuple(int(row[_START]) for row in table), tuple(int(row[_SIZE]) for row in table))
     _check_tiling(shards, fn)
     _check_weight_size(weight, shards)
     if host[-1]:
         first = int(flat[unowned.nonzero()[0, 0]])
-        raise IndexError(f"Target {first} is out of bounds. (It must be a class index in "
-                         f"[0, {shards.num_classes - 1}] or ignore_index.)")
-    targets = rows.IndexTargets(flat, weight, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-                                z_loss=opts.z_loss, reduction=opts.reduction, num_classes=shards.num_classes,
-                                dtype=cd)
+        raise IndexError(
+            f"Target {first} is out of bounds. (It must be a class index in "
+            f"[0, {shards.num_classes - 1}] or ignore_index.)"
+        )
+    targets = rows.IndexTargets(
+        flat,
+        weight,
+        ignore_index=opts.ignore_index,
+        label_smoothing=opts.label_smoothing,
+        z_loss=opts.z_loss,
+        reduction=opts.reduction,
+        num_classes=shards.num_classes,
+        dtype=cd,
+    )
     return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd)
 
 
-def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, opts: Options,
-                    need_grad: bool):
+def _logits_forward(
+    local_logits: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, opts: Options, need_grad: bool
+):
     group, vocab_start = layout.group, layout.vocab_start
     x = local_logits.reshape(-1, local_logits.shape[-1])
     num_rows, local_size = x.shape
@@ -247,20 +288,35 @@ def _logits_forward(local_logits: Tensor, target: Tensor, weight: Tensor | None,
         _block_pass(x, stats, block, cd, smoothing)
         return stats
 
-    block, targets, lse, loss_rows = _vocab_parallel_loss(target, weight, local_size, group, vocab_start, opts, cd,
-                                                          "vocab_parallel_cross_entropy", local_statistics)
+    block, targets, lse, loss_rows = _vocab_parallel_loss(
+        target, weight, local_size, group, vocab_start, opts, cd, "vocab_parallel_cross_entropy", local_statistics
+    )
     loss = targets.reduce(loss_rows)
     loss = (loss.reshape(target.shape) if opts.reduction == "none" else loss).to(local_logits.dtype)
     grad = None
     if need_grad:
         grad = torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
-        _block_pass(x, rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device), block,
-                    cd, smoothing, grad=grad, coefficients=targets.coefficients(targets.scale(), lse, block))
+        _block_pass(
+            x,
+            rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device),
+            block,
+            cd,
+            smoothing,
+            grad=grad,
+            coefficients=targets.coefficients(targets.scale(), lse, block),
+        )
     return loss, grad
 
 
-def _block_pass(x: Tensor, stats: rows.RowStats, block: rows.ClassBlock, cd: torch.dtype, smoothing: bool,
-                grad: Tensor | None = None, coefficients: rows.ChunkCoefficients | None = None) -> None:
+def _block_pass(
+    x: Tensor,
+    stats: rows.RowStats,
+    block: rows.ClassBlock,
+    cd: torch.dtype,
+    smoothing: bool,
+    grad: Tensor | None = None,
+    coefficients: rows.ChunkCoefficients | None = None,
+) -> None:
     """Chunks of this rank's logits through the row kernel: statistics, and with `grad` the gradient."""
     num_rows, size = x.shape
     if not num_rows or not size:
@@ -278,14 +334,19 @@ def _block_pass(x: Tensor, stats: rows.RowStats, block: rows.ClassBlock, cd: tor
         for r0 in range(0, num_rows, step):
             r1 = min(num_rows, r0 + step)
             ws = grad[r0:r1] if in_grad else scratch[: (r1 - r0) * size].view(r1 - r0, size)
-            yield Chunk(r0, r1, ws, lambda ws=ws, r0=r0, r1=r1: ws.copy_(x[r0:r1]),
-                        source=x[r0:r1] if direct else None)
+            yield Chunk(r0, r1, ws, lambda ws=ws, r0=r0, r1=r1: ws.copy_(x[r0:r1]), source=x[r0:r1] if direct else None)
             if grad is not None and not in_grad:
                 grad[r0:r1].copy_(ws)
 
-    RowPass(backend, stats, target_index=block.index, dense=block.class_weight if smoothing else None,
-            dense_is_ones=smoothing and block.class_weight is None, coefficients=coefficients,
-            unshifted=x.device.type == "cpu").run(chunks())
+    RowPass(
+        backend,
+        stats,
+        target_index=block.index,
+        dense=block.class_weight if smoothing else None,
+        dense_is_ones=smoothing and block.class_weight is None,
+        coefficients=coefficients,
+        unshifted=x.device.type == "cpu",
+    ).run(chunks())
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -312,11 +373,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 @_eager_under_compile
-def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tensor, target: Tensor, *, group=None,
-                                        vocab_start: int | None = None, linear_bias: Tensor | None = None,
-                                        weight: Tensor | None = None, ignore_index: int = -100,
-                                        reduction: str = "mean", label_smoothing: float = 0.0,
-                                        z_loss: float = 0.0, memory_budget: int | None = None) -> Tensor:
+def vocab_parallel_linear_cross_entropy(
+    input: Tensor,
+    local_linear_weight: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    memory_budget: int | None = None,
+) -> Tensor:
     r"""Linear cross-entropy with the head's rows split across the ranks of `group`.
 
     ``input`` :math:`(..., H)` is replicated (the same on every rank); ``local_linear_weight``
@@ -335,22 +406,41 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, local_linear_weight: Tens
     if local_linear_weight.dim() != 2:
         raise RuntimeError(f"{fn}: local_linear_weight must be (C_local, H), got {list(local_linear_weight.shape)}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden "
-                         f"dimension), got {list(target.shape)}")
+        raise ValueError(
+            f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden "
+            f"dimension), got {list(target.shape)}"
+        )
     x2 = input.reshape(-1, input.shape[-1])
-    problem = LinearProblem(x2, local_linear_weight, linear_bias, target.reshape(-1), weight, opts,
-                            tuple(target.shape), input.dtype, memory_budget=memory_budget)
-    return _VocabParallelLinear.apply(input, local_linear_weight, linear_bias, target, weight,
-                                      Layout(group, vocab_start), problem)
+    problem = LinearProblem(
+        x2,
+        local_linear_weight,
+        linear_bias,
+        target.reshape(-1),
+        weight,
+        opts,
+        tuple(target.shape),
+        input.dtype,
+        memory_budget=memory_budget,
+    )
+    return _VocabParallelLinear.apply(
+        input, local_linear_weight, linear_bias, target, weight, Layout(group, vocab_start), problem
+    )
 
 
 class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, local_linear_weight, linear_bias, target, weight, layout: Layout, p: LinearProblem):
         block, targets, lse, loss_rows = _vocab_parallel_loss(
-            target, weight, local_linear_weight.shape[0], layout.group, layout.vocab_start, p.options,
+            target,
+            weight,
+            local_linear_weight.shape[0],
+            layout.group,
+            layout.vocab_start,
+            p.options,
             p.compute_dtype,
-            "vocab_parallel_linear_cross_entropy", lambda block: linear_pass(p, block)[0])
+            "vocab_parallel_linear_cross_entropy",
+            lambda block: linear_pass(p, block)[0],
+        )
         ctx.layout, ctx.problem, ctx.input_shape = layout, p, input.shape
         ctx.lse, ctx.targets, ctx.block = lse, targets, block
         ctx.save_for_backward(input, local_linear_weight, linear_bias)
@@ -360,8 +450,9 @@ class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():
-            raise RuntimeError("vocab_parallel_linear_cross_entropy does not support double backward "
-                               "(create_graph=True)")
+            raise RuntimeError(
+                "vocab_parallel_linear_cross_entropy does not support double backward (create_graph=True)"
+            )
         group, p = ctx.layout.group, ctx.problem
         _ = ctx.saved_tensors  # raises if an input was modified in place since forward
         upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)

@@ -20,9 +20,19 @@ from .ops import check_target_range
 from .problems import _as_3d, autocast_dtype
 
 
-def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
-                  ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
-                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None) -> Tensor:
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
     r"""Cross-entropy between logits and targets; the same signature, result and errors as
     :func:`torch.nn.functional.cross_entropy`, computed by xent's fused kernel.
 
@@ -62,13 +72,28 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         torch.Size([3])
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
-    problem = cross_entropy_problem(input, target, weight, reduction=reduction, ignore_index=ignore_index,
-                                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    problem = cross_entropy_problem(
+        input,
+        target,
+        weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
     return ops.cross_entropy(problem, input, target, weight)
 
 
-def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
-             ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean") -> Tensor:
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
     r"""Negative log-likelihood of log-probabilities; the same signature, result and errors as
     :func:`torch.nn.functional.nll_loss`.
 

@@ -47,8 +47,9 @@ def one_hot(labels: Tensor, num_classes: int = -1) -> Tensor:
         if num_classes == -1:
             num_classes = hi + 1
         elif hi >= num_classes:
-            raise RuntimeError(f"Class values must be smaller than num_classes. Got {hi} for num_classes="
-                               f"{num_classes}.")
+            raise RuntimeError(
+                f"Class values must be smaller than num_classes. Got {hi} for num_classes={num_classes}."
+            )
     out = torch.zeros(*labels.shape, num_classes, dtype=torch.int64, device=labels.device)
     return out.scatter_(-1, labels.unsqueeze(-1), 1)
 
@@ -66,8 +67,9 @@ class LabelEncoder:
     of first appearance otherwise. Lists (and arrays/tensors) are containers; tuples and strings are labels.
     """
 
-    def __init__(self, classes: Iterable[Hashable] | None = None, *, unknown: str = "error",
-                 ignore_index: int = -100) -> None:
+    def __init__(
+        self, classes: Iterable[Hashable] | None = None, *, unknown: str = "error", ignore_index: int = -100
+    ) -> None:
         if unknown not in ("error", "ignore"):
             raise ValueError(f"unknown must be 'error' or 'ignore', got {unknown!r}")
         self.unknown = unknown
@@ -117,8 +119,9 @@ class LabelEncoder:
                 i = self.ignore_index
             indices.append(i)
         if unseen:
-            raise ValueError(f"labels not seen in fit: {sorted(set(map(repr, unseen)))}; known classes: "
-                             f"{self.classes_!r}")
+            raise ValueError(
+                f"labels not seen in fit: {sorted(set(map(repr, unseen)))}; known classes: {self.classes_!r}"
+            )
         return torch.tensor(indices, dtype=torch.int64).reshape(shape)
 
     def fit_transform(self, labels: Any) -> Tensor:
@@ -172,8 +175,9 @@ def _flatten(labels: Any) -> tuple[list, tuple]:
         if not isinstance(labels, list):  # a 0-d array
             return [labels], ()
     if isinstance(labels, (str, bytes, tuple)) or not isinstance(labels, Iterable):
-        raise TypeError(f"expected a list (or array/tensor) of labels, got a single {type(labels).__name__}; "
-                        f"wrap it in a list")
+        raise TypeError(
+            f"expected a list (or array/tensor) of labels, got a single {type(labels).__name__}; wrap it in a list"
+        )
     labels = list(labels)
     if labels and all(isinstance(x, list) for x in labels):
         parts = [_flatten(x) for x in labels]
@@ -190,4 +194,4 @@ def _unflatten(items: list, shape: tuple) -> Any:
     if len(shape) == 1:
         return items
     step = len(items) // shape[0] if shape[0] else 0
-    return [_unflatten(items[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+    return [_unflatten(items[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]

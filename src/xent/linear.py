@@ -22,11 +22,22 @@ from ._validate import ThroughLogits, linear_cross_entropy_problem
 from .functional import cross_entropy
 
 
-def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
-                         weight: Tensor | None = None, reduction: str = "mean", ignore_index: int | None = -100,
-                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
-                         options=None, memory_budget: int | None = None,
-                         output_dtype: torch.dtype | None = None) -> Tensor:
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    options=None,
+    memory_budget: int | None = None,
+    output_dtype: torch.dtype | None = None,
+) -> Tensor:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without materializing the logits.
 
     Extends :func:`torch.nn.functional.linear_cross_entropy` (torch 2.13): code written for it runs
@@ -67,9 +78,21 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         >>> loss = xent.linear_cross_entropy(hidden, lm_head, labels, label_smoothing=0.1)
         >>> loss.backward()
     """
-    described = linear_cross_entropy_problem(input, linear_weight, target, linear_bias, weight, reduction,
-                                             ignore_index, label_smoothing, z_loss, softcap, options, memory_budget,
-                                             output_dtype)
+    described = linear_cross_entropy_problem(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        options,
+        memory_budget,
+        output_dtype,
+    )
     if isinstance(described, ThroughLogits):
         return _through_logits(described)
     problem, input, linear_weight, linear_bias = described
@@ -79,18 +102,39 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 def _through_logits(d: ThroughLogits) -> Tensor:
     """Probability targets and K-dim heads, which torch also accepts: via the materialized logits."""
     input, linear_weight, linear_bias, target, weight = d.input, d.linear_weight, d.linear_bias, d.target, d.weight
-    reduction, ignore_index, label_smoothing, z_loss, softcap = d.reduction, d.ignore_index, d.label_smoothing, \
-        d.z_loss, d.softcap
+    reduction, ignore_index, label_smoothing, z_loss, softcap = (
+        d.reduction,
+        d.ignore_index,
+        d.label_smoothing,
+        d.z_loss,
+        d.softcap,
+    )
     hidden = input.shape[-1]
-    logits = F.linear(input, linear_weight.reshape(-1, hidden),
-                      linear_bias.reshape(-1) if linear_bias is not None else None)
+    logits = F.linear(
+        input, linear_weight.reshape(-1, hidden), linear_bias.reshape(-1) if linear_bias is not None else None
+    )
     lead = input.shape[:-1]
     if linear_weight.dim() > 2:  # (N, C * d...) -> (N, C, d...), torch's K-dim convention
         logits = logits.reshape(*lead, *linear_weight.shape[:-1])
     elif len(lead) > 1:  # probability targets over (..., V): rows of (V,)
-        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1, target.shape[-1]),
-                             weight=weight, ignore_index=ignore_index, reduction=reduction,
-                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        loss = cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1, target.shape[-1]),
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+        )
         return (loss.reshape(lead) if reduction == "none" else loss).to(d.output_dtype)
-    return cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap).to(d.output_dtype)
+    return cross_entropy(
+        logits,
+        target,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    ).to(d.output_dtype)

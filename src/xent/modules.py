@@ -16,8 +16,9 @@ class _WeightedLoss(nn.Module):
 
     def __init__(self, weight: Tensor | None, size_average, reduce, reduction: str) -> None:
         super().__init__()
-        self.reduction = legacy_reduction(size_average, reduce) if (size_average is not None or
-                                                                     reduce is not None) else reduction
+        self.reduction = (
+            legacy_reduction(size_average, reduce) if (size_average is not None or reduce is not None) else reduction
+        )
         self.register_buffer("weight", weight)
         self.weight: Tensor | None
 
@@ -46,9 +47,18 @@ class CrossEntropyLoss(_WeightedLoss):
 
     __constants__ = ["ignore_index", "reduction", "label_smoothing"]
 
-    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
-                 softcap: float | None = None) -> None:
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ) -> None:
         super().__init__(weight, size_average, reduce, reduction)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
@@ -56,9 +66,16 @@ class CrossEntropyLoss(_WeightedLoss):
         self.softcap = softcap
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                               softcap=self.softcap)
+        return F.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+        )
 
     def extra_repr(self) -> str:
         extras = [f"z_loss={self.z_loss}"] if self.z_loss else []
@@ -84,14 +101,19 @@ class NLLLoss(_WeightedLoss):
 
     __constants__ = ["ignore_index", "reduction"]
 
-    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__(weight, size_average, reduce, reduction)
         self.ignore_index = ignore_index
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                          reduction=self.reduction)
+        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction)
 
 
 class LinearCrossEntropyLoss(_WeightedLoss):
@@ -120,14 +142,29 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         >>> loss = head(torch.randn(8, 64), torch.randint(0, 32000, (8,)))
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
-                 device=None, dtype=None, reduction: str = "mean", weight: Tensor | None = None,
-                 ignore_index: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: float | None = None, options=None, memory_budget: int | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        options=None,
+        memory_budget: int | None = None,
+    ) -> None:
         super().__init__(weight, None, None, reduction)
         self.in_features, self.num_classes, self.out_features = in_features, num_classes, tuple(out_features)
-        self.linear = nn.Linear(in_features, num_classes * math.prod(self.out_features), bias=bias, device=device,
-                                dtype=dtype)
+        self.linear = nn.Linear(
+            in_features, num_classes * math.prod(self.out_features), bias=bias, device=device, dtype=dtype
+        )
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.z_loss, self.softcap, self.options, self.memory_budget = z_loss, softcap, options, memory_budget
 
@@ -135,15 +172,27 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         shape = (self.num_classes, *self.out_features)
         w = self.linear.weight.reshape(*shape, self.in_features)
         b = self.linear.bias.reshape(shape) if self.linear.bias is not None else None
-        return linear_cross_entropy(input, w, target, linear_bias=b, weight=self.weight, reduction=self.reduction,
-                                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                                    z_loss=self.z_loss, softcap=self.softcap, options=self.options,
-                                    memory_budget=self.memory_budget)
+        return linear_cross_entropy(
+            input,
+            w,
+            target,
+            linear_bias=b,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            options=self.options,
+            memory_budget=self.memory_budget,
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, num_classes={self.num_classes}, out_features={self.out_features}, "
-                f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, out_features={self.out_features}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
+        )
 
 
 __all__ = ["CrossEntropyLoss", "NLLLoss", "LinearCrossEntropyLoss"]

@@ -55,8 +55,10 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
         return
     if bool(bad.any()):
         first = int(flat[bad.nonzero()[0, 0]])
-        raise IndexError(f"Target {first} is out of bounds. (It must be a class index in [0, {num_classes - 1}] "
-                         f"or ignore_index={ignore_index}.)")
+        raise IndexError(
+            f"Target {first} is out of bounds. (It must be a class index in [0, {num_classes - 1}] "
+            f"or ignore_index={ignore_index}.)"
+        )
 
 
 def cross_entropy_forward(problem: Problem, need_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -87,8 +89,9 @@ def linear_forward(p: LinearProblem, want: tuple[bool, bool, bool]):
     targets = linear_kernels.index_targets(p)
     scalar = p.options.reduction != "none"
     with linear_kernels.no_autocast(p.input.device):
-        stats, gi, gw, gb = linear_kernels.linear_pass(p, targets.block(), targets,
-                                                       targets.scale() if scalar and any(want) else None, want)
+        stats, gi, gw, gb = linear_kernels.linear_pass(
+            p, targets.block(), targets, targets.scale() if scalar and any(want) else None, want
+        )
     loss = targets.reduce(linear_kernels.loss_rows(p, targets, stats))
     loss = (loss.reshape(p.output_shape) if not scalar else loss).to(p.output_dtype)
     grads = [gi, _cast(gw, p.linear_weight), _cast(gb, p.linear_bias)] if scalar and any(want) else None
@@ -125,27 +128,47 @@ def cross_entropy(problem: Problem, input: Tensor, target: Tensor, weight: Tenso
     if other_grads:  # gradients for a probability target or the weights: the formulas, traced as they are
         return cross_entropy_formula(problem, input, target, weight)
     o = problem.options
-    return TracedCrossEntropy.apply(input, target, weight, o.reduction, o.ignore_index, o.label_smoothing, o.z_loss,
-                                    o.softcap, problem.output_dtype)
+    return TracedCrossEntropy.apply(
+        input, target, weight, o.reduction, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap, problem.output_dtype
+    )
 
 
-def linear_cross_entropy(p: LinearProblem, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
-                         target: Tensor, weight: Tensor | None) -> Tensor:
+def linear_cross_entropy(
+    p: LinearProblem,
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+) -> Tensor:
     """`input` is the caller's (..., H) tensor; p.input its (R, H) view."""
     how = route(input, linear_weight, linear_bias, target, weight)
     if how == FUNC:
         return linear_formula(p, p.input, linear_weight, linear_bias, p.target, weight)
-    want = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
-                 for t in (input, linear_weight, linear_bias))
+    want = tuple(
+        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
+    )
     if how == EAGER:
         if not any(want):
             return linear_forward(p, want)[0]
         return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, p)
     o = p.options
     loss, *_ = TracedLinearCrossEntropy.apply(
-        p.input, linear_weight, linear_bias, p.target, weight, o.reduction, o.ignore_index, o.label_smoothing,
-        o.z_loss, o.softcap, p.output_dtype, p.chunk_size, -1 if p.memory_budget is None else p.memory_budget,
-        *want)
+        p.input,
+        linear_weight,
+        linear_bias,
+        p.target,
+        weight,
+        o.reduction,
+        o.ignore_index,
+        o.label_smoothing,
+        o.z_loss,
+        o.softcap,
+        p.output_dtype,
+        p.chunk_size,
+        -1 if p.memory_budget is None else p.memory_budget,
+        *want,
+    )
     return loss.reshape(p.output_shape) if o.reduction == "none" else loss
 
 
@@ -155,14 +178,28 @@ def linear_cross_entropy(p: LinearProblem, input: Tensor, linear_weight: Tensor,
 
 def cross_entropy_formula(problem: Problem, input: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
     o = problem.options
-    loss = reference.cross_entropy(input, target, weight, ignore_index=o.ignore_index, reduction=o.reduction,
-                                   label_smoothing=o.label_smoothing, z_loss=o.z_loss, softcap=o.softcap,
-                                   dtype=problem.compute_dtype).to(problem.output_dtype)
+    loss = reference.cross_entropy(
+        input,
+        target,
+        weight,
+        ignore_index=o.ignore_index,
+        reduction=o.reduction,
+        label_smoothing=o.label_smoothing,
+        z_loss=o.z_loss,
+        softcap=o.softcap,
+        dtype=problem.compute_dtype,
+    ).to(problem.output_dtype)
     return loss.reshape(problem.output_shape) if o.reduction == "none" else loss
 
 
-def linear_formula(p: LinearProblem, input2d: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
-                   target: Tensor, weight: Tensor | None) -> Tensor:
+def linear_formula(
+    p: LinearProblem,
+    input2d: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+) -> Tensor:
     logits = F.linear(input2d, linear_weight, linear_bias)
     problem = make_problem(logits, target, weight, p.options, p.output_dtype)
     loss = cross_entropy_formula(problem, logits, target, weight)
@@ -216,10 +253,12 @@ def saved_inputs(ctx) -> tuple:
     """The inputs kept by save_for_handover, after autograd's check that none was modified in place since forward."""
     for t, version in zip(ctx.inputs, ctx.versions):
         if t is not None and t._version != version:
-            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
-                               f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
-                               f"expected version {version} instead (an input of an xent loss, read again by "
-                               f"this backward)")
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+                f"expected version {version} instead (an input of an xent loss, read again by "
+                f"this backward)"
+            )
     return ctx.inputs
 
 
@@ -260,8 +299,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         want = tuple(ctx.needs_input_grad[:3])
         loss, grads = linear_forward(problem, want)
         ctx.problem, ctx.want, ctx.input_shape = problem, want, input.shape
-        save_for_handover(ctx, grads if grads is not None else [None, None, None],
-              (input, linear_weight, linear_bias, target, weight))
+        save_for_handover(
+            ctx, grads if grads is not None else [None, None, None], (input, linear_weight, linear_bias, target, weight)
+        )
         return loss
 
     @staticmethod
@@ -300,9 +340,17 @@ def _linear_double_backward(ctx, grad_loss) -> tuple:
 
 
 @torch.library.custom_op("xent::cross_entropy", mutates_args=())
-def _cross_entropy_op(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
-                      label_smoothing: float, z_loss: float, softcap: Optional[float],
-                      output_dtype: torch.dtype) -> Tensor:
+def _cross_entropy_op(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    output_dtype: torch.dtype,
+) -> Tensor:
     """The loss (one read of the logits)."""
     problem = _problem(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, output_dtype)
     loss, _ = cross_entropy_forward(problem, need_grad=False)
@@ -316,9 +364,18 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, s
 
 
 @torch.library.custom_op("xent::cross_entropy_backward", mutates_args=())
-def _cross_entropy_backward_op(upstream: Tensor, input: Tensor, target: Tensor, weight: Optional[Tensor],
-                               reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
-                               softcap: Optional[float], output_dtype: torch.dtype) -> Tensor:
+def _cross_entropy_backward_op(
+    upstream: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    output_dtype: torch.dtype,
+) -> Tensor:
     """d loss / d input for the loss's gradient `upstream`: the fused pass again, with the upstream folded
     into each row's coefficients (one read of the logits, one write of the gradient)."""
     problem = _problem(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, output_dtype)
@@ -332,8 +389,9 @@ def _(upstream, input, target, weight, reduction, ignore_index, label_smoothing,
 
 
 def _problem(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, output_dtype):
-    return make_problem(input, target, weight, Options(reduction, ignore_index, label_smoothing, z_loss, softcap),
-                        output_dtype)
+    return make_problem(
+        input, target, weight, Options(reduction, ignore_index, label_smoothing, z_loss, softcap), output_dtype
+    )
 
 
 class TracedCrossEntropy(torch.autograd.Function):
@@ -370,35 +428,101 @@ def _(grad, upstream, reduction):
 
 
 @torch.library.custom_op("xent::linear_cross_entropy", mutates_args=())
-def _linear_op(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-               weight: Optional[Tensor], reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
-               softcap: Optional[float], output_dtype: torch.dtype, chunk_size: int, memory_budget: int,
-               want_input: bool, want_weight: bool, want_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _linear_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    output_dtype: torch.dtype,
+    chunk_size: int,
+    memory_budget: int,
+    want_input: bool,
+    want_weight: bool,
+    want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss of (R, H) rows and, for scalar reductions, the wanted gradients for a unit upstream gradient
     (empty tensors for the others)."""
-    p = _linear_problem(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                        z_loss, softcap, output_dtype, chunk_size, memory_budget)
+    p = _linear_problem(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        output_dtype,
+        chunk_size,
+        memory_budget,
+    )
     loss, grads = linear_forward(p, (want_input, want_weight, want_bias))
     grads = grads or [None, None, None]
     return (loss, *(g if g is not None else input.new_empty(0) for g in grads))
 
 
 @_linear_op.register_fake
-def _(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-      output_dtype, chunk_size, memory_budget, want_input, want_weight, want_bias):
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    output_dtype,
+    chunk_size,
+    memory_budget,
+    want_input,
+    want_weight,
+    want_bias,
+):
     scalar = reduction != "none"
     loss = input.new_empty(() if scalar else (input.shape[0],), dtype=output_dtype)
 
     def grad_like(t, wanted):
         return t.new_empty(t.shape) if scalar and wanted and t is not None else input.new_empty(0)
+
     return loss, grad_like(input, want_input), grad_like(linear_weight, want_weight), grad_like(linear_bias, want_bias)
 
 
-def _linear_problem(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                    z_loss, softcap, output_dtype, chunk_size, memory_budget) -> LinearProblem:
-    return LinearProblem(input, linear_weight, linear_bias, target, weight,
-                         Options(reduction, ignore_index, label_smoothing, z_loss, softcap),
-                         (input.shape[0],), output_dtype, chunk_size, None if memory_budget < 0 else memory_budget)
+def _linear_problem(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    output_dtype,
+    chunk_size,
+    memory_budget,
+) -> LinearProblem:
+    return LinearProblem(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        Options(reduction, ignore_index, label_smoothing, z_loss, softcap),
+        (input.shape[0],),
+        output_dtype,
+        chunk_size,
+        None if memory_budget < 0 else memory_budget,
+    )
 
 
 class TracedLinearCrossEntropy(torch.autograd.Function):
@@ -422,8 +546,9 @@ class TracedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_grads_of_buffers):
         if ctx.args[0] == "none":
-            gi, gw, gb = torch.ops.xent.linear_cross_entropy_backward(*ctx.saved_tensors, grad_loss, *ctx.args,
-                                                                      *ctx.want)
+            gi, gw, gb = torch.ops.xent.linear_cross_entropy_backward(
+                *ctx.saved_tensors, grad_loss, *ctx.args, *ctx.want
+            )
         else:
             gi, gw, gb = ctx.saved_tensors
             for g, wanted in zip((gi, gw, gb), ctx.want):
@@ -434,27 +559,76 @@ class TracedLinearCrossEntropy(torch.autograd.Function):
 
 
 @torch.library.custom_op("xent::linear_cross_entropy_backward", mutates_args=())
-def _linear_backward_op(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                        weight: Optional[Tensor], upstream: Tensor, reduction: str, ignore_index: int,
-                        label_smoothing: float, z_loss: float, softcap: Optional[float], output_dtype: torch.dtype,
-                        chunk_size: int, memory_budget: int, want_input: bool, want_weight: bool,
-                        want_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_backward_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    upstream: Tensor,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    output_dtype: torch.dtype,
+    chunk_size: int,
+    memory_budget: int,
+    want_input: bool,
+    want_weight: bool,
+    want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """reduction='none': the wanted gradients for per-row upstream gradients (empty tensors for others)."""
-    p = _linear_problem(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                        z_loss, softcap, output_dtype, chunk_size, memory_budget)
+    p = _linear_problem(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        output_dtype,
+        chunk_size,
+        memory_budget,
+    )
     grads = linear_backward(p, upstream, (want_input, want_weight, want_bias))
     return tuple(g if g is not None else input.new_empty(0) for g in grads)
 
 
 @_linear_backward_op.register_fake
-def _(input, linear_weight, linear_bias, target, weight, upstream, reduction, ignore_index, label_smoothing, z_loss,
-      softcap, output_dtype, chunk_size, memory_budget, want_input, want_weight, want_bias):
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    upstream,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    output_dtype,
+    chunk_size,
+    memory_budget,
+    want_input,
+    want_weight,
+    want_bias,
+):
     def grad_like(t, wanted):
         return t.new_empty(t.shape) if wanted and t is not None else input.new_empty(0)
+
     return grad_like(input, want_input), grad_like(linear_weight, want_weight), grad_like(linear_bias, want_bias)
 
 
 def _aliases(out: Tensor, *inputs: Tensor | None) -> bool:
     """A custom op's output may not share storage with an input (a degenerate loss can be a view)."""
-    return any(t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
-               and out.untyped_storage().nbytes() > 0 for t in inputs)
+    return any(
+        t is not None
+        and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        and out.untyped_storage().nbytes() > 0
+        for t in inputs
+    )

@@ -25,7 +25,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
         return None
 
 
-
 @dataclass(frozen=True)
 class Options:
     """The scalar options of one loss computation, after validation."""
@@ -66,8 +65,9 @@ class Problem:
     @property
     def compute_dtype(self) -> torch.dtype:
         """fp32 for fp32/bf16/fp16 (our math and reductions never run in half precision), else fp64."""
-        return torch.float64 if self.output_dtype == torch.float64 or self.logits.dtype == torch.float64 \
-            else torch.float32
+        return (
+            torch.float64 if self.output_dtype == torch.float64 or self.logits.dtype == torch.float64 else torch.float32
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,14 +97,14 @@ def _as_3d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
-def make_problem(input: Tensor, target: Tensor, weight: Tensor | None, options: Options,
-                 output_dtype: torch.dtype) -> Problem:
+def make_problem(
+    input: Tensor, target: Tensor, weight: Tensor | None, options: Options, output_dtype: torch.dtype
+) -> Problem:
     """The Problem of arguments that passed the checks above: layout only, no checks (the ops rebuild
     it from their flat arguments with this). The target range is checked by the op itself."""
     output_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
     if input.shape == target.shape:
-        return Problem(_as_3d(input), _as_3d(target), weight, True, options, input.shape, output_shape,
-                       output_dtype)
+        return Problem(_as_3d(input), _as_3d(target), weight, True, options, input.shape, output_shape, output_dtype)
     if input.dim() == 1:
         target = target.reshape(1, 1)
     else:

@@ -26,9 +26,17 @@ def logsumexp(z: Tensor, dim: int = -1) -> Tensor:
     return (m + (z - m).exp().sum(dim, keepdim=True).log()).squeeze(dim)
 
 
-def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
-                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  softcap: float | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
     """torch.nn.functional.cross_entropy's value (plus xent's z_loss and softcap), computed in `dtype`.
 
     class indices (input.shape != target.shape):
@@ -70,8 +78,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     return loss.sum() / denominator
 
 
-def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
-             reduction: str = "mean", dtype: torch.dtype = torch.float64) -> Tensor:
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
     """l_i = -v_i * w[y_i] * input[i, y_i];  mean = sum_i l_i / sum_i v_i * w[y_i]."""
     class_dim = 0 if input.dim() == 1 else 1
     x = input.to(dtype).movedim(class_dim, -1)
@@ -88,11 +102,13 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore
     return loss.sum() / w_y.sum()
 
 
-def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None,
-                         **options) -> Tensor:
+def linear_cross_entropy(
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None, **options
+) -> Tensor:
     """cross_entropy(input @ linear_weight.T + linear_bias, target) over the last dimension of input."""
     logits = input.to(torch.float64) @ linear_weight.to(torch.float64).T
     if linear_bias is not None:
         logits = logits + linear_bias.to(torch.float64)
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), **options).reshape(
-        target.shape if options.get("reduction") == "none" else ())
+        target.shape if options.get("reduction") == "none" else ()
+    )

@@ -20,11 +20,13 @@ def _close(a, b, what, rtol=1e-9, atol=1e-11):
 
 
 def run(rank: int, world: int, rendezvous: str, sizes: list[int], scenario: str, result_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         {"logits": _logits, "linear": _linear, "errors": _errors, "tensor_parallel": _tensor_parallel}[scenario](
-            rank, world, sizes)
+            rank, world, sizes
+        )
         outcome = "ok"
     except Exception:  # noqa: BLE001 - reported to the parent test through the result file
         outcome = traceback.format_exc()
@@ -73,13 +75,14 @@ def _case(sizes, options, seed, lead=(6,)):
 
 def _logits(rank, world, sizes):
     for (opt_i, options), reverse, given_start, lead in itertools.product(
-            enumerate(OPTIONS), (False, True), (True, False), ((6,), (2, 3))):
+        enumerate(OPTIONS), (False, True), (True, False), ((6,), (2, 3))
+    ):
         if reverse and not given_start:
             continue  # without vocab_start the blocks follow rank order
         gen, c, kw, target, _ = _case(sizes, options, seed=100 + opt_i, lead=lead)
         full = (torch.randn(*lead, c, generator=gen, dtype=torch.float64) * 3).requires_grad_()
         start, size = _layout(rank, sizes, reverse)
-        local = full.detach()[..., start:start + size].clone().requires_grad_()
+        local = full.detach()[..., start : start + size].clone().requires_grad_()
         ours = vocab_parallel_cross_entropy(local, target, vocab_start=start if given_start else None, **kw)
         expected = xent.cross_entropy(full.reshape(-1, c), target.reshape(-1), **kw)
         if kw["reduction"] == "none":
@@ -92,21 +95,21 @@ def _logits(rank, world, sizes):
         up = torch.randn(ours.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
         (g_local,) = torch.autograd.grad(ours, local, up)
         (g_full,) = torch.autograd.grad(expected, full, up)
-        _close(g_local, g_full[..., start:start + size], f"grad {options} lead={lead} reverse={reverse}")
+        _close(g_local, g_full[..., start : start + size], f"grad {options} lead={lead} reverse={reverse}")
     # float32 logits, the default chunking, many rows
     gen = torch.Generator().manual_seed(5)
     c = sum(sizes)
     full = torch.randn(300, c, generator=gen)
     target = torch.randint(0, c, (300,), generator=gen)
     start = sum(sizes[:rank])
-    local = full[:, start:start + sizes[rank]].clone().requires_grad_()
+    local = full[:, start : start + sizes[rank]].clone().requires_grad_()
     ours = vocab_parallel_cross_entropy(local, target, label_smoothing=0.1)
     ref_full = full.clone().requires_grad_()
     expected = F.cross_entropy(ref_full, target, label_smoothing=0.1)
     _close(ours, expected, "float32 loss", rtol=1e-5, atol=1e-6)
     (g,) = torch.autograd.grad(ours, local)
     (ge,) = torch.autograd.grad(expected, ref_full)
-    _close(g, ge[:, start:start + sizes[rank]], "float32 grad", rtol=1e-5, atol=1e-6)
+    _close(g, ge[:, start : start + sizes[rank]], "float32 grad", rtol=1e-5, atol=1e-6)
     # retain_graph: a second backward recomputes (collectively)
     ours = vocab_parallel_cross_entropy(local, target)
     ours.backward(retain_graph=True)
@@ -126,10 +129,17 @@ def _linear(rank, world, sizes):
             start = sum(sizes[:rank])
             size = sizes[rank]
             xi = x.clone().requires_grad_()
-            wi = w_full[start:start + size].clone().requires_grad_()
-            bi = b_full[start:start + size].clone().requires_grad_() if bias else None
-            ours = vocab_parallel_linear_cross_entropy(xi, wi, target, vocab_start=start if given_start else None,
-                                                       linear_bias=bi, memory_budget=3 * 8 * max(1, size), **kw)
+            wi = w_full[start : start + size].clone().requires_grad_()
+            bi = b_full[start : start + size].clone().requires_grad_() if bias else None
+            ours = vocab_parallel_linear_cross_entropy(
+                xi,
+                wi,
+                target,
+                vocab_start=start if given_start else None,
+                linear_bias=bi,
+                memory_budget=3 * 8 * max(1, size),
+                **kw,
+            )
             xr, wr = x.clone().requires_grad_(), w_full.clone().requires_grad_()
             br = b_full.clone().requires_grad_() if bias else None
             expected = xent.linear_cross_entropy(xr, wr, target, linear_bias=br, **kw)
@@ -140,9 +150,9 @@ def _linear(rank, world, sizes):
             grads = torch.autograd.grad(ours, params, up)
             ref = torch.autograd.grad(expected, ref_params, up)
             _close(grads[0], ref[0], f"linear grad input {options}")  # summed across ranks: the full gradient
-            _close(grads[1], ref[1][start:start + size], f"linear grad weight {options}")
+            _close(grads[1], ref[1][start : start + size], f"linear grad weight {options}")
             if bias:
-                _close(grads[2], ref[2][start:start + size], f"linear grad bias {options}")
+                _close(grads[2], ref[2][start : start + size], f"linear grad bias {options}")
 
 
 def _expect(exc_type, fragment, fn):
@@ -163,17 +173,30 @@ def _errors(rank, world, sizes):
     differing = good.clone()
     differing[0] = rank % c
     for vs in (None, start):
-        _expect(ValueError, "targets differ", lambda: vocab_parallel_cross_entropy(local, differing, vocab_start=vs))
+        _expect(
+            ValueError, "targets differ", lambda vs=vs: vocab_parallel_cross_entropy(local, differing, vocab_start=vs)
+        )
     # a target outside [0, C): IndexError on every rank
     bad = torch.tensor([0, c, 1, 2])
     for vs in (None, start):
-        _expect(IndexError, f"Target {c} is out of bounds", lambda: vocab_parallel_cross_entropy(local, bad,
-                                                                                                 vocab_start=vs))
+        _expect(
+            IndexError,
+            f"Target {c} is out of bounds",
+            lambda vs=vs: vocab_parallel_cross_entropy(local, bad, vocab_start=vs),
+        )
     # class weights of the wrong size
-    _expect(RuntimeError, f"all {c} classes", lambda: vocab_parallel_cross_entropy(
-        local, good, weight=torch.ones(c + 1, dtype=torch.float64)))
-    _expect(RuntimeError, f"all {c} classes", lambda: vocab_parallel_cross_entropy(
-        local, good, vocab_start=start, weight=torch.ones(c - 1, dtype=torch.float64)))
+    _expect(
+        RuntimeError,
+        f"all {c} classes",
+        lambda: vocab_parallel_cross_entropy(local, good, weight=torch.ones(c + 1, dtype=torch.float64)),
+    )
+    _expect(
+        RuntimeError,
+        f"all {c} classes",
+        lambda: vocab_parallel_cross_entropy(
+            local, good, vocab_start=start, weight=torch.ones(c - 1, dtype=torch.float64)
+        ),
+    )
     # blocks that overlap instead of tiling the vocabulary
     _expect(ValueError, "do not tile", lambda: vocab_parallel_cross_entropy(local, good, vocab_start=0))
     # still usable afterwards
@@ -208,5 +231,8 @@ def _tensor_parallel(rank, world, sizes):
     _close(x.grad, x_ref.grad, "tensor-parallel input gradient")
     local_weight_grad = lm_head.weight.grad.to_local()
     start = sum(block.numel() for block in torch.arange(vocab).chunk(world)[:rank])  # DTensor's Shard(0) split
-    _close(local_weight_grad, reference.weight.grad[start:start + local_weight_grad.shape[0]],
-           "tensor-parallel weight gradient")
+    _close(
+        local_weight_grad,
+        reference.weight.grad[start : start + local_weight_grad.shape[0]],
+        "tensor-parallel weight gradient",
+    )

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, loosest, on
 from hypothesis import given
 from hypothesis import strategies as st
 
 import xent
 from xent.kernels import portable
-
-from helpers import assert_close, loosest, on
 
 
 @dataclass
@@ -38,9 +37,11 @@ class Case:
 
     def __repr__(self) -> str:
         kw = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
-        return (f"Case(input={tuple(self.input.shape)}/{self.input.dtype}/contig={self.input.is_contiguous()}, "
-                f"target={tuple(self.target.shape)}/{self.target.dtype}, {kw}, grad_target={self.grad_target}, "
-                f"grad_weight={self.grad_weight}, chunk={self.chunk}, seed={self.seed})")
+        return (
+            f"Case(input={tuple(self.input.shape)}/{self.input.dtype}/contig={self.input.is_contiguous()}, "
+            f"target={tuple(self.target.shape)}/{self.target.dtype}, {kw}, grad_target={self.grad_target}, "
+            f"grad_weight={self.grad_weight}, chunk={self.chunk}, seed={self.seed})"
+        )
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -90,9 +91,12 @@ def cases(draw, dtypes=(torch.float32, torch.float64), probabilities=None, z_los
         target[torch.rand(batch, generator=gen) < frac] = ignore_index
         if 0 <= ignore_index < 256 and draw(st.booleans()):
             target = target.to(torch.uint8)
-    kwargs = dict(weight=weight, ignore_index=ignore_index,
-                  reduction=draw(st.sampled_from(["none", "mean", "sum"])),
-                  label_smoothing=draw(st.sampled_from([0.0, 0.0, 0.1, 0.45, 1.0, -0.3])))
+    kwargs = dict(
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=draw(st.sampled_from(["none", "mean", "sum"])),
+        label_smoothing=draw(st.sampled_from([0.0, 0.0, 0.1, 0.45, 1.0, -0.3])),
+    )
     if z_loss:
         kwargs["z_loss"] = draw(st.sampled_from([0.0, 1e-3, 0.5]))
     if softcap:
@@ -139,13 +143,15 @@ def run(fn, case: Case, upstream_seed: int):
 def check_case(case: Case, torch_fn=F.cross_entropy, device="cpu"):
     case = on_device(case, device)
     before = [case.input.clone(), case.target.clone()] + (
-        [case.kwargs["weight"].clone()] if case.kwargs["weight"] is not None else [])
+        [case.kwargs["weight"].clone()] if case.kwargs["weight"] is not None else []
+    )
     with chunk_budget(case.chunk):
         ours, our_grads = run(xent.cross_entropy, case, case.seed)
     # torch 2.13 fails on some uint8-target paths (K-dim backward, weight + smoothing): its int64 twin
     # has the same meaning, so it is the oracle there. xent takes uint8 everywhere.
     theirs, their_grads = run(
-        lambda x, t, **kw: torch_fn(x, t.long() if t.dtype == torch.uint8 else t, **kw), case, case.seed)
+        lambda x, t, **kw: torch_fn(x, t.long() if t.dtype == torch.uint8 else t, **kw), case, case.seed
+    )
 
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, repr(case)
     low_precision = case.input.dtype in (torch.bfloat16, torch.float16)
@@ -157,8 +163,13 @@ def check_case(case: Case, torch_fn=F.cross_entropy, device="cpu"):
     assert_close(ours, theirs, loosest(floor, theirs.dtype), msg=repr(case))
     for name, g_ours, g_theirs in zip(["input", "target", "weight"], our_grads, their_grads):
         assert g_ours.dtype == g_theirs.dtype and g_ours.shape == g_theirs.shape, (name, repr(case))
-        assert_close(g_ours, g_theirs, loosest(floor, g_theirs.dtype),
-                     scale=4.0 if low_precision else 1.0, msg=f"grad {name}: {case!r}")
+        assert_close(
+            g_ours,
+            g_theirs,
+            loosest(floor, g_theirs.dtype),
+            scale=4.0 if low_precision else 1.0,
+            msg=f"grad {name}: {case!r}",
+        )
 
     after = [case.input, case.target] + ([case.kwargs["weight"]] if case.kwargs["weight"] is not None else [])
     for b, a in zip(before, after):
@@ -170,15 +181,15 @@ def test_matches_torch_fp32_fp64(device, case):
     check_case(case, device=device)
 
 
-def reference(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-              softcap=None):
+def reference(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
     """xent.reference in float64, cast to the dtype torch would return."""
     out_dtype = x.dtype
     if x.shape == t.shape:
         for other in (t, weight):
             out_dtype = torch.promote_types(out_dtype, other.dtype) if other is not None else out_dtype
-    return xent.reference.cross_entropy(x, t, weight, ignore_index, reduction, label_smoothing, z_loss,
-                                        softcap).to(out_dtype)
+    return xent.reference.cross_entropy(x, t, weight, ignore_index, reduction, label_smoothing, z_loss, softcap).to(
+        out_dtype
+    )
 
 
 @given(case=cases(dtypes=(torch.bfloat16, torch.float16)))
@@ -189,8 +200,9 @@ def test_half_precision_matches_float64_formula_and_torch(device, case):
     check_case(case, torch_fn=reference, device=device)
     with chunk_budget(case.chunk):
         ours, _ = run(xent.cross_entropy, case, case.seed)
-    theirs, _ = run(lambda x, t, **kw: F.cross_entropy(x, t.long() if t.dtype == torch.uint8 else t, **kw),
-                    case, case.seed)
+    theirs, _ = run(
+        lambda x, t, **kw: F.cross_entropy(x, t.long() if t.dtype == torch.uint8 else t, **kw), case, case.seed
+    )
     scale = max(1.0, float(theirs.float().abs().nan_to_num().max())) if theirs.numel() else 1.0
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.05, atol=0.05 * scale, equal_nan=True)
 

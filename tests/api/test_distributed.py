@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import time
 
+import dist_worker
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import dist_worker
-
 DEADLINE_S = 240
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 
 def _spawn(world: int, sizes: list[int], scenario: str, tmp_path) -> None:
     rendezvous = str(tmp_path / "rendezvous")
-    ctx = mp.start_processes(dist_worker.run, args=(world, rendezvous, sizes, scenario, str(tmp_path)), nprocs=world,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        dist_worker.run,
+        args=(world, rendezvous, sizes, scenario, str(tmp_path)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not ctx.join(timeout=1):

@@ -11,10 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, on
 
 import xent
-
-from helpers import assert_close, on
 
 inf, nan = math.inf, math.nan
 
@@ -35,8 +34,9 @@ def both(fn_args, device="cpu", **kwargs):
 @pytest.mark.parametrize("reduction,expected", [("mean", nan), ("sum", 0.0), ("none", [0.0, 0.0, 0.0])])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_all_targets_ignored(reduction, expected, label_smoothing, device):
-    (ours, g_ours), (theirs, g_theirs) = both((torch.randn(3, 5), torch.full((3,), -100)), device,
-                                              reduction=reduction, label_smoothing=label_smoothing)
+    (ours, g_ours), (theirs, g_theirs) = both(
+        (torch.randn(3, 5), torch.full((3,), -100)), device, reduction=reduction, label_smoothing=label_smoothing
+    )
     assert_close(ours, torch.tensor(expected, device=device))
     assert_close(ours, theirs)
     zeros = torch.zeros(3, 5, device=device)
@@ -46,8 +46,9 @@ def test_all_targets_ignored(reduction, expected, label_smoothing, device):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape,target_shape", [((0, 4), (0,)), ((0, 4, 3), (0, 3)), ((2, 4, 0), (2, 0))])
 def test_no_rows(reduction, shape, target_shape, device):
-    (ours, g_ours), (theirs, g_theirs) = both((torch.randn(shape), torch.zeros(target_shape, dtype=torch.long)),
-                                              device, reduction=reduction)
+    (ours, g_ours), (theirs, g_theirs) = both(
+        (torch.randn(shape), torch.zeros(target_shape, dtype=torch.long)), device, reduction=reduction
+    )
     assert ours.shape == theirs.shape
     assert_close(ours, theirs)
     assert g_ours.shape == torch.Size(shape)
@@ -76,15 +77,18 @@ def test_unbatched_with_a_one_element_target(device):
     assert_close(torch.autograd.grad(ours, x)[0], expected)
 
 
-@pytest.mark.parametrize("row,target,label_smoothing", [
-    ([1.0, nan, 0.5], 0, 0.0),  # NaN anywhere in a row: that row is NaN
-    ([1.0, inf, 0.5], 0, 0.0),  # +inf logit: NaN
-    ([1.0, inf, 0.5], 1, 0.0),
-    ([1.0, -inf, 0.5], 1, 0.0),  # -inf at the target: inf
-    ([1.0, -inf, 0.5], 0, 0.0),  # -inf elsewhere: finite
-    ([1.0, -inf, 0.5], 0, 0.1),  # ... but smoothing puts weight on it: inf
-    ([-inf, -inf, -inf], 0, 0.0),  # every logit -inf: NaN
-])
+@pytest.mark.parametrize(
+    "row,target,label_smoothing",
+    [
+        ([1.0, nan, 0.5], 0, 0.0),  # NaN anywhere in a row: that row is NaN
+        ([1.0, inf, 0.5], 0, 0.0),  # +inf logit: NaN
+        ([1.0, inf, 0.5], 1, 0.0),
+        ([1.0, -inf, 0.5], 1, 0.0),  # -inf at the target: inf
+        ([1.0, -inf, 0.5], 0, 0.0),  # -inf elsewhere: finite
+        ([1.0, -inf, 0.5], 0, 0.1),  # ... but smoothing puts weight on it: inf
+        ([-inf, -inf, -inf], 0, 0.0),  # every logit -inf: NaN
+    ],
+)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_non_finite_logits(row, target, label_smoothing, reduction, device):
     x = torch.tensor([row, [0.3, 0.2, 0.1]])
@@ -104,8 +108,9 @@ def test_nan_in_an_ignored_row_leaves_the_loss_finite(device):
 
 
 def test_zero_class_weights_give_torch_nan_mean(device):
-    (ours, g_ours), (theirs, g_theirs) = both((torch.randn(3, 4), torch.tensor([0, 1, 3])), device,
-                                              weight=torch.zeros(4))
+    (ours, g_ours), (theirs, g_theirs) = both(
+        (torch.randn(3, 4), torch.tensor([0, 1, 3])), device, weight=torch.zeros(4)
+    )
     assert ours.isnan() and theirs.isnan()
     assert_close(g_ours, g_theirs)
 
@@ -133,9 +138,12 @@ def test_probability_target_with_negative_ignore_index_is_accepted_and_ignored(d
 
 
 def test_dtype_promotion_of_probability_targets(device):
-    for x_dtype, t_dtype, w_dtype in [(torch.bfloat16, torch.float32, None), (torch.float32, torch.bfloat16, None),
-                                      (torch.float32, torch.float32, torch.float64),
-                                      (torch.float16, torch.float64, None)]:
+    for x_dtype, t_dtype, w_dtype in [
+        (torch.bfloat16, torch.float32, None),
+        (torch.float32, torch.bfloat16, None),
+        (torch.float32, torch.float32, torch.float64),
+        (torch.float16, torch.float64, None),
+    ]:
         x = torch.randn(3, 4, dtype=x_dtype).to(device)
         t = torch.rand(3, 4, dtype=t_dtype).to(device)
         w = torch.rand(4, dtype=w_dtype).to(device) if w_dtype else None
@@ -147,8 +155,7 @@ def test_seed_tutorial_appendix_weight_and_smoothing(device):
     """../shared/seed: the appendix's weighted + smoothed example, whose code (not formula) torch follows."""
     logits = torch.tensor([[1.5, 2.0, 0.5], [1.0, 0.5, 2.5]], device=device)
     targets = torch.tensor([1, 2], device=device)
-    loss = xent.cross_entropy(logits, targets, weight=torch.tensor([0.7, 0.2, 0.1], device=device),
-                              label_smoothing=0.1)
+    loss = xent.cross_entropy(logits, targets, weight=torch.tensor([0.7, 0.2, 0.1], device=device), label_smoothing=0.1)
     assert abs(float(loss) - 0.7722168564796448) < 1e-6
 
 
@@ -157,7 +164,7 @@ def test_seed_tutorial_appendix_weight_and_smoothing(device):
 def test_large_and_small_logits_stay_exact(dtype, offset, device):
     """Rows far from zero (where exp(z) over/underflows without a max shift) match torch."""
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(6, 50, generator=gen, dtype=torch.float64) * 3)
+    x = torch.randn(6, 50, generator=gen, dtype=torch.float64) * 3
     x[1] += offset  # one row shifted far out, the others not: mixed in one chunk
     x[4, 7] += offset  # one logit far out
     x = x.to(dtype)

@@ -12,19 +12,30 @@ import torch.nn.functional as F
 import xent
 
 
-@pytest.mark.parametrize("labels,num_classes", [
-    (torch.tensor([0, 2, 1, 0]), 3), (torch.tensor([0, 2, 1, 0]), -1), (torch.tensor([[1], [2]]), 5),
-    (torch.tensor(2), -1), (torch.tensor([], dtype=torch.long), 3),
-])
+@pytest.mark.parametrize(
+    "labels,num_classes",
+    [
+        (torch.tensor([0, 2, 1, 0]), 3),
+        (torch.tensor([0, 2, 1, 0]), -1),
+        (torch.tensor([[1], [2]]), 5),
+        (torch.tensor(2), -1),
+        (torch.tensor([], dtype=torch.long), 3),
+    ],
+)
 def test_one_hot_matches_torch(labels, num_classes):
     ours, theirs = xent.one_hot(labels, num_classes), F.one_hot(labels, num_classes)
     assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("labels,num_classes", [
-    (torch.tensor([1.0]), -1), (torch.tensor([-1]), -1), (torch.tensor([5]), 3),
-    (torch.tensor([], dtype=torch.long), -1),
-])
+@pytest.mark.parametrize(
+    "labels,num_classes",
+    [
+        (torch.tensor([1.0]), -1),
+        (torch.tensor([-1]), -1),
+        (torch.tensor([5]), 3),
+        (torch.tensor([], dtype=torch.long), -1),
+    ],
+)
 def test_one_hot_errors_match_torch(labels, num_classes):
     with pytest.raises(RuntimeError):
         F.one_hot(labels, num_classes)
@@ -49,8 +60,14 @@ def test_round_trip_of_many_label_kinds():
         RED = 1
         BLUE = 2
 
-    for labels in (["dog", "cat", "bird", "cat"], [("a", 1), ("b", 2), ("a", 1)], [Color.RED, Color.BLUE],
-                   [3.5, 1.0, 3.5], np.array(["x", "y", "x"]), [None, "a", 1]):
+    for labels in (
+        ["dog", "cat", "bird", "cat"],
+        [("a", 1), ("b", 2), ("a", 1)],
+        [Color.RED, Color.BLUE],
+        [3.5, 1.0, 3.5],
+        np.array(["x", "y", "x"]),
+        [None, "a", 1],
+    ):
         enc = xent.LabelEncoder()
         idx = enc.fit_transform(labels)
         assert idx.dtype == torch.int64 and idx.shape == (len(labels),)

@@ -13,17 +13,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, on
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 import xent
 
-from helpers import assert_close, on
-
 HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy")
-needs_torch_lce = pytest.mark.skipif(not HAS_TORCH_LCE, reason=f"torch {torch.__version__} has no "
-                                     f"F.linear_cross_entropy (torch >= 2.13)")
+needs_torch_lce = pytest.mark.skipif(
+    not HAS_TORCH_LCE, reason=f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"
+)
 
 
 def _reference(x, w, t, b=None, **kw):
@@ -37,16 +37,39 @@ def _reference(x, w, t, b=None, **kw):
     return loss.reshape(t.shape) if kw.get("reduction") == "none" else loss
 
 
-@given(seed=st.integers(0, 2**31 - 1), lead=st.sampled_from([(), (0,), (5,), (3, 4), (2, 3, 2)]),
-       hidden=st.integers(1, 9), vocab=st.integers(1, 13), dtype=st.sampled_from([torch.float32, torch.float64]),
-       bias=st.booleans(), use_weight=st.booleans(), ignore_index=st.sampled_from([-100, 0, 3]),
-       ignored=st.sampled_from([0.0, 0.3, 1.0]), reduction=st.sampled_from(["mean", "sum", "none"]),
-       label_smoothing=st.sampled_from([0.0, 0.2, 1.0]), extras=st.sampled_from([{}, {"z_loss": 0.1},
-                                                                                  {"softcap": 3.0},
-                                                                                  {"z_loss": 1e-3, "softcap": 1.5}]),
-       budget=st.sampled_from([None, 1, 40, 200]), wants=st.sampled_from(["all", "input", "weight", "bias"]))
-def test_matches_linear_then_cross_entropy(device, seed, lead, hidden, vocab, dtype, bias, use_weight, ignore_index,
-                                           ignored, reduction, label_smoothing, extras, budget, wants):
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    lead=st.sampled_from([(), (0,), (5,), (3, 4), (2, 3, 2)]),
+    hidden=st.integers(1, 9),
+    vocab=st.integers(1, 13),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    bias=st.booleans(),
+    use_weight=st.booleans(),
+    ignore_index=st.sampled_from([-100, 0, 3]),
+    ignored=st.sampled_from([0.0, 0.3, 1.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    label_smoothing=st.sampled_from([0.0, 0.2, 1.0]),
+    extras=st.sampled_from([{}, {"z_loss": 0.1}, {"softcap": 3.0}, {"z_loss": 1e-3, "softcap": 1.5}]),
+    budget=st.sampled_from([None, 1, 40, 200]),
+    wants=st.sampled_from(["all", "input", "weight", "bias"]),
+)
+def test_matches_linear_then_cross_entropy(
+    device,
+    seed,
+    lead,
+    hidden,
+    vocab,
+    dtype,
+    bias,
+    use_weight,
+    ignore_index,
+    ignored,
+    reduction,
+    label_smoothing,
+    extras,
+    budget,
+    wants,
+):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, hidden, generator=gen, dtype=dtype) * 2
     w = torch.randn(vocab, hidden, generator=gen, dtype=dtype)
@@ -55,14 +78,20 @@ def test_matches_linear_then_cross_entropy(device, seed, lead, hidden, vocab, dt
     t[torch.rand(lead, generator=gen) < ignored] = ignore_index
     class_weight = torch.rand(vocab, generator=gen, dtype=dtype) if use_weight else None
     x, w, b, t, class_weight = on(device, x, w, b, t, class_weight)
-    kw = dict(weight=class_weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-              **extras)
+    kw = dict(
+        weight=class_weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, **extras
+    )
     originals = [v.clone() for v in (x, w, t) + ((b,) if bias else ())]
     results = []
-    for fn in (lambda *a, **k: xent.linear_cross_entropy(*a[:3], linear_bias=a[3], memory_budget=budget, **k),
-               _reference):
-        params = [x.clone().requires_grad_(wants in ("all", "input")), w.clone().requires_grad_(wants in ("all", "weight")),
-                  b.clone().requires_grad_(wants in ("all", "bias")) if bias else None]
+    for fn in (
+        lambda *a, **k: xent.linear_cross_entropy(*a[:3], linear_bias=a[3], memory_budget=budget, **k),
+        _reference,
+    ):
+        params = [
+            x.clone().requires_grad_(wants in ("all", "input")),
+            w.clone().requires_grad_(wants in ("all", "weight")),
+            b.clone().requires_grad_(wants in ("all", "bias")) if bias else None,
+        ]
         loss = fn(params[0], params[1], t, params[2], **kw)
         up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
         wrt = [p for p in params if p is not None and p.requires_grad]
@@ -88,8 +117,10 @@ def test_gradcheck_all_parameters_and_double_backward(reduction, device):
         p.requires_grad_()
 
     def fn(x, w, b):
-        return xent.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1,
-                                         z_loss=0.01, memory_budget=16 * 7)  # two rows per chunk
+        return xent.linear_cross_entropy(
+            x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1, z_loss=0.01, memory_budget=16 * 7
+        )  # two rows per chunk
+
     assert gradcheck(fn, (x, w, b))
     assert gradgradcheck(fn, (x, w, b))
 
@@ -167,8 +198,12 @@ def test_retain_graph_and_second_backward(device):
 
 
 def test_upstream_gradient_scales_every_parameter(device):
-    x, w, t = on(device, torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64),
-                 torch.randint(0, 5, (4,)))
+    x, w, t = on(
+        device,
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.randn(5, 3, dtype=torch.float64),
+        torch.randint(0, 5, (4,)),
+    )
     x.requires_grad_()
     w.requires_grad_()
     ours = torch.autograd.grad(xent.linear_cross_entropy(x, w, t) * 3.5, (x, w))
@@ -206,8 +241,13 @@ def test_torch_signature_works_unchanged():
     w = torch.randn(7, 4)
     b = torch.randn(7)
     t = torch.tensor([0, -100, 6, 2, 2, 1])
-    for kwargs in (dict(), dict(ignore_index=None), dict(linear_bias=b, reduction="sum", label_smoothing=0.2),
-                   dict(options=torch.nn.LinearCrossEntropyOptions()), dict(weight=torch.rand(7), reduction="none")):
+    for kwargs in (
+        dict(),
+        dict(ignore_index=None),
+        dict(linear_bias=b, reduction="sum", label_smoothing=0.2),
+        dict(options=torch.nn.LinearCrossEntropyOptions()),
+        dict(weight=torch.rand(7), reduction="none"),
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             expected = F.linear_cross_entropy(x, w, t, **kwargs)
@@ -216,17 +256,35 @@ def test_torch_signature_works_unchanged():
 
 ERRORS = [
     ("hidden mismatch", (torch.randn(4, 8), torch.randn(5, 7), torch.tensor([0, 1, 2, 3])), {}),
-    ("bias shape", (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])), dict(linear_bias=torch.randn(4))),
+    (
+        "bias shape",
+        (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])),
+        dict(linear_bias=torch.randn(4)),
+    ),
     ("batch mismatch", (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2])), {}),
     ("target out of range", (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 5, 2])), {}),
     ("target int32", (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3], dtype=torch.int32)), {}),
-    ("integer input", (torch.zeros(4, 8, dtype=torch.long), torch.zeros(5, 8, dtype=torch.long),
-                       torch.tensor([0, 1, 2, 3])), {}),
+    (
+        "integer input",
+        (torch.zeros(4, 8, dtype=torch.long), torch.zeros(5, 8, dtype=torch.long), torch.tensor([0, 1, 2, 3])),
+        {},
+    ),
     ("dtype mismatch", (torch.randn(4, 8, dtype=torch.float64), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])), {}),
-    ("class weight dtype", (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])),
-     dict(weight=torch.ones(5, dtype=torch.float64))),
-    ("class weight shape", (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])), dict(weight=torch.ones(4))),
-    ("label_smoothing > 1", (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])), dict(label_smoothing=1.1)),
+    (
+        "class weight dtype",
+        (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])),
+        dict(weight=torch.ones(5, dtype=torch.float64)),
+    ),
+    (
+        "class weight shape",
+        (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])),
+        dict(weight=torch.ones(4)),
+    ),
+    (
+        "label_smoothing > 1",
+        (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])),
+        dict(label_smoothing=1.1),
+    ),
     ("invalid reduction", (torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])), dict(reduction="x")),
     ("1-d linear weight", (torch.randn(4, 8), torch.randn(8), torch.tensor([0, 1, 2, 3])), {}),
 ]
@@ -243,8 +301,10 @@ def test_errors_have_torch_types(case):
     assert type(ours.value) is type(theirs.value), (ours.value, theirs.value)
 
 
-@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"),
-                    reason=f"torch {torch.__version__} has no nn.LinearCrossEntropyLoss (torch >= 2.13)")
+@pytest.mark.skipif(
+    not hasattr(torch.nn, "LinearCrossEntropyLoss"),
+    reason=f"torch {torch.__version__} has no nn.LinearCrossEntropyLoss (torch >= 2.13)",
+)
 def test_module_is_drop_in_for_torch_linear_cross_entropy_loss():
     torch.manual_seed(4)
     theirs = torch.nn.LinearCrossEntropyLoss(6, 9, bias=True, label_smoothing=0.1, weight=torch.rand(9))

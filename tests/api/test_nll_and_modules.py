@@ -7,19 +7,25 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 import xent
 
-from helpers import assert_close
 
-
-@given(seed=st.integers(0, 2**31 - 1), layout=st.sampled_from(["unbatched", "2d", "kdim"]),
-       c=st.integers(1, 8), n=st.integers(0, 5), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-       use_weight=st.booleans(), ignore_index=st.sampled_from([-100, 0, 2, 9]),
-       reduction=st.sampled_from(["none", "mean", "sum"]), uint8=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    layout=st.sampled_from(["unbatched", "2d", "kdim"]),
+    c=st.integers(1, 8),
+    n=st.integers(0, 5),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    use_weight=st.booleans(),
+    ignore_index=st.sampled_from([-100, 0, 2, 9]),
+    reduction=st.sampled_from(["none", "mean", "sum"]),
+    uint8=st.booleans(),
+)
 def test_nll_loss_matches_torch(seed, layout, c, n, dtype, use_weight, ignore_index, reduction, uint8):
     gen = torch.Generator().manual_seed(seed)
     shape = {"unbatched": (c,), "2d": (n, c), "kdim": (n, c, 3, 2)}[layout]
@@ -76,12 +82,12 @@ def test_modules_follow_to_and_dtype():
     m = xent.CrossEntropyLoss(weight=torch.rand(3)).double()
     assert m.weight.dtype == torch.float64
     x = torch.randn(4, 3, dtype=torch.float64)
-    assert_close(m(x, torch.tensor([0, 1, 2, 1])),
-                 F.cross_entropy(x, torch.tensor([0, 1, 2, 1]), weight=m.weight))
+    assert_close(m(x, torch.tensor([0, 1, 2, 1])), F.cross_entropy(x, torch.tensor([0, 1, 2, 1]), weight=m.weight))
 
 
-@pytest.mark.parametrize("cls,torch_cls", [(xent.CrossEntropyLoss, torch.nn.CrossEntropyLoss),
-                                           (xent.NLLLoss, torch.nn.NLLLoss)])
+@pytest.mark.parametrize(
+    "cls,torch_cls", [(xent.CrossEntropyLoss, torch.nn.CrossEntropyLoss), (xent.NLLLoss, torch.nn.NLLLoss)]
+)
 def test_module_legacy_arguments(cls, torch_cls):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -94,9 +100,13 @@ def test_module_legacy_arguments(cls, torch_cls):
 def test_modules_are_drop_in():
     x = torch.randn(5, 4, requires_grad=True)
     y = torch.tensor([0, 3, 1, -100, 2])
-    for ours, theirs in [(xent.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.2, reduction="none"),
-                          torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.2, reduction="none")),
-                         (xent.NLLLoss(reduction="sum"), torch.nn.NLLLoss(reduction="sum"))]:
+    for ours, theirs in [
+        (
+            xent.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.2, reduction="none"),
+            torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.2, reduction="none"),
+        ),
+        (xent.NLLLoss(reduction="sum"), torch.nn.NLLLoss(reduction="sum")),
+    ]:
         a, b = ours(x, y), theirs(x, y)
         assert_close(a, b)
         assert_close(torch.autograd.grad(a.sum(), x)[0], torch.autograd.grad(b.sum(), x)[0])

@@ -8,16 +8,21 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 import xent
 from xent import cli
 
-from helpers import assert_close
 
-
-@pytest.mark.parametrize("kwargs", [dict(), dict(reduction="none", ignore_index=2),
-                                    dict(weight=torch.rand(5, dtype=torch.float64), label_smoothing=0.3),
-                                    dict(weight=torch.rand(5, dtype=torch.float64), reduction="sum")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(reduction="none", ignore_index=2),
+        dict(weight=torch.rand(5, dtype=torch.float64), label_smoothing=0.3),
+        dict(weight=torch.rand(5, dtype=torch.float64), reduction="sum"),
+    ],
+)
 @pytest.mark.parametrize("probabilities", [False, True])
 def test_reference_matches_torch_in_float64(kwargs, probabilities):
     x = torch.randn(6, 5, 2, dtype=torch.float64)
@@ -76,7 +81,30 @@ def test_bench_runs_small_and_reports_every_implementation(capsys):
 
 def test_bench_plot(tmp_path, capsys):
     out_file = tmp_path / "bench.png"
-    assert cli.main(["bench", "--what", "ce", "--tokens", "16", "--hidden", "4", "--vocab", "32", "--repeats", "1",
-                     "--quiet", "--no-memory", "--plot", str(out_file), "--plot-vocabs", "16,32",
-                     "--plot-repeats", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--what",
+                "ce",
+                "--tokens",
+                "16",
+                "--hidden",
+                "4",
+                "--vocab",
+                "32",
+                "--repeats",
+                "1",
+                "--quiet",
+                "--no-memory",
+                "--plot",
+                str(out_file),
+                "--plot-vocabs",
+                "16,32",
+                "--plot-repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert out_file.stat().st_size > 1000 and out_file.read_bytes()[:4] == b"\x89PNG"

@@ -15,29 +15,59 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-import xent.integrations.transformers as xent_hf  # noqa: E402
-
 from helpers import assert_close  # noqa: E402
 
+import xent.integrations.transformers as xent_hf  # noqa: E402
+
 VOCAB = 211
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 def _models():
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PhiConfig,
+        PhiForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     return {
         "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **SMALL)),
         "qwen2-tied": lambda: Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, tie_word_embeddings=True, **SMALL)),
-        "gemma2-softcap": lambda: Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, head_dim=8,
-                                                                 final_logit_softcapping=3.0, **SMALL)),
-        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
-                                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)),
-        "phi-bias": lambda: PhiForCausalLM(PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                                     num_hidden_layers=2, num_attention_heads=4, resid_pdrop=0.0,
-                                                     embd_pdrop=0.0, attention_dropout=0.0)),
+        "gemma2-softcap": lambda: Gemma2ForCausalLM(
+            Gemma2Config(vocab_size=VOCAB, head_dim=8, final_logit_softcapping=3.0, **SMALL)
+        ),
+        "gpt2": lambda: GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        "phi-bias": lambda: PhiForCausalLM(
+            PhiConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attention_dropout=0.0,
+            )
+        ),
     }
 
 
@@ -189,11 +219,18 @@ def test_supported_architectures_do_only_what_xent_reproduces(model_type, transf
 
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     source = textwrap.dedent(inspect.getsource(cls.forward))
-    body = source[source.index("self.lm_head("):source.index("loss_function")]
-    allowed = [r"logits = self\.lm_head\(.*\)", r"if self\.config\.final_logit_softcapping is not None:",
-               r"logits = logits / self\.config\.final_logit_softcapping", r"logits = torch\.tanh\(logits\)",
-               r"logits = logits \* self\.config\.final_logit_softcapping", r"loss = None", r"if labels is not None:",
-               r"loss = self\.", r"#.*"]
+    body = source[source.index("self.lm_head(") : source.index("loss_function")]
+    allowed = [
+        r"logits = self\.lm_head\(.*\)",
+        r"if self\.config\.final_logit_softcapping is not None:",
+        r"logits = logits / self\.config\.final_logit_softcapping",
+        r"logits = torch\.tanh\(logits\)",
+        r"logits = logits \* self\.config\.final_logit_softcapping",
+        r"loss = None",
+        r"if labels is not None:",
+        r"loss = self\.",
+        r"#.*",
+    ]
     touching = [line.strip() for line in body.splitlines() if "logits" in line or line.strip().startswith("loss")]
     for line in touching:
         assert any(re.fullmatch(pattern, line) for pattern in allowed), f"{cls.__name__}: {line!r}"
@@ -216,10 +253,20 @@ def test_trainer_step_with_gradient_accumulation_matches_unpatched(tmp_path):
             labels = ids.clone()
             labels[: i % 4] = -100  # uneven numbers of real tokens: num_items_in_batch matters
             data.append({"input_ids": ids, "labels": labels})
-        args = TrainingArguments(output_dir=str(tmp_path / str(patch)), per_device_train_batch_size=2,
-                                 gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, report_to=[],
-                                 use_cpu=True, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-                                 optim="sgd")  # SGD: Adam would amplify rounding-level gradient noise
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(patch)),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1,
+            save_strategy="no",
+            seed=0,
+            disable_tqdm=True,
+            optim="sgd",
+        )  # SGD: Adam would amplify rounding-level gradient noise
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -255,8 +302,13 @@ print(json.dumps({"peak": _status_bytes("VmHWM") - base}))
 def test_training_step_peak_memory_is_lower_at_a_large_vocabulary():
     peaks = {}
     for variant in ("transformers", "xent"):
-        done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, variant], capture_output=True, text=True,
-                              env=dict(os.environ), timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, variant],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
     logits_bytes = 4 * 256 * 32000 * 4
@@ -268,8 +320,12 @@ def test_example_finetune_script_runs():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "examples" / "finetune_tiny_llama.py"
-    done = subprocess.run([sys.executable, str(script), "--steps", "2", "--vocab", "3000", "--batch", "2",
-                           "--seq", "32"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--steps", "2", "--vocab", "3000", "--batch", "2", "--seq", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "peak memory growth of the loop" in done.stdout
     worst = float(done.stdout.rsplit("largest loss difference over the run:", 1)[1])

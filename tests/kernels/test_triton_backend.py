@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import xent
 from xent import kernels
-
-from helpers import assert_close
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 CUDA = torch.cuda.is_available()
@@ -50,13 +49,22 @@ def _reference(x, y, **kw):
 
 
 @settings(max_examples=60)
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 6), c=st.integers(1, 40),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), use_weight=st.booleans(),
-       ignore_index=st.sampled_from([-100, 1]), reduction=st.sampled_from(["mean", "sum", "none"]),
-       label_smoothing=st.sampled_from([0.0, 0.3]), z_loss=st.sampled_from([0.0, 0.05]),
-       softcap=st.sampled_from([None, 4.0]), unbatched=st.booleans())
-def test_cross_entropy_matches_the_formula(seed, n, c, dtype, use_weight, ignore_index, reduction, label_smoothing,
-                                           z_loss, softcap, unbatched):
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(0, 6),
+    c=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    use_weight=st.booleans(),
+    ignore_index=st.sampled_from([-100, 1]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    label_smoothing=st.sampled_from([0.0, 0.3]),
+    z_loss=st.sampled_from([0.0, 0.05]),
+    softcap=st.sampled_from([None, 4.0]),
+    unbatched=st.booleans(),
+)
+def test_cross_entropy_matches_the_formula(
+    seed, n, c, dtype, use_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, unbatched
+):
     gen = torch.Generator().manual_seed(seed)
     shape, batch = ((c,), ()) if unbatched else ((n, c), (n,))
     x = (torch.randn(shape, generator=gen) * 4).to(dtype).to(DEVICE)
@@ -65,8 +73,14 @@ def test_cross_entropy_matches_the_formula(seed, n, c, dtype, use_weight, ignore
         y[::3] = ignore_index
     y = y.to(DEVICE)
     w = (torch.rand(c, generator=gen) + 0.2).to(dtype).to(DEVICE) if use_weight else None
-    kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-              z_loss=z_loss, softcap=softcap)
+    kw = dict(
+        weight=w,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
     up = torch.randn(() if reduction != "none" else batch, generator=gen).to(DEVICE)
     ours, g_ours = _loss_and_grads(xent.cross_entropy, x, y, up, **kw)
     theirs, g_theirs = _loss_and_grads(_reference, x, y, up, **kw)
@@ -75,8 +89,10 @@ def test_cross_entropy_matches_the_formula(seed, n, c, dtype, use_weight, ignore
     assert_close(g_ours, g_theirs, dtype, scale=2.0)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(label_smoothing=0.2, weight=True), dict(reduction="none"),
-                                    dict(ignore_index=2, reduction="sum")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(label_smoothing=0.2, weight=True), dict(reduction="none"), dict(ignore_index=2, reduction="sum")],
+)
 def test_cross_entropy_matches_torch_fp32(kwargs):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(7, 53, generator=gen) * 3).to(DEVICE)
@@ -101,8 +117,9 @@ def test_blocks_of_a_long_row_and_extreme_logits():
     x[2, :100] = float("-inf")
     y = torch.tensor([4321, 7, 2000])
     for kw in (dict(), dict(label_smoothing=0.1)):
-        ours, g_ours = _loss_and_grads(xent.cross_entropy, x.to(DEVICE), y.to(DEVICE), torch.tensor(1.0).to(DEVICE),
-                                       **kw)
+        ours, g_ours = _loss_and_grads(
+            xent.cross_entropy, x.to(DEVICE), y.to(DEVICE), torch.tensor(1.0).to(DEVICE), **kw
+        )
         theirs, g_theirs = _loss_and_grads(F.cross_entropy, x, y, torch.tensor(1.0), **kw)
         assert_close(ours.cpu(), theirs)
         assert_close(g_ours.cpu(), g_theirs)
@@ -118,8 +135,7 @@ def test_linear_cross_entropy_through_the_triton_kernel():
     for kw in (dict(), dict(label_smoothing=0.2, z_loss=0.01), dict(softcap=5.0, reduction="none")):
         params = [t.clone().requires_grad_() for t in (x, w, b)]
         ref_params = [t.clone().requires_grad_() for t in (x, w, b)]
-        ours = xent.linear_cross_entropy(params[0], params[1], y, linear_bias=params[2], memory_budget=4 * 30 * 4,
-                                         **kw)
+        ours = xent.linear_cross_entropy(params[0], params[1], y, linear_bias=params[2], memory_budget=4 * 30 * 4, **kw)
         logits = F.linear(*ref_params)
         theirs = xent.reference.cross_entropy(logits, y, **kw).float()
         assert_close(ours, theirs)
@@ -158,8 +174,10 @@ def test_backend_selection_and_errors(monkeypatch):
     with a GPU (where conftest.py leaves TRITON_INTERPRET unset) and without one (where it sets it)."""
     cpu = torch.device("cpu")
     cuda = torch.device("cuda")  # backend_for only looks at the device type: no GPU is touched
+
     def backend_for(*args):
         return kernels.backend_for(*args).name
+
     for interpret in ("1", None):
         if interpret is None:
             monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -207,7 +225,12 @@ def test_cuda_benchmark_script_runs(tmp_path):
     else:
         env["TRITON_INTERPRET"] = "1"
         args = ["--device", "cpu"]
-    done = subprocess.run([sys.executable, str(script), "--smoke", *args, "--repeats", "1"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", *args, "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| 16 x 512 | bfloat16 | xent |" in done.stdout and "| 16, 32, 512 | bfloat16 | xent |" in done.stdout

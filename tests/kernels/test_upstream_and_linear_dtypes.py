@@ -12,13 +12,12 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import xent
 from xent import kernels
 from xent.kernels.linear import chunk_rows, workspace_dtype
-
-from helpers import assert_close
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -86,8 +85,10 @@ def test_fp16_gradient_scaler_upstream_stays_finite(monkeypatch, backend, reduct
 @pytest.mark.parametrize("upstream", [1.0, -2.5, 1e3])
 def test_linear_cross_entropy_scalar_upstream_scales_every_gradient(upstream):
     gen = torch.Generator().manual_seed(2)
-    x, w, b = (torch.randn(*s, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
-               for s in ((12, 8), (40, 8), (40,)))
+    x, w, b = (
+        torch.randn(*s, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+        for s in ((12, 8), (40, 8), (40,))
+    )
     y = torch.randint(0, 40, (12,), generator=gen).to(DEVICE)
     ours = torch.autograd.grad(xent.linear_cross_entropy(x, w, y, linear_bias=b) * upstream, (x, w, b))
     theirs = torch.autograd.grad(F.cross_entropy(F.linear(x, w, b), y) * upstream, (x, w, b))
@@ -175,9 +176,11 @@ def test_no_host_synchronisation_in_forward_and_backward():
     y = torch.randint(0, 4096, (256,), device="cuda")
     h = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(4096, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    for step in (lambda: xent.cross_entropy(x, y, label_smoothing=0.1).backward(),
-                 lambda: xent.cross_entropy(x, y, reduction="none").sum().backward(),
-                 lambda: xent.linear_cross_entropy(h, w, y).backward()):
+    for step in (
+        lambda: xent.cross_entropy(x, y, label_smoothing=0.1).backward(),
+        lambda: xent.cross_entropy(x, y, reduction="none").sum().backward(),
+        lambda: xent.linear_cross_entropy(h, w, y).backward(),
+    ):
         step()  # compile the kernels first (triton's launcher may synchronise once)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch.func import grad, hessian, jacfwd, jacrev, vjp, vmap
 from torch.library import opcheck
 
 import xent
-
-from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -34,18 +33,22 @@ def _head(c=10, h=8, bias=True, seed=1):
 
 LOSSES = {
     "cross_entropy": lambda m, hdn, y: xent.cross_entropy(m(hdn), y, label_smoothing=0.1, z_loss=1e-3),
-    "cross_entropy none": lambda m, hdn, y: (xent.cross_entropy(m(hdn), y, reduction="none", softcap=5.0)
-                                             * torch.arange(hdn.shape[0], device=hdn.device)).sum(),
+    "cross_entropy none": lambda m, hdn, y: (
+        xent.cross_entropy(m(hdn), y, reduction="none", softcap=5.0) * torch.arange(hdn.shape[0], device=hdn.device)
+    ).sum(),
     "CrossEntropyLoss weighted": lambda m, hdn, y: xent.CrossEntropyLoss(
-        weight=torch.linspace(0.5, 2, 10, device=hdn.device), reduction="sum")(m(hdn), y),
+        weight=torch.linspace(0.5, 2, 10, device=hdn.device), reduction="sum"
+    )(m(hdn), y),
     "probabilities": lambda m, hdn, y: xent.cross_entropy(m(hdn), torch.softmax(hdn.flip(0) @ m.weight.T.detach(), 1)),
     "K-dim": lambda m, hdn, y: xent.cross_entropy(m(hdn).T.unsqueeze(0), y.unsqueeze(0)),
     "nll_loss": lambda m, hdn, y: xent.nll_loss(torch.log_softmax(m(hdn), 1), y),
     "NLLLoss": lambda m, hdn, y: xent.NLLLoss(reduction="sum")(torch.log_softmax(m(hdn), 1), y),
-    "linear_cross_entropy": lambda m, hdn, y: xent.linear_cross_entropy(hdn, m.weight, y, linear_bias=m.bias,
-                                                                        label_smoothing=0.1),
-    "linear none": lambda m, hdn, y: xent.linear_cross_entropy(hdn, m.weight, y, linear_bias=m.bias,
-                                                               reduction="none").pow(2).sum(),
+    "linear_cross_entropy": lambda m, hdn, y: xent.linear_cross_entropy(
+        hdn, m.weight, y, linear_bias=m.bias, label_smoothing=0.1
+    ),
+    "linear none": lambda m, hdn, y: (
+        xent.linear_cross_entropy(hdn, m.weight, y, linear_bias=m.bias, reduction="none").pow(2).sum()
+    ),
 }
 
 
@@ -104,8 +107,9 @@ def test_compiled_out_of_range_target_still_raises():
         torch.cuda.synchronize() if DEVICE == "cuda" else None
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "CrossEntropyLoss weighted", "nll_loss", "linear_cross_entropy",
-                                  "linear none", "K-dim"])
+@pytest.mark.parametrize(
+    "name", ["cross_entropy", "CrossEntropyLoss weighted", "nll_loss", "linear_cross_entropy", "linear none", "K-dim"]
+)
 def test_export_runs_like_eager(name):
     m = _head()
     hdn, y = _data()

@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, on
 from torch.autograd import gradcheck, gradgradcheck
 
 import xent
-
-from helpers import assert_close, on
 
 INDEX_OPTIONS = [
     dict(),
@@ -63,8 +62,10 @@ def test_gradcheck_probability_targets_wrt_input_target_and_weight(label_smoothi
     p = torch.rand(3, 4, generator=gen, dtype=torch.float64)
     w = torch.rand(4, generator=gen, dtype=torch.float64)
     x, p, w = (t.requires_grad_() for t in on(device, x, p, w))
-    fn = lambda a, b, c: xent.cross_entropy(a, b, weight=c, reduction=reduction,  # noqa: E731
-                                            label_smoothing=label_smoothing)
+
+    def fn(a, b, c):
+        return xent.cross_entropy(a, b, weight=c, reduction=reduction, label_smoothing=label_smoothing)
+
     assert gradcheck(fn, (x, p, w))
     assert gradgradcheck(fn, (x, p, w))
 
@@ -127,6 +128,7 @@ def test_no_gradient_buffer_without_autograd(monkeypatch, device):
         def spy(problem, need_grad, **kw):
             calls.append(need_grad)
             return forward(problem, need_grad, **kw)
+
         return spy
 
     monkeypatch.setattr(autograd_module, "forward_for", spying_select)
@@ -143,8 +145,12 @@ def test_no_gradient_buffer_without_autograd(monkeypatch, device):
 
 
 def test_upstream_gradient_scales_per_row_for_reduction_none(device):
-    x, y, up = on(device, torch.randn(3, 4, 2, dtype=torch.float64), torch.randint(0, 4, (3, 2)),
-                  torch.randn(3, 2, dtype=torch.float64))
+    x, y, up = on(
+        device,
+        torch.randn(3, 4, 2, dtype=torch.float64),
+        torch.randint(0, 4, (3, 2)),
+        torch.randn(3, 2, dtype=torch.float64),
+    )
     x.requires_grad_()
     ours = torch.autograd.grad(xent.cross_entropy(x, y, reduction="none"), x, up)[0]
     theirs = torch.autograd.grad(F.cross_entropy(x, y, reduction="none"), x, up)[0]
@@ -178,8 +184,11 @@ def test_torch_compile_gives_the_eager_result(backend, device):
         t.requires_grad_()
 
     def step(x, h, w, y):
-        return (xent.cross_entropy(x * 2, y, label_smoothing=0.1, z_loss=0.01)
-                + xent.linear_cross_entropy(h.tanh(), w, y, reduction="sum") + xent.nll_loss(x.log_softmax(1), y))
+        return (
+            xent.cross_entropy(x * 2, y, label_smoothing=0.1, z_loss=0.01)
+            + xent.linear_cross_entropy(h.tanh(), w, y, reduction="sum")
+            + xent.nll_loss(x.log_softmax(1), y)
+        )
 
     compiled = torch.compile(step, backend=backend)
     ours = compiled(x, h, w, y)

@@ -27,7 +27,13 @@ CASES = [
     ("negative target", "cross_entropy", (x, torch.tensor([0, -1, 2])), {}, "Target -1 is out of bounds"),
     ("K-dim target too large", "cross_entropy", (x3, torch.full((2, 5), 7)), {}, "Target 7"),
     ("first bad target is named", "cross_entropy", (x, torch.tensor([0, 8, 9])), {}, "Target 8"),
-    ("smoothing path, bad target", "cross_entropy", (x, torch.tensor([0, 1, 9])), dict(label_smoothing=0.5), "Target 9"),
+    (
+        "smoothing path, bad target",
+        "cross_entropy",
+        (x, torch.tensor([0, 1, 9])),
+        dict(label_smoothing=0.5),
+        "Target 9",
+    ),
     ("target int32", "cross_entropy", (x, y.int()), {}, "Long or Byte, but got Int"),
     ("target float, wrong shape", "cross_entropy", (x, y.float()), {}, "but got Float"),
     ("target bool", "cross_entropy", (x, y.bool()), {}, "but got Bool"),
@@ -35,21 +41,63 @@ CASES = [
     ("batch before dtype", "cross_entropy", (x, y[:2].int()), {}, "batch_size"),
     ("0-d target for 2-d input", "cross_entropy", (x, torch.tensor(1)), {}, "batch_size"),
     ("2-d target for 2-d input", "cross_entropy", (x, torch.zeros(3, 2, dtype=torch.long)), {}, "multi-target"),
-    ("K-dim target shape", "cross_entropy", (x3, torch.zeros(2, 6, dtype=torch.long)), {}, "Expected target size [2, 5], got [2, 6]"),
+    (
+        "K-dim target shape",
+        "cross_entropy",
+        (x3, torch.zeros(2, 6, dtype=torch.long)),
+        {},
+        "Expected target size [2, 5], got [2, 6]",
+    ),
     ("K-dim target rank", "cross_entropy", (x3, torch.zeros(2, dtype=torch.long)), {}, "Expected target size"),
     ("K-dim batch", "cross_entropy", (x3, torch.zeros(3, 5, dtype=torch.long)), {}, "batch_size (2)"),
     ("unbatched: 2 targets", "cross_entropy", (torch.randn(4), torch.tensor([2, 1])), {}, "must have size 1"),
-    ("unbatched: dtype before size", "cross_entropy", (torch.randn(4), torch.tensor([2, 1], dtype=torch.int32)), {}, "Int"),
+    (
+        "unbatched: dtype before size",
+        "cross_entropy",
+        (torch.randn(4), torch.tensor([2, 1], dtype=torch.int32)),
+        {},
+        "Int",
+    ),
     ("weight shape", "cross_entropy", (x, y), dict(weight=torch.ones(3)), "all 4 classes"),
     ("weight 2-d", "cross_entropy", (x, y), dict(weight=torch.ones(1, 4)), "shape: [1, 4]"),
-    ("weight shape before bad target", "cross_entropy", (x, torch.tensor([0, 1, 9])), dict(weight=torch.ones(3)), "weight"),
-    ("weight dtype", "cross_entropy", (x, y), dict(weight=torch.ones(4, dtype=torch.float64)), "expected scalar type Float but found Double"),
-    ("weight dtype before bad target", "cross_entropy", (x, torch.tensor([0, 1, 9])), dict(weight=torch.ones(4).double()), "Double"),
+    (
+        "weight shape before bad target",
+        "cross_entropy",
+        (x, torch.tensor([0, 1, 9])),
+        dict(weight=torch.ones(3)),
+        "weight",
+    ),
+    (
+        "weight dtype",
+        "cross_entropy",
+        (x, y),
+        dict(weight=torch.ones(4, dtype=torch.float64)),
+        "expected scalar type Float but found Double",
+    ),
+    (
+        "weight dtype before bad target",
+        "cross_entropy",
+        (x, torch.tensor([0, 1, 9])),
+        dict(weight=torch.ones(4).double()),
+        "Double",
+    ),
     ("weight shape before dtype", "cross_entropy", (x, y), dict(weight=torch.ones(3).double()), "classes"),
     ("target dtype before weight", "cross_entropy", (x, y.int()), dict(weight=torch.ones(3)), "Int"),
-    ("bf16 input, fp32 weight", "cross_entropy", (x.bfloat16(), y), dict(weight=torch.ones(4)), "BFloat16 but found Float"),
+    (
+        "bf16 input, fp32 weight",
+        "cross_entropy",
+        (x.bfloat16(), y),
+        dict(weight=torch.ones(4)),
+        "BFloat16 but found Float",
+    ),
     ("label_smoothing > 1", "cross_entropy", (x, y), dict(label_smoothing=1.5), "between 0.0 and 1.0. Got: 1.5"),
-    ("label_smoothing checked first (index)", "cross_entropy", (x.long(), y[:2]), dict(label_smoothing=2.0), "label_smoothing"),
+    (
+        "label_smoothing checked first (index)",
+        "cross_entropy",
+        (x.long(), y[:2]),
+        dict(label_smoothing=2.0),
+        "label_smoothing",
+    ),
     ("label_smoothing inf", "cross_entropy", (x, y), dict(label_smoothing=float("inf")), "Got: inf"),
     ("invalid reduction", "cross_entropy", (x, y), dict(reduction="avg"), "avg is not a valid value for reduction"),
     ("reduction checked before tensors", "cross_entropy", (x, [1]), dict(reduction="x"), "x is not a valid value"),
@@ -66,15 +114,39 @@ CASES = [
     ("integer input before target checks", "cross_entropy", (x.long(), y.int()), {}, "floating point"),
     ("0-d input, index target", "cross_entropy", (torch.tensor(1.0), torch.tensor([0])), {}, "0-d"),
     ("probabilities: integer target", "cross_entropy", (x, xi), {}, "Expected floating point type for target"),
-    ("probabilities: ignore_index >= 0", "cross_entropy", (x, probs), dict(ignore_index=1), "ignore_index is not supported"),
+    (
+        "probabilities: ignore_index >= 0",
+        "cross_entropy",
+        (x, probs),
+        dict(ignore_index=1),
+        "ignore_index is not supported",
+    ),
     ("probabilities: ignore_index 0", "cross_entropy", (x, probs), dict(ignore_index=0), "ignore_index"),
     ("probabilities: weight shape", "cross_entropy", (x, probs), dict(weight=torch.ones(3)), "weight tensor"),
     ("probabilities: label_smoothing", "cross_entropy", (x, probs), dict(label_smoothing=2.0), "Got: 2"),
     ("probabilities: dtype before ignore_index", "cross_entropy", (x, xi), dict(ignore_index=3), "floating point"),
-    ("probabilities: ignore_index before smoothing", "cross_entropy", (x, probs), dict(ignore_index=3, label_smoothing=1.5), "ignore_index"),
-    ("probabilities: weight before smoothing", "cross_entropy", (x, probs), dict(weight=torch.ones(3), label_smoothing=1.5), "weight"),
+    (
+        "probabilities: ignore_index before smoothing",
+        "cross_entropy",
+        (x, probs),
+        dict(ignore_index=3, label_smoothing=1.5),
+        "ignore_index",
+    ),
+    (
+        "probabilities: weight before smoothing",
+        "cross_entropy",
+        (x, probs),
+        dict(weight=torch.ones(3), label_smoothing=1.5),
+        "weight",
+    ),
     ("probabilities: integer input", "cross_entropy", (x.long(), probs), {}, "floating point"),
-    ("probabilities: weight before input dtype", "cross_entropy", (x.long(), probs), dict(weight=torch.ones(3)), "weight"),
+    (
+        "probabilities: weight before input dtype",
+        "cross_entropy",
+        (x.long(), probs),
+        dict(weight=torch.ones(3)),
+        "weight",
+    ),
     ("probabilities: 0-d", "cross_entropy", (torch.tensor(1.0), torch.tensor(0.5)), {}, "0-d"),
     ("nll: bad target", "nll_loss", (x, torch.tensor([0, 1, 4])), {}, "Target 4"),
     ("nll: target dtype", "nll_loss", (x, y.int()), {}, "Int"),
@@ -127,14 +199,16 @@ def test_elementwise_mean_is_mean_with_a_warning():
 
 @pytest.mark.parametrize("ignore_index", [np.int64(1), torch.tensor(1)])
 def test_integer_like_ignore_index_is_accepted(ignore_index):
-    torch.testing.assert_close(xent.cross_entropy(x, y, ignore_index=ignore_index),
-                               F.cross_entropy(x, y, ignore_index=ignore_index))
+    torch.testing.assert_close(
+        xent.cross_entropy(x, y, ignore_index=ignore_index), F.cross_entropy(x, y, ignore_index=ignore_index)
+    )
 
 
 @pytest.mark.parametrize("eps", [-0.5, float("nan"), 1e-20, 1, torch.tensor(0.1)])
 def test_label_smoothing_values_torch_accepts(eps):
-    torch.testing.assert_close(xent.cross_entropy(x, y, label_smoothing=eps),
-                               F.cross_entropy(x, y, label_smoothing=eps))
+    torch.testing.assert_close(
+        xent.cross_entropy(x, y, label_smoothing=eps), F.cross_entropy(x, y, label_smoothing=eps)
+    )
 
 
 def test_target_on_another_device_is_an_error():

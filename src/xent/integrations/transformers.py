@@ -45,17 +45,37 @@ from ..linear import linear_cross_entropy
 # model_type -> what the model does to the lm_head's output before its loss (checked against the
 # transformers source by the test suite).
 SUPPORTED_MODEL_TYPES = {
-    "llama": None, "mistral": None, "mixtral": None, "qwen2": None, "qwen2_moe": None, "qwen3": None,
-    "qwen3_moe": None, "phi": None, "phi3": None, "gpt2": None, "gemma": None, "olmo2": None, "smollm3": None,
-    "gemma2": "final_logit_softcapping", "gemma3_text": "final_logit_softcapping",
+    "llama": None,
+    "mistral": None,
+    "mixtral": None,
+    "qwen2": None,
+    "qwen2_moe": None,
+    "qwen3": None,
+    "qwen3_moe": None,
+    "phi": None,
+    "phi3": None,
+    "gpt2": None,
+    "gemma": None,
+    "olmo2": None,
+    "smollm3": None,
+    "gemma2": "final_logit_softcapping",
+    "gemma3_text": "final_logit_softcapping",
 }
 
 _MARK = "_xent_original_forward"
 
 
-def causal_lm_loss(hidden_states: Tensor, lm_head: nn.Linear, labels: Tensor | None, *,
-                   num_items_in_batch=None, ignore_index: int = -100, shift_labels: Tensor | None = None,
-                   softcap: float | None = None, logits_to_keep: int | Tensor = 0) -> Tensor:
+def causal_lm_loss(
+    hidden_states: Tensor,
+    lm_head: nn.Linear,
+    labels: Tensor | None,
+    *,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: Tensor | None = None,
+    softcap: float | None = None,
+    logits_to_keep: int | Tensor = 0,
+) -> Tensor:
     """transformers' ForCausalLMLoss on ``lm_head(hidden_states)``, computed without the logits.
 
     Position t predicts label t + 1 (the last position predicts nothing), unless `shift_labels` are given
@@ -72,9 +92,16 @@ def causal_lm_loss(hidden_states: Tensor, lm_head: nn.Linear, labels: Tensor | N
     else:
         shift_labels = shift_labels[..., logits_to_keep.to(shift_labels.device)]
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_cross_entropy(hidden_states, lm_head.weight, shift_labels.to(hidden_states.device),
-                                linear_bias=lm_head.bias, ignore_index=ignore_index, reduction=reduction,
-                                softcap=softcap, output_dtype=torch.float32)
+    loss = linear_cross_entropy(
+        hidden_states,
+        lm_head.weight,
+        shift_labels.to(hidden_states.device),
+        linear_bias=lm_head.bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
+        output_dtype=torch.float32,
+    )
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -98,8 +125,9 @@ def _logit_softcap(model) -> float | None:
 
 def _check_supported(model_or_class, force: bool) -> None:
     config_class = getattr(model_or_class, "config_class", None)
-    model_type = getattr(getattr(model_or_class, "config", None), "model_type", None) or \
-        getattr(config_class, "model_type", None)
+    model_type = getattr(getattr(model_or_class, "config", None), "model_type", None) or getattr(
+        config_class, "model_type", None
+    )
     if force:
         return
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -108,7 +136,8 @@ def _check_supported(model_or_class, force: bool) -> None:
             f"xent does not know whether {name} (model_type={model_type!r}) transforms its logits after the "
             f"lm_head (as Cohere scales them); supported: {sorted(SUPPORTED_MODEL_TYPES)}. If its logits are "
             f"exactly lm_head(hidden_states), optionally capped by config.final_logit_softcapping, pass "
-            f"force=True.")
+            f"force=True."
+        )
 
 
 @contextlib.contextmanager
@@ -138,11 +167,14 @@ def _patched_forward(original):
         lm_head = self.get_output_embeddings()
         reason = _not_fusable(lm_head)
         if reason:
-            warnings.warn(f"xent: {type(self).__name__}'s lm_head {reason}; computing this loss through the logits",
-                          stacklevel=2)
+            warnings.warn(
+                f"xent: {type(self).__name__}'s lm_head {reason}; computing this loss through the logits", stacklevel=2
+            )
             return original(self, *args, **kwargs)
-        keep = arguments.get("logits_to_keep", signature.parameters["logits_to_keep"].default
-                             if "logits_to_keep" in signature.parameters else 0)
+        keep = arguments.get(
+            "logits_to_keep",
+            signature.parameters["logits_to_keep"].default if "logits_to_keep" in signature.parameters else 0,
+        )
         seen = {}
 
         def lm_head_forward(hidden_states: Tensor) -> Tensor:
@@ -150,11 +182,19 @@ def _patched_forward(original):
             seen["hidden_states"] = hidden_states.to(lm_head.weight.device)
             return hidden_states.new_empty(*hidden_states.shape[:-1], 0)  # stands in for the logits
 
-        def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                          shift_labels=None, **_):
-            return causal_lm_loss(seen["hidden_states"], lm_head, labels, num_items_in_batch=num_items_in_batch,
-                                  ignore_index=ignore_index, shift_labels=shift_labels, softcap=_logit_softcap(self),
-                                  logits_to_keep=keep)
+        def loss_function(
+            logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **_
+        ):  # transformers' signature; the head knows its vocab_size
+            return causal_lm_loss(
+                seen["hidden_states"],
+                lm_head,
+                labels,
+                num_items_in_batch=num_items_in_batch,
+                ignore_index=ignore_index,
+                shift_labels=shift_labels,
+                softcap=_logit_softcap(self),
+                logits_to_keep=keep,
+            )
 
         with _swapped(lm_head, "forward", lm_head_forward), _swapped(self, "_loss_function", loss_function):
             outputs = original(self, *args, **kwargs)

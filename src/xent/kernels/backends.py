@@ -52,8 +52,10 @@ class TritonBackend(TorchBackend):
             return "triton is not installed (pip install 'xent[cuda]')"
         if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
             return None  # CUDA tensors, or CPU tensors through Triton's interpreter
-        return (f"the Triton backend runs on CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run its "
-                f"kernels on CPU through Triton's interpreter")
+        return (
+            f"the Triton backend runs on CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run its "
+            f"kernels on CPU through Triton's interpreter"
+        )
 
     @staticmethod
     def _kernels():

@@ -46,9 +46,17 @@ class RowPass:
         for chunk in chunks:
             ws = chunk.workspace
             self.backend.chunk(
-                ws, chunk.r0, chunk.r1, self.stats, chunk.load, source=chunk.source,
-                target=self.target_index[chunk.r0:chunk.r1].unsqueeze(1) if self.target_index is not None else None,
+                ws,
+                chunk.r0,
+                chunk.r1,
+                self.stats,
+                chunk.load,
+                source=chunk.source,
+                target=self.target_index[chunk.r0 : chunk.r1].unsqueeze(1) if self.target_index is not None else None,
                 dense=chunk.dense if chunk.dense is not None else self.dense,
-                dense_is_ones=self.dense_is_ones and chunk.dense is None, softcap=self.softcap,
+                dense_is_ones=self.dense_is_ones and chunk.dense is None,
+                softcap=self.softcap,
                 chain_out=self.chain_buf[: ws.numel()].view_as(ws) if self.chain_buf is not None else None,
-                coefficients=self.coefficients, unshifted=self.unshifted)
+                coefficients=self.coefficients,
+                unshifted=self.unshifted,
+            )

@@ -47,13 +47,19 @@ def rows_per_chunk(p: LinearProblem) -> int:
     """Tokens per chunk: the caller's chunk size, or as many as the memory budget holds."""
     if p.chunk_size:
         return p.chunk_size
-    return chunk_rows(p.input.shape[0], p.linear_weight.shape[0],
-                      workspace_dtype(p.input.device, p.input.dtype), p.memory_budget)
+    return chunk_rows(
+        p.input.shape[0], p.linear_weight.shape[0], workspace_dtype(p.input.device, p.input.dtype), p.memory_budget
+    )
 
 
-def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTargets | None = None,
-                scale: Tensor | None = None, want: tuple[bool, bool, bool] = (False, False, False),
-                lse: Tensor | None = None):
+def linear_pass(
+    p: LinearProblem,
+    block: rows.ClassBlock,
+    targets: rows.IndexTargets | None = None,
+    scale: Tensor | None = None,
+    want: tuple[bool, bool, bool] = (False, False, False),
+    lse: Tensor | None = None,
+):
     """One pass over the rows' logits, chunk by chunk: their statistics and, when `targets` and `scale` are
     given, the gradients in `want` (input, linear_weight, linear_bias) of sum_i scale_i * loss_i.
 
@@ -84,8 +90,11 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
     ws_dtype = workspace_dtype(dev, x.dtype)
     step = rows_per_chunk(p)
     work_buf = torch.empty(min(step, num_rows) * vocab, dtype=ws_dtype, device=dev) if num_rows and vocab else None
-    chain_buf = torch.empty_like(work_buf) if cap is not None and need_grad and work_buf is not None \
-        and backend.name == "torch" else None
+    chain_buf = (
+        torch.empty_like(work_buf)
+        if cap is not None and need_grad and work_buf is not None and backend.name == "torch"
+        else None
+    )
 
     def load(xc: Tensor, ws: Tensor) -> None:
         """The chunk's logits (as F.linear computes them, in the parameters' dtype) into the workspace."""
@@ -114,9 +123,17 @@ def linear_pass(p: LinearProblem, block: rows.ClassBlock, targets: rows.IndexTar
             if want_bias:
                 grad_bias.add_(ws.sum(0, dtype=cd))
 
-    RowPass(backend, stats, target_index=block.index, dense=block.class_weight if smoothing else None,
-            dense_is_ones=smoothing and block.class_weight is None, softcap=cap, coefficients=coefficients,
-            chain_buf=chain_buf, unshifted=unshifted).run(chunks())
+    RowPass(
+        backend,
+        stats,
+        target_index=block.index,
+        dense=block.class_weight if smoothing else None,
+        dense_is_ones=smoothing and block.class_weight is None,
+        softcap=cap,
+        coefficients=coefficients,
+        chain_buf=chain_buf,
+        unshifted=unshifted,
+    ).run(chunks())
     return stats, grad_input, grad_weight, grad_bias
 
 
@@ -150,11 +167,19 @@ def loss_rows(p: LinearProblem, targets: rows.IndexTargets, stats: rows.RowStats
 
 def index_targets(p: LinearProblem) -> rows.IndexTargets:
     o = p.options
-    return rows.IndexTargets(p.target, p.weight, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
-                             z_loss=o.z_loss, reduction=o.reduction, num_classes=p.linear_weight.shape[0],
-                             dtype=p.compute_dtype)
+    return rows.IndexTargets(
+        p.target,
+        p.weight,
+        ignore_index=o.ignore_index,
+        label_smoothing=o.label_smoothing,
+        z_loss=o.z_loss,
+        reduction=o.reduction,
+        num_classes=p.linear_weight.shape[0],
+        dtype=p.compute_dtype,
+    )
 
 
 def no_autocast(device: torch.device):
-    return torch.autocast(device.type, enabled=False) if autocast_dtype(device) is not None \
-        else contextlib.nullcontext()
+    return (
+        torch.autocast(device.type, enabled=False) if autocast_dtype(device) is not None else contextlib.nullcontext()
+    )

@@ -36,8 +36,9 @@ def chunk_blocks(n: int, c: int, d: int, budget: int) -> Iterator[tuple[int, int
                 yield n0, n0 + 1, d0, min(d, d0 + step)
 
 
-def cross_entropy_forward(problem: Problem, need_grad: bool, chunk_elements: int | None = None,
-                          upstream: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def cross_entropy_forward(
+    problem: Problem, need_grad: bool, upstream: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """The loss as the caller asked for it, and d(loss)/d(input) for a unit upstream gradient, or for
     `upstream` (the loss's gradient: a scalar, or one per row for reduction='none') when given.
 
@@ -50,7 +51,7 @@ def cross_entropy_forward(problem: Problem, need_grad: bool, chunk_elements: int
     eps, cap = opts.label_smoothing, opts.softcap
     cd = problem.compute_dtype
     dev = x.device
-    budget = chunk_elements or CHUNK_ELEMENTS
+    budget = CHUNK_ELEMENTS
     grad = torch.empty((n, c, d), dtype=x.dtype, device=dev) if need_grad else None
     weight = problem.weight.to(cd) if problem.weight is not None else None
 
@@ -59,18 +60,30 @@ def cross_entropy_forward(problem: Problem, need_grad: bool, chunk_elements: int
         targets = None
         # torch divides by numel / C, which is 0 / 0 = nan when there are no classes
         denominator = torch.tensor(float(num_rows) if c else float("nan"), dtype=cd, device=dev)
-        scale = torch.full((num_rows,), 1.0 / max(num_rows, 1) if opts.reduction == "mean" else 1.0, dtype=cd,
-                           device=dev)
+        scale = torch.full(
+            (num_rows,), 1.0 / max(num_rows, 1) if opts.reduction == "mean" else 1.0, dtype=cd, device=dev
+        )
         if upstream is not None:
             scale = scale * upstream.reshape(-1).to(cd)
         terms = rows.RowTerms(a=None, b=1.0, z_loss=opts.z_loss)
         dense_mass = torch.empty(num_rows, dtype=cd, device=dev)  # U = sum_c u_c, per row
     else:
-        targets = rows.IndexTargets(problem.target, problem.weight, ignore_index=opts.ignore_index,
-                                    label_smoothing=eps, z_loss=opts.z_loss, reduction=opts.reduction,
-                                    num_classes=c, dtype=cd)
-        denominator, scale, terms, dense_mass = targets.denominator, targets.scale(upstream), targets.terms, \
-            targets.dense_mass
+        targets = rows.IndexTargets(
+            problem.target,
+            problem.weight,
+            ignore_index=opts.ignore_index,
+            label_smoothing=eps,
+            z_loss=opts.z_loss,
+            reduction=opts.reduction,
+            num_classes=c,
+            dtype=cd,
+        )
+        denominator, scale, terms, dense_mass = (
+            targets.denominator,
+            targets.scale(upstream),
+            targets.terms,
+            targets.dense_mass,
+        )
 
     block_of_classes = targets.block() if targets is not None else None
     stats = rows.RowStats.empty(num_rows, target=targets is not None, dense=bool(terms.b), dtype=cd, device=dev)
@@ -104,15 +117,28 @@ def cross_entropy_forward(problem: Problem, need_grad: bool, chunk_elements: int
                     if weight is not None:
                         dense.mul_(weight)
                     torch.sum(dense, 1, out=dense_mass[r0:r1])
-                yield Chunk(r0, r1, ws, lambda ws=ws, block=block: _copy_rows(ws, block),
-                            source=block[:, :, 0] if direct else None, dense=dense)
+                yield Chunk(
+                    r0,
+                    r1,
+                    ws,
+                    lambda ws=ws, block=block: _copy_rows(ws, block),
+                    source=block[:, :, 0] if direct else None,
+                    dense=dense,
+                )
                 if grad is not None and not in_grad:
                     _copy_rows_back(grad[n0:n1, :, d0:d1], ws)
 
-        RowPass(TORCH, stats, target_index=block_of_classes.index if targets is not None else None,
-                dense=weight if terms.b else None, dense_is_ones=bool(terms.b) and weight is None, softcap=cap,
-                coefficients=coefficients, chain_buf=scratch(cap is not None and need_grad),
-                unshifted=unshifted).run(chunks())
+        RowPass(
+            TORCH,
+            stats,
+            target_index=block_of_classes.index if targets is not None else None,
+            dense=weight if terms.b else None,
+            dense_is_ones=bool(terms.b) and weight is None,
+            softcap=cap,
+            coefficients=coefficients,
+            chain_buf=scratch(cap is not None and need_grad),
+            unshifted=unshifted,
+        ).run(chunks())
 
     # The loss of every row at once, from the per-row statistics of the pass (float64: see log_sum_exp).
     if c == 0:  # no classes: every row is ignored (index targets) or sums over nothing (probabilities)

@@ -43,9 +43,17 @@ def softcap_(workspace: Tensor, softcap: float, chain_out: Tensor | None) -> Ten
     return chain
 
 
-def exp_rows_(workspace: Tensor, shift: Tensor, sumexp: Tensor, *, source: Tensor | None = None,
-              unshifted: bool = False, dense: Tensor | None = None, dense_is_ones: bool = False,
-              dense_out: Tensor | None = None) -> bool:
+def exp_rows_(
+    workspace: Tensor,
+    shift: Tensor,
+    sumexp: Tensor,
+    *,
+    source: Tensor | None = None,
+    unshifted: bool = False,
+    dense: Tensor | None = None,
+    dense_is_ones: bool = False,
+    dense_out: Tensor | None = None,
+) -> bool:
     """workspace <- exp(z - shift), sumexp <- its row sums; z is `source`, or the workspace itself.
 
     Shifted (the default), shift = the row max, which keeps every row finite (as torch's log_softmax).
@@ -92,9 +100,16 @@ def merge_blocks(shift: Tensor, sumexp: Tensor) -> Tensor:
     return top + torch.exp(block_lse - top).sum(0).log()
 
 
-def gradient_(workspace: Tensor, softmax_coef: Tensor, *, target: Tensor | None = None,
-              target_coef: Tensor | None = None, dense: Tensor | None = None, dense_coef: Tensor | None = None,
-              chain: Tensor | None = None) -> None:
+def gradient_(
+    workspace: Tensor,
+    softmax_coef: Tensor,
+    *,
+    target: Tensor | None = None,
+    target_coef: Tensor | None = None,
+    dense: Tensor | None = None,
+    dense_coef: Tensor | None = None,
+    chain: Tensor | None = None,
+) -> None:
     """workspace (holding e = exp(z - shift)) <- (softmax_coef * e - target_coef * onehot - dense_coef * u) * chain.
 
     softmax_coef must already include exp(shift - lse), so that softmax_coef * e is the scaled softmax.
@@ -107,8 +122,7 @@ def gradient_(workspace: Tensor, softmax_coef: Tensor, *, target: Tensor | None 
         if dense is None:
             workspace.sub_(dense_coef.unsqueeze(1))
         else:
-            workspace.addcmul_(dense_coef.unsqueeze(1), dense if dense.dim() == 2 else dense.unsqueeze(0),
-                               value=-1.0)
+            workspace.addcmul_(dense_coef.unsqueeze(1), dense if dense.dim() == 2 else dense.unsqueeze(0), value=-1.0)
     if chain is not None:
         workspace.mul_(chain)
 
@@ -126,26 +140,40 @@ class RowStats:
     def empty(cls, num_rows: int, *, target: bool, dense: bool, dtype: torch.dtype, device) -> RowStats:
         def new():
             return torch.empty(num_rows, dtype=dtype, device=device)
+
         return cls(new(), new(), new() if target else None, new() if dense else None)
 
     def rows(self, r0: int, r1: int) -> RowStats:
         """Views of rows r0:r1 (writing them fills this object)."""
-        return RowStats(*(t[r0:r1] if t is not None else None for t in (self.shift, self.sumexp,
-                                                                         self.target_logit, self.dense_rel)))
+        return RowStats(
+            *(t[r0:r1] if t is not None else None for t in (self.shift, self.sumexp, self.target_logit, self.dense_rel))
+        )
 
-    def chunk_(self, workspace: Tensor, r0: int, r1: int, load, *, source: Tensor | None = None,
-               target: Tensor | None = None, dense: Tensor | None = None, dense_is_ones: bool = False,
-               unshifted: bool = False) -> Tensor | None:
+    def chunk_(
+        self,
+        workspace: Tensor,
+        r0: int,
+        r1: int,
+        load,
+        *,
+        source: Tensor | None = None,
+        target: Tensor | None = None,
+        dense: Tensor | None = None,
+        dense_is_ones: bool = False,
+        unshifted: bool = False,
+    ) -> Tensor | None:
         """Fill rows r0:r1 from one chunk: load() puts its logits in `workspace` (and returns the softcap
         chain, or None); then target logits, exp_rows_ and the dense dot. Returns the chain."""
         chain = load()
         if target is not None and self.target_logit is not None:
             src = workspace if source is None else source
             torch.gather(src, 1, target, out=self.target_logit[r0:r1].unsqueeze(1))
-        extra = dict(dense=dense, dense_is_ones=dense_is_ones, dense_out=self.dense_rel[r0:r1]) \
-            if self.dense_rel is not None else {}
-        if not exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, unshifted=unshifted,
-                         **extra):
+        extra = (
+            dict(dense=dense, dense_is_ones=dense_is_ones, dense_out=self.dense_rel[r0:r1])
+            if self.dense_rel is not None
+            else {}
+        )
+        if not exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, unshifted=unshifted, **extra):
             chain = load()  # some row over/underflowed exp(z): redo the chunk with the max shift
             exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, **extra)
         return chain
@@ -159,10 +187,22 @@ def dense_cross_entropy(lse: Tensor, shift: Tensor, dense_mass, dense_rel: Tenso
     return dense_mass * (lse - shift) - dense_rel
 
 
-def torch_chunk(workspace: Tensor, r0: int, r1: int, stats: RowStats, load, *, source: Tensor | None = None,
-                target: Tensor | None = None, dense: Tensor | None = None, dense_is_ones: bool = False,
-                softcap: float | None = None, chain_out: Tensor | None = None,
-                coefficients: ChunkCoefficients | None = None, unshifted: bool = False) -> None:
+def torch_chunk(
+    workspace: Tensor,
+    r0: int,
+    r1: int,
+    stats: RowStats,
+    load,
+    *,
+    source: Tensor | None = None,
+    target: Tensor | None = None,
+    dense: Tensor | None = None,
+    dense_is_ones: bool = False,
+    softcap: float | None = None,
+    chain_out: Tensor | None = None,
+    coefficients: ChunkCoefficients | None = None,
+    unshifted: bool = False,
+) -> None:
     """One chunk of rows r0:r1 through the row math, with plain torch ops (the torch backend's chunk).
 
     load() puts the chunk's raw logits in `workspace` (unless `source` holds them and is read in place).
@@ -178,12 +218,28 @@ def torch_chunk(workspace: Tensor, r0: int, r1: int, stats: RowStats, load, *, s
         load()
         return softcap_(workspace, softcap, chain_out) if softcap is not None else None
 
-    chain = stats.chunk_(workspace, r0, r1, load_capped, source=source, target=target, dense=dense,
-                         dense_is_ones=dense_is_ones, unshifted=unshifted)
+    chain = stats.chunk_(
+        workspace,
+        r0,
+        r1,
+        load_capped,
+        source=source,
+        target=target,
+        dense=dense,
+        dense_is_ones=dense_is_ones,
+        unshifted=unshifted,
+    )
     if coefficients is not None:
         softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
-        gradient_(workspace, softmax_coef, target=target, target_coef=target_coef, dense=dense,
-                  dense_coef=dense_coef, chain=chain)
+        gradient_(
+            workspace,
+            softmax_coef,
+            target=target,
+            target_coef=target_coef,
+            dense=dense,
+            dense_coef=dense_coef,
+            chain=chain,
+        )
 
 
 @dataclass(frozen=True)
@@ -241,8 +297,9 @@ class ChunkCoefficients:
     all classes and lse = shift + log(sumexp).
     """
 
-    def __init__(self, terms: RowTerms, scale: Tensor, dense_mass, lse: Tensor | None = None,
-                 owned: Tensor | None = None):
+    def __init__(
+        self, terms: RowTerms, scale: Tensor, dense_mass, lse: Tensor | None = None, owned: Tensor | None = None
+    ):
         self.terms, self.scale, self.dense_mass, self.lse, self.owned = terms, scale, dense_mass, lse, owned
         self.per_row_mass = isinstance(dense_mass, Tensor) and dense_mass.dim() > 0
         self.all_rows = None if self.per_row_mass else terms.gradient_coefs(scale, dense_mass)
@@ -252,8 +309,9 @@ class ChunkCoefficients:
         if self.all_rows is not None:
             softmax, zloss, target, dense = (t[r0:r1] if t is not None else None for t in self.all_rows)
         else:
-            softmax, zloss, target, dense = self.terms.rows(r0, r1).gradient_coefs(self.scale[r0:r1],
-                                                                                  self.dense_mass[r0:r1])
+            softmax, zloss, target, dense = self.terms.rows(r0, r1).gradient_coefs(
+                self.scale[r0:r1], self.dense_mass[r0:r1]
+            )
         if self.owned is not None and target is not None:
             target = target * self.owned[r0:r1]
         return softmax, zloss, target, dense
@@ -286,7 +344,7 @@ class ClassBlock:
             weight = class_weight.new_zeros(size)
             lo, hi = max(start, 0), min(start + size, class_weight.shape[0])
             if hi > lo:
-                weight[lo - start:hi - start] = class_weight[lo:hi]
+                weight[lo - start : hi - start] = class_weight[lo:hi]
         return ClassBlock(torch.where(owned, target - start, 0).long(), owned, weight)
 
 
@@ -296,20 +354,34 @@ class IndexTargets:
     Shared by cross-entropy, linear cross-entropy and the vocab-parallel loss.
     """
 
-    def __init__(self, target: Tensor, class_weight: Tensor | None, *, ignore_index: int,
-                 label_smoothing: float, z_loss: float, reduction: str, num_classes: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        target: Tensor,
+        class_weight: Tensor | None,
+        *,
+        ignore_index: int,
+        label_smoothing: float,
+        z_loss: float,
+        reduction: str,
+        num_classes: int,
+        dtype: torch.dtype,
+    ):
         target = target.reshape(-1).long()  # uint8 targets compare as int64, as torch (-100 must not wrap)
         self.valid = target != ignore_index
         self.index = torch.where(self.valid, target, 0)  # ignored rows point at class 0, harmlessly
         self.class_weight = class_weight.to(dtype) if class_weight is not None else None
-        w_y = self.class_weight[self.index] if class_weight is not None else \
-            torch.ones(target.shape, dtype=dtype, device=target.device)
+        w_y = (
+            self.class_weight[self.index]
+            if class_weight is not None
+            else torch.ones(target.shape, dtype=dtype, device=target.device)
+        )
         self.target_weight = torch.where(self.valid, w_y, 0)  # w[y_i], 0 on ignored rows
         self.reduction = reduction
         self.denominator = self.target_weight.sum()  # torch's 'mean' denominator D
         eps = label_smoothing
-        self.terms = RowTerms(a=(1.0 - eps) * self.target_weight, b=eps / num_classes if eps > 0 else 0.0,
-                              z_loss=z_loss)
+        self.terms = RowTerms(
+            a=(1.0 - eps) * self.target_weight, b=eps / num_classes if eps > 0 else 0.0, z_loss=z_loss
+        )
         # U = sum_c w_c, the mass of the smoothing term
         self.dense_mass = self.class_weight.sum() if class_weight is not None else float(num_classes)
 

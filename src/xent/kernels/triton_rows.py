@@ -54,13 +54,35 @@ def _downcast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rows_kernel(Z, stride_z, OUT, stride_out, TARGET, DENSE, stride_dense,
-                 SHIFT, SUMEXP, TARGET_LOGIT, DENSE_REL, LSE,
-                 C_SOFTMAX, C_ZLOSS, C_TARGET, C_DENSE,
-                 n_cols, softcap,
-                 BLOCK: tl.constexpr, STATS: tl.constexpr, GRAD: tl.constexpr, HAS_TARGET: tl.constexpr,
-                 STORE_TARGET: tl.constexpr, STORE_DENSE: tl.constexpr, DENSE_MODE: tl.constexpr,
-                 SOFTCAP: tl.constexpr, ZLOSS: tl.constexpr):
+def _rows_kernel(
+    Z,
+    stride_z,
+    OUT,
+    stride_out,
+    TARGET,
+    DENSE,
+    stride_dense,
+    SHIFT,
+    SUMEXP,
+    TARGET_LOGIT,
+    DENSE_REL,
+    LSE,
+    C_SOFTMAX,
+    C_ZLOSS,
+    C_TARGET,
+    C_DENSE,
+    n_cols,
+    softcap,
+    BLOCK: tl.constexpr,
+    STATS: tl.constexpr,
+    GRAD: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    STORE_TARGET: tl.constexpr,
+    STORE_DENSE: tl.constexpr,
+    DENSE_MODE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ZLOSS: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     dense_row = DENSE + row * stride_dense
@@ -142,9 +164,18 @@ def _block_size(n_cols: int) -> int:
     return max(16, min(4096, triton.next_power_of_2(max(1, n_cols))))
 
 
-def rows_(z: Tensor, *, stats=None, target: Tensor | None = None, dense: Tensor | None = None,
-          dense_is_ones: bool = False, softcap: float | None = None, out: Tensor | None = None, coefs=None,
-          lse: Tensor | None = None) -> None:
+def rows_(
+    z: Tensor,
+    *,
+    stats=None,
+    target: Tensor | None = None,
+    dense: Tensor | None = None,
+    dense_is_ones: bool = False,
+    softcap: float | None = None,
+    out: Tensor | None = None,
+    coefs=None,
+    lse: Tensor | None = None,
+) -> None:
     """Run the kernel over the rows of z (rows, C), last dimension contiguous; fp32/bf16/fp16 logits.
 
     stats: a rows.RowStats (fp32 views for these rows) to fill, or None (then `lse` must be given).
@@ -169,31 +200,66 @@ def rows_(z: Tensor, *, stats=None, target: Tensor | None = None, dense: Tensor 
         return t if t is not None else dummy
 
     _rows_kernel[(num_rows,)](
-        z, z.stride(0), arg(out), out.stride(0) if out is not None else 0,
-        arg(target), arg(dense), dense.stride(0) if dense is not None and dense.dim() == 2 else 0,
-        arg(stats and stats.shift), arg(stats and stats.sumexp), arg(stats and stats.target_logit),
-        arg(stats and stats.dense_rel), arg(lse),
-        arg(softmax_c), arg(zloss_c), arg(target_c), arg(dense_c),
-        n_cols, float(softcap) if softcap is not None else 1.0,
-        BLOCK=_block_size(n_cols), STATS=stats is not None, GRAD=coefs is not None, HAS_TARGET=target is not None,
+        z,
+        z.stride(0),
+        arg(out),
+        out.stride(0) if out is not None else 0,
+        arg(target),
+        arg(dense),
+        dense.stride(0) if dense is not None and dense.dim() == 2 else 0,
+        arg(stats and stats.shift),
+        arg(stats and stats.sumexp),
+        arg(stats and stats.target_logit),
+        arg(stats and stats.dense_rel),
+        arg(lse),
+        arg(softmax_c),
+        arg(zloss_c),
+        arg(target_c),
+        arg(dense_c),
+        n_cols,
+        float(softcap) if softcap is not None else 1.0,
+        BLOCK=_block_size(n_cols),
+        STATS=stats is not None,
+        GRAD=coefs is not None,
+        HAS_TARGET=target is not None,
         STORE_TARGET=stats is not None and stats.target_logit is not None and target is not None,
         STORE_DENSE=stats is not None and stats.dense_rel is not None and dense_mode != DENSE_NONE,
-        DENSE_MODE=dense_mode, SOFTCAP=softcap is not None, ZLOSS=zloss_c is not None,
+        DENSE_MODE=dense_mode,
+        SOFTCAP=softcap is not None,
+        ZLOSS=zloss_c is not None,
         num_warps=min(16, max(4, _block_size(n_cols) // 256)),
     )
 
 
-def triton_chunk(workspace: Tensor, r0: int, r1: int, stats: rows.RowStats, load, *, source: Tensor | None = None,
-                 target: Tensor | None = None, dense: Tensor | None = None, dense_is_ones: bool = False,
-                 softcap: float | None = None, coefficients=None) -> None:
+def triton_chunk(
+    workspace: Tensor,
+    r0: int,
+    r1: int,
+    stats: rows.RowStats,
+    load,
+    *,
+    source: Tensor | None = None,
+    target: Tensor | None = None,
+    dense: Tensor | None = None,
+    dense_is_ones: bool = False,
+    softcap: float | None = None,
+    coefficients=None,
+) -> None:
     """rows.torch_chunk's contract, in one launch of the kernel."""
     if source is None:
         load()
     lse = coefficients.lse[r0:r1] if coefficients is not None and coefficients.lse is not None else None
-    rows_(workspace if source is None else source, stats=stats.rows(r0, r1) if lse is None else None,
-          target=target.view(-1) if target is not None else None, dense=dense, dense_is_ones=dense_is_ones,
-          softcap=softcap, out=workspace if coefficients is not None else None,
-          coefs=coefficients.rows(r0, r1) if coefficients is not None else None, lse=lse)
+    rows_(
+        workspace if source is None else source,
+        stats=stats.rows(r0, r1) if lse is None else None,
+        target=target.view(-1) if target is not None else None,
+        dense=dense,
+        dense_is_ones=dense_is_ones,
+        softcap=softcap,
+        out=workspace if coefficients is not None else None,
+        coefs=coefficients.rows(r0, r1) if coefficients is not None else None,
+        lse=lse,
+    )
 
 
 def supports(problem) -> bool:
@@ -209,16 +275,29 @@ def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = No
         x = x.contiguous()
     n, c = x.shape
     opts = problem.options
-    targets = rows.IndexTargets(problem.target, problem.weight, ignore_index=opts.ignore_index,
-                                label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, reduction=opts.reduction,
-                                num_classes=c, dtype=torch.float32)
+    targets = rows.IndexTargets(
+        problem.target,
+        problem.weight,
+        ignore_index=opts.ignore_index,
+        label_smoothing=opts.label_smoothing,
+        z_loss=opts.z_loss,
+        reduction=opts.reduction,
+        num_classes=c,
+        dtype=torch.float32,
+    )
     smoothing = bool(targets.terms.b)
     stats = rows.RowStats.empty(n, target=True, dense=smoothing, dtype=torch.float32, device=x.device)
     grad = torch.empty((n, c, 1), dtype=x.dtype, device=x.device) if need_grad else None
-    rows_(x, stats=stats, target=targets.index, dense=targets.class_weight if smoothing else None,
-          dense_is_ones=smoothing and targets.class_weight is None, softcap=opts.softcap,
-          out=grad[:, :, 0] if grad is not None else None,
-          coefs=targets.coefficients(targets.scale(upstream)).rows(0, n) if need_grad else None)
+    rows_(
+        x,
+        stats=stats,
+        target=targets.index,
+        dense=targets.class_weight if smoothing else None,
+        dense_is_ones=smoothing and targets.class_weight is None,
+        softcap=opts.softcap,
+        out=grad[:, :, 0] if grad is not None else None,
+        coefs=targets.coefficients(targets.scale(upstream)).rows(0, n) if need_grad else None,
+    )
     loss_rows = targets.block_losses(stats) if c else torch.zeros(n, dtype=torch.float64, device=x.device)
     return rows.finish_loss(problem, loss_rows, targets.denominator), grad
 
@@ -253,8 +332,9 @@ def scale_(grad: Tensor, upstream: Tensor, per_row: bool) -> None:
         if rows == 0 or n_cols == 0:
             return
         block = min(block, triton.next_power_of_2(n_cols))
-        _scale_kernel[(rows, triton.cdiv(n_cols, block))](grad, up, n_cols, n_cols, PER_ROW=True, BLOCK=block,
-                                                          num_warps=4)
+        _scale_kernel[(rows, triton.cdiv(n_cols, block))](
+            grad, up, n_cols, n_cols, PER_ROW=True, BLOCK=block, num_warps=4
+        )
     else:
         n = grad.numel()
         _scale_kernel[(triton.cdiv(n, block),)](grad, up, n, 0, PER_ROW=False, BLOCK=block, num_warps=4)
