@@ -77,6 +77,20 @@ def test_compile_fullgraph_equals_eager(name, backend, dynamic):
             assert_close(a, e, scale=2)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+def test_compiled_retain_graph_second_backward(name):
+    torch._dynamo.reset()
+    m = _head()
+    hdn, y = _data()
+    compiled = torch.compile(lambda m, h, t: LOSSES[name](m, h, t) * 3.0, fullgraph=True)
+    loss = compiled(m, hdn, y)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in m.parameters()]
+    loss.backward()
+    for p, g in zip(m.parameters(), first):
+        assert_close(p.grad, 2 * g)
+
+
 def test_compiled_module_with_xent_loss_has_no_graph_break():
     class Model(torch.nn.Module):
         def __init__(self):
