@@ -106,9 +106,12 @@ def as_index(value, name: str, fn: str) -> int:
 
 
 def as_float(value, name: str, fn: str) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    """A float argument as torch's parser takes it: Python and numpy reals (bools too) and 0-d tensors that
+    do not require grad; not 1-element tensors of other shapes, nor strings or None."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.requires_grad and not value.dtype.is_complex:
+            return float(value)
+    elif isinstance(value, numbers.Real):
         return float(value)
     raise TypeError(f"{fn}(): argument '{name}' must be float, not {type(value).__name__}")
 
@@ -365,7 +368,7 @@ def linear_cross_entropy_problem(
     check_class_weight(input, weight, autocast is not None)
     chunk_size = getattr(options, "batch_chunk_size", None) or 0
     problem = LinearProblem(
-        input.reshape(-1, input.shape[-1]),
+        input.reshape(math.prod(input.shape[:-1]), input.shape[-1]),  # not -1: ambiguous when H = 0
         linear_weight,
         linear_bias,
         target.reshape(-1),

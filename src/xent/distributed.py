@@ -18,6 +18,7 @@ path needs no communication in backward; the linear path all-reduces the input g
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,10 @@ from .problems import LinearProblem, Options
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
 _NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)
-_HEADER = 7
+# ... and the options every rank must have passed alike (checked after the exchange, on every rank)
+_OPTIONS = ("label_smoothing", "z_loss", "ignore_index", "reduction", "class weights")
+_HEADER = 7 + len(_OPTIONS)
+_REDUCTION_CODES = {"none": 0.0, "mean": 1.0, "sum": 2.0}
 
 
 @dataclass(frozen=True)
@@ -113,26 +117,51 @@ def _shards_from_sizes(target: Tensor, local_size: int, group, fn: str) -> Shard
 
 
 def _exchange_statistics(
-    stats: rows.RowStats, block: rows.ClassBlock, target: Tensor, start: int, local_size: int, group
+    stats: rows.RowStats, block: rows.ClassBlock, target: Tensor, start: int, local_size: int, group, opts: Options
 ) -> tuple[Tensor, ...]:
     """The one collective of the forward pass: every rank's header and per-row statistics.
 
     Returns the (world, _HEADER) header and shift, sumexp, target logit, owned, dense_rel, each (world, rows),
-    all float64 and still on the device.
+    all float64 and still on the device. The payload's size never depends on the options (the smoothing
+    term's slot is sent as zeros without smoothing), so ranks that disagree on them still complete the
+    collective and then all raise the same error, instead of aborting in a size mismatch.
     """
     num_rows = stats.shift.numel()
-    parts = [stats.shift, stats.sumexp, torch.where(block.owned, stats.target_logit, 0), block.owned]
-    parts += [stats.dense_rel] if stats.dense_rel is not None else []
+    dense_rel = stats.dense_rel if stats.dense_rel is not None else torch.zeros_like(stats.shift)
+    parts = [stats.shift, stats.sumexp, torch.where(block.owned, stats.target_logit, 0), block.owned, dense_rel]
     weight_sum = (
         block.class_weight.double().sum().reshape(1)
         if block.class_weight is not None
         else torch.tensor([float(local_size)], dtype=torch.float64).to(target.device, non_blocking=True)
     )
     place = torch.tensor([float(local_size), float(start)], dtype=torch.float64).to(target.device, non_blocking=True)
-    mine = torch.cat([_identity(target), place, weight_sum] + [p.double() for p in parts])
+    options = torch.tensor(
+        [
+            opts.label_smoothing,
+            opts.z_loss,
+            float(opts.ignore_index),
+            _REDUCTION_CODES[opts.reduction],
+            float(block.class_weight is not None),
+        ],
+        dtype=torch.float64,
+    ).to(target.device, non_blocking=True)
+    mine = torch.cat([_identity(target), place, weight_sum, options] + [p.double() for p in parts])
     table = _all_gather(mine, group)
     header, bodies = table[:, :_HEADER], table[:, _HEADER:].reshape(table.shape[0], len(parts), num_rows)
-    return (header, *bodies.unbind(1)) + ((None,) if stats.dense_rel is None else ())
+    *bodies, gathered_dense = bodies.unbind(1)
+    return (header, *bodies, gathered_dense if stats.dense_rel is not None else None)
+
+
+def _check_same_options(table: list[list[float]], fn: str) -> None:
+    """Every rank must have passed the same options (else each would compute a different loss)."""
+    for k, name in enumerate(_OPTIONS):
+        values = [row[7 + k] for row in table]
+        if any(v != values[0] for v in values):
+            if name == "reduction":
+                values = [{c: r for r, c in _REDUCTION_CODES.items()}[v] for v in values]
+            elif name == "class weights":
+                values = ["given" if v else "None" for v in values]
+            raise ValueError(f"{fn}: every rank must pass the same {name}; per rank: {values}")
 
 
 def _check_tiling(shards: Shards, fn: str) -> None:
@@ -246,11 +275,12 @@ def _vocab_parallel_loss(
     start = shards.start if shards is not None else as_index(vocab_start, "vocab_start", fn)
     block = rows.ClassBlock.shard(flat, valid, weight.to(cd) if weight is not None else None, start, local_size)
     stats = local_statistics(block)
-    header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group)
+    header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group, opts)
     lse, z_target, dense_ce, unowned = _merge(header, *gathered, valid, opts.label_smoothing)
     host = torch.cat([header.reshape(-1), unowned.any().double().reshape(1)]).tolist()
     table = [host[k * _HEADER : (k + 1) * _HEADER] for k in range(header.shape[0])]
     _check_same_targets([row[:_SIZE] for row in table], fn)
+    _check_same_options(table, fn)
     shards = Shards(rank, tuple(int(row[_START]) for row in table), tuple(int(row[_SIZE]) for row in table))
     _check_tiling(shards, fn)
     _check_weight_size(weight, shards)
@@ -277,7 +307,7 @@ def _logits_forward(
     local_logits: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, opts: Options, need_grad: bool
 ):
     group, vocab_start = layout.group, layout.vocab_start
-    x = local_logits.reshape(-1, local_logits.shape[-1])
+    x = local_logits.reshape(math.prod(local_logits.shape[:-1]), local_logits.shape[-1])  # not -1: C_local may be 0
     num_rows, local_size = x.shape
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     smoothing = opts.label_smoothing > 0
@@ -338,14 +368,8 @@ def _block_pass(
             if grad is not None and not in_grad:
                 grad[r0:r1].copy_(ws)
 
-    RowPass(
-        backend,
-        stats,
-        target_index=block.index,
-        dense=block.class_weight if smoothing else None,
-        dense_is_ones=smoothing and block.class_weight is None,
-        coefficients=coefficients,
-        unshifted=x.device.type == "cpu",
+    RowPass.over_block(
+        backend, stats, block, smoothing, coefficients=coefficients, unshifted=x.device.type == "cpu"
     ).run(chunks())
 
 
@@ -410,7 +434,7 @@ def vocab_parallel_linear_cross_entropy(
             f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden "
             f"dimension), got {list(target.shape)}"
         )
-    x2 = input.reshape(-1, input.shape[-1])
+    x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])  # not -1: ambiguous when H = 0
     problem = LinearProblem(
         x2,
         local_linear_weight,

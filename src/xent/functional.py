@@ -137,8 +137,11 @@ def nll_loss(
     t = target.reshape(n, 1, d).long()  # uint8 targets compare as int64, as torch (-100 must not wrap)
     valid = t != ignore_index
     index = torch.where(valid, t, 0)
-    picked = x.gather(1, index).to(compute_dtype)
-    w_y = weight.to(compute_dtype)[index] if weight is not None else torch.ones_like(picked)
+    if num_classes:
+        picked = x.gather(1, index).to(compute_dtype)
+    else:  # no classes, so every target is ignore_index: nothing to pick, still connected to the input
+        picked = (x.sum() * 0).to(compute_dtype).expand(n, 1, d)
+    w_y = weight.to(compute_dtype)[index] if weight is not None and num_classes else torch.ones_like(picked)
     w_y = torch.where(valid, w_y, 0)
     loss = torch.where(valid, -w_y * picked, 0)
     if reduction == "none":

@@ -15,6 +15,7 @@ targets).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -24,24 +25,28 @@ from torch import Tensor
 from ._validate import as_index
 
 
-def one_hot(labels: Tensor, num_classes: int = -1) -> Tensor:
-    """One-hot encode int64 class indices: shape (*labels.shape, num_classes), dtype int64.
+def one_hot(input: Tensor, num_classes: int = -1) -> Tensor:
+    """One-hot encode int64 class indices: shape (*input.shape, num_classes), dtype int64.
 
-    Same contract as torch.nn.functional.one_hot: ``num_classes=-1`` infers ``labels.max() + 1``;
-    negative or too-large classes raise RuntimeError.
+    Same contract as torch.nn.functional.one_hot (argument names included): ``num_classes=-1`` infers
+    ``input.max() + 1``; negative or too-large classes raise RuntimeError. On meta tensors, as torch, the
+    values are not checked (there are none) and ``num_classes`` must be given.
     """
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"one_hot(): argument 'labels' must be Tensor, not {type(labels).__name__}")
-    if labels.dtype != torch.int64:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"one_hot(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dtype != torch.int64:
         raise RuntimeError("one_hot is only applicable to index tensor of type LongTensor.")
     num_classes = as_index(num_classes, "num_classes", "one_hot")
     if num_classes < -1:
         raise RuntimeError(f"num_classes should be -1 (infer) or non-negative, got {num_classes}")
-    if labels.numel() == 0:
+    if input.device.type == "meta":
+        if num_classes == -1:
+            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+    elif input.numel() == 0:
         if num_classes == -1:
             raise RuntimeError("Can not infer total number of classes from empty tensor.")
     else:
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = int(input.min()), int(input.max())
         if lo < 0:
             raise RuntimeError(f"Class values must be non-negative. Got {lo}.")
         if num_classes == -1:
@@ -50,8 +55,22 @@ def one_hot(labels: Tensor, num_classes: int = -1) -> Tensor:
             raise RuntimeError(
                 f"Class values must be smaller than num_classes. Got {hi} for num_classes={num_classes}."
             )
-    out = torch.zeros(*labels.shape, num_classes, dtype=torch.int64, device=labels.device)
-    return out.scatter_(-1, labels.unsqueeze(-1), 1)
+    out = torch.zeros(*input.shape, num_classes, dtype=torch.int64, device=input.device)
+    return out.scatter_(-1, input.unsqueeze(-1), 1)
+
+
+_NAN = object()  # the one key of every NaN label (NaN != NaN, and NaN objects hash apart)
+
+
+def _key(label: Any) -> Any:
+    """The dictionary key of a label: itself, except that all NaNs are one label."""
+    if isinstance(label, float | numbers.Real) and not isinstance(label, bool | int):
+        try:
+            if label != label:
+                return _NAN
+        except (TypeError, ValueError):
+            pass
+    return label
 
 
 class LabelEncoder:
@@ -82,20 +101,32 @@ class LabelEncoder:
     # -- learning the classes ------------------------------------------------------------------------
     def fit(self, labels: Any) -> LabelEncoder:
         flat, _ = _flatten(labels)
-        distinct = list(dict.fromkeys(flat))
+        for label in flat:
+            _check_hashable(label)
+        seen: dict = {}
+        for label in flat:
+            seen.setdefault(_key(label), label)  # in order of first appearance
+        distinct = list(seen.values())
+        nans = [label for label in distinct if _key(label) is _NAN]
+        distinct = [label for label in distinct if _key(label) is not _NAN]
         try:
             distinct = sorted(distinct)
         except TypeError:
             pass  # labels of mixed, unorderable types keep their order of first appearance
-        self._set_classes(distinct, check_unique=False)
+        self._set_classes(distinct + nans, check_unique=False)  # NaN, unorderable, is one class, last
         return self
 
     def _set_classes(self, classes: list, check_unique: bool) -> None:
         for label in classes:
             _check_hashable(label)
-        index = {label: i for i, label in enumerate(classes)}
+        index = {_key(label): i for i, label in enumerate(classes)}
         if check_unique and len(index) != len(classes):
             raise ValueError("classes contains duplicate labels")
+        if self.unknown == "ignore" and 0 <= self.ignore_index < len(classes):
+            raise ValueError(
+                f"ignore_index={self.ignore_index} is also the index of class {classes[self.ignore_index]!r}: "
+                f"unknown labels would be merged into it; use a negative ignore_index (the default -100)"
+            )
         self.classes_, self._index = classes, index
 
     @property
@@ -111,7 +142,7 @@ class LabelEncoder:
         unseen = []
         for label in flat:
             _check_hashable(label)
-            i = self._index.get(label)
+            i = self._index.get(_key(label))
             if i is None:
                 if self.unknown == "error":
                     unseen.append(label)

@@ -199,6 +199,23 @@ def _errors(rank, world, sizes):
     )
     # blocks that overlap instead of tiling the vocabulary
     _expect(ValueError, "do not tile", lambda: vocab_parallel_cross_entropy(local, good, vocab_start=0))
+    # options that differ between ranks (each rank would compute another loss): caught on every rank, and
+    # the collectives stay matched (a smoothing term on one rank only does not change the payload's size)
+    weights = torch.ones(c, dtype=torch.float64)
+    for name, options in [
+        ("label_smoothing", dict(label_smoothing=0.1 * rank)),
+        ("label_smoothing", dict(label_smoothing=0.1 + 0.05 * rank)),
+        ("z_loss", dict(z_loss=1e-3 * rank)),
+        ("ignore_index", dict(ignore_index=-100 - rank)),
+        ("reduction", dict(reduction="sum" if rank else "mean")),
+        ("class weights", dict(weight=weights if rank else None)),
+    ]:
+        for vs in (None, start):
+            _expect(
+                ValueError,
+                f"every rank must pass the same {name}",
+                lambda vs=vs, options=options: vocab_parallel_cross_entropy(local, good, vocab_start=vs, **options),
+            )
     # still usable afterwards
     loss = vocab_parallel_cross_entropy(local, good, vocab_start=start)
     assert torch.isfinite(loss)

@@ -46,18 +46,19 @@ def _spawn(world: int, sizes: list[int], scenario: str, tmp_path) -> None:
         assert outcome == "ok", f"rank {rank} of {world} ({scenario}):\n{outcome}"
 
 
-# Uneven shards, including a rank that holds a single class.
-LAYOUTS = {2: [7, 30], 3: [1, 20, 16]}
+# Uneven shards, including a rank that holds a single class, and one that holds none (3 ranks, 2 classes
+# split as torch.chunk would leave the last rank empty).
+LAYOUTS = {2: [7, 30], 3: [1, 20, 16], "empty rank": [20, 0, 17]}
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, "empty rank"])
 def test_logits_path_matches_single_process(world, tmp_path):
-    _spawn(world, LAYOUTS[world], "logits", tmp_path)
+    _spawn(len(LAYOUTS[world]), LAYOUTS[world], "logits", tmp_path)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, "empty rank"])
 def test_linear_path_matches_single_process(world, tmp_path):
-    _spawn(world, LAYOUTS[world], "linear", tmp_path)
+    _spawn(len(LAYOUTS[world]), LAYOUTS[world], "linear", tmp_path)
 
 
 @pytest.mark.parametrize("world", [2, 3])

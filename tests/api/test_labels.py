@@ -120,3 +120,24 @@ def test_misuse_errors():
         xent.LabelEncoder().fit(["a"]).inverse_transform([3])
     with pytest.raises(ValueError, match="unknown"):
         xent.LabelEncoder(unknown="skip")
+
+
+def test_nan_labels_are_one_class_that_round_trips():
+    nan = float("nan")
+    enc = xent.LabelEncoder().fit(["b", nan, "a", float("nan")])
+    assert enc.num_classes == 3 and enc.classes_[:2] == ["a", "b"] and enc.classes_[2] != enc.classes_[2]
+    codes = enc.transform([nan, "a", float("nan")])
+    assert codes.tolist() == [2, 0, 2]
+    back = enc.inverse_transform(codes)
+    assert back[1] == "a" and back[0] != back[0] and back[2] != back[2]
+
+
+@pytest.mark.parametrize("ignore_index", [0, 1])
+def test_ignore_index_that_is_a_class_index_is_refused(ignore_index):
+    with pytest.raises(ValueError, match="also the index of class"):
+        xent.LabelEncoder(unknown="ignore", ignore_index=ignore_index).fit(["a", "b"])
+    with pytest.raises(ValueError, match="also the index of class"):
+        xent.LabelEncoder(["a", "b"], unknown="ignore", ignore_index=ignore_index)
+    # unknown labels map to a negative ignore_index, never onto a class
+    enc = xent.LabelEncoder(unknown="ignore").fit(["a", "b"])
+    assert enc.transform(["z", "b"]).tolist() == [-100, 1]

@@ -34,11 +34,18 @@ class TorchBackend:
         rows.torch_chunk(*args, **kwargs)
 
     def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:
-        if not per_row and upstream.device.type == "cpu" and float(upstream) == 1.0:
-            return  # reading a CPU scalar costs nothing; skip the pass over the buffer
-        # In-place ops compute in the promoted dtype and cast once: an fp32 upstream of 65536 stays finite
-        # here, where casting it to fp16 first would make it inf.
-        grad.mul_(upstream.reshape(grad.shape[0], *([1] * (grad.dim() - 1))) if per_row else upstream)
+        """grad *= upstream (one value per row with per_row), fp32 math; entries that are exactly 0 stay 0
+        (ignored rows, as torch keeps them, even for an inf or NaN upstream)."""
+        u = upstream.reshape(grad.shape[0], *([1] * (grad.dim() - 1))) if per_row else upstream
+        if upstream.device.type == "cpu":  # reading a CPU value costs nothing
+            if not per_row and float(upstream) == 1.0:
+                return  # skip the pass over the buffer
+            if bool(torch.isfinite(upstream).all()):
+                # 0 * finite = 0. In-place ops compute in the promoted dtype and cast once: an fp32
+                # upstream of 65536 stays finite here, where casting it to fp16 first would make it inf.
+                grad.mul_(u)
+                return
+        grad.copy_(torch.where(grad == 0, grad, grad * u))
 
     def __repr__(self) -> str:
         return f"<xent backend {self.name}>"

@@ -42,6 +42,21 @@ class RowPass:
     chain_buf: Tensor | None = None  # scratch for the softcap chain factor (torch backend)
     unshifted: bool = False  # exp(z) without the max shift (a host check per chunk: CPU only)
 
+    @classmethod
+    def over_block(
+        cls, backend: TorchBackend, stats: rows.RowStats, block: rows.ClassBlock, smoothing: bool, **kwargs
+    ) -> RowPass:
+        """A pass over a block of classes (all of them, or one rank's shard): its targets' columns and, with
+        label smoothing, its class weights (or ones) as the dense term."""
+        return cls(
+            backend,
+            stats,
+            target_index=block.index,
+            dense=block.class_weight if smoothing else None,
+            dense_is_ones=smoothing and block.class_weight is None,
+            **kwargs,
+        )
+
     def run(self, chunks: Iterator[Chunk]) -> None:
         for chunk in chunks:
             ws = chunk.workspace

@@ -76,7 +76,12 @@ def linear_pass(
 
     smoothing = p.options.label_smoothing > 0
     stats = rows.RowStats.empty(num_rows, target=True, dense=smoothing, dtype=cd, device=dev)
-    grad_input = torch.empty_like(x) if want_input else None
+    if not vocab:  # no classes in this head (or this rank's block): sum exp = 0, lse = -inf, no chunk runs
+        for t in (stats.shift, stats.sumexp, stats.target_logit, stats.dense_rel):
+            if t is not None:
+                t.zero_()
+    # a head without classes (or a rank holding none) writes no chunk: its input gradient is zero
+    grad_input = (torch.empty_like(x) if vocab else torch.zeros_like(x)) if want_input else None
     grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev) if want_weight else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
     coefficients = targets.coefficients(scale, lse, block) if need_grad else None
@@ -123,12 +128,11 @@ def linear_pass(
             if want_bias:
                 grad_bias.add_(ws.sum(0, dtype=cd))
 
-    RowPass(
+    RowPass.over_block(
         backend,
         stats,
-        target_index=block.index,
-        dense=block.class_weight if smoothing else None,
-        dense_is_ones=smoothing and block.class_weight is None,
+        block,
+        smoothing,
         softcap=cap,
         coefficients=coefficients,
         chain_buf=chain_buf,
@@ -162,6 +166,8 @@ _OUT_DTYPE_ADDMM: dict[str, bool] = {}
 def loss_rows(p: LinearProblem, targets: rows.IndexTargets, stats: rows.RowStats) -> Tensor:
     if p.input.shape[0] and p.linear_weight.shape[0]:
         return targets.block_losses(stats).to(p.compute_dtype)
+    if not p.linear_weight.shape[0]:
+        return rows.classless_losses(p.input.shape[0], p.options.label_smoothing, p.compute_dtype, p.input.device)
     return torch.zeros(p.input.shape[0], dtype=p.compute_dtype, device=p.input.device)
 
 

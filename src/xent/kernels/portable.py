@@ -142,7 +142,7 @@ def cross_entropy_forward(
 
     # The loss of every row at once, from the per-row statistics of the pass (float64: see log_sum_exp).
     if c == 0:  # no classes: every row is ignored (index targets) or sums over nothing (probabilities)
-        loss_rows = torch.zeros(num_rows, dtype=cd, device=dev)
+        loss_rows = rows.classless_losses(num_rows, eps if targets is not None else 0.0, cd, dev)
     elif targets is not None:
         loss_rows = targets.block_losses(stats)
     else:

@@ -372,7 +372,7 @@ class IndexTargets:
         self.class_weight = class_weight.to(dtype) if class_weight is not None else None
         w_y = (
             self.class_weight[self.index]
-            if class_weight is not None
+            if class_weight is not None and class_weight.numel()  # no classes: every row is ignored
             else torch.ones(target.shape, dtype=dtype, device=target.device)
         )
         self.target_weight = torch.where(self.valid, w_y, 0)  # w[y_i], 0 on ignored rows
@@ -380,8 +380,10 @@ class IndexTargets:
         self.denominator = self.target_weight.sum()  # torch's 'mean' denominator D
         eps = label_smoothing
         self.terms = RowTerms(
-            a=(1.0 - eps) * self.target_weight, b=eps / num_classes if eps > 0 else 0.0, z_loss=z_loss
+            a=(1.0 - eps) * self.target_weight, b=eps / num_classes if eps > 0 and num_classes else 0.0, z_loss=z_loss
         )
+        # torch's smoothing term is eps / C times a sum over the classes: NaN for any batch when C = 0
+        self.classless_smoothing = num_classes == 0 and eps > 0
         # U = sum_c w_c, the mass of the smoothing term
         self.dense_mass = self.class_weight.sum() if class_weight is not None else float(num_classes)
 
@@ -391,11 +393,13 @@ class IndexTargets:
     def scale(self, upstream: Tensor | None = None) -> Tensor:
         """d(reduced loss)/d(row loss), times the upstream gradient: 1/D (mean) or 1, exactly 0 on ignored rows.
 
-        A valid row over D = 0 gets 1/0 = inf, so its gradient is 0 * inf = NaN, as torch's.
+        A valid row over D = 0 gets 1/0 = inf, so its gradient is 0 * inf = NaN, as torch's. An ignored
+        row stays exactly 0 whatever the upstream gradient (inf or NaN included), as torch's.
         """
         one = self.denominator.reciprocal() if self.reduction == "mean" else torch.ones_like(self.denominator)
-        scale = torch.where(self.valid, one, 0)
-        return scale if upstream is None else scale * upstream.reshape(-1).to(scale.dtype)
+        if upstream is not None:
+            one = one * upstream.reshape(-1).to(one.dtype)
+        return torch.where(self.valid, one, 0)
 
     def coefficients(self, scale: Tensor, lse: Tensor | None = None, block: ClassBlock | None = None):
         return ChunkCoefficients(self.terms, scale, self.dense_mass, lse, block.owned if block else None)
@@ -411,18 +415,31 @@ class IndexTargets:
         return self.row_losses(lse, stats.target_logit, dense_ce)
 
     def reduce(self, loss_rows: Tensor) -> Tensor:
-        return reduce_rows(loss_rows, self.reduction, self.denominator)
+        return reduce_rows(loss_rows, self.reduction, self.denominator, self.classless_smoothing)
 
 
-def reduce_rows(loss_rows: Tensor, reduction: str, denominator: Tensor) -> Tensor:
+def reduce_rows(loss_rows: Tensor, reduction: str, denominator: Tensor, classless_smoothing: bool = False) -> Tensor:
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
-    return total / denominator if reduction == "mean" else total
+    if classless_smoothing:  # see classless_losses: NaN even without rows
+        total = torch.full_like(total, torch.nan)
+    if reduction != "mean":
+        return total
+    # torch divides each part of the loss by D separately: with D = 0 its cross-entropy part is 0 / 0 = NaN,
+    # so the mean is NaN, even where a smoothing term alone would give x / 0 = inf
+    return torch.where(denominator == 0, torch.nan, total / denominator)
 
 
 def finish_loss(problem, loss_rows: Tensor, denominator: Tensor) -> Tensor:
     """Reduce a Problem's per-row losses as the caller asked, in the compute dtype, then cast."""
-    loss = reduce_rows(loss_rows.to(problem.compute_dtype), problem.options.reduction, denominator)
+    classless_smoothing = problem.num_classes == 0 and problem.options.label_smoothing > 0 and not problem.probabilities
+    loss = reduce_rows(loss_rows.to(problem.compute_dtype), problem.options.reduction, denominator, classless_smoothing)
     loss = loss.reshape(problem.output_shape) if problem.options.reduction == "none" else loss
     return loss.to(problem.output_dtype)
+
+
+def classless_losses(num_rows: int, label_smoothing: float, dtype: torch.dtype, device) -> Tensor:
+    """Row losses when there are no classes: every target is ignored, so 0, except that torch's smoothing
+    term divides by C = 0 and makes every row NaN (eps / 0 * 0)."""
+    return torch.full((num_rows,), torch.nan if label_smoothing > 0 else 0.0, dtype=dtype, device=device)

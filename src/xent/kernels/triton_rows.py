@@ -298,7 +298,9 @@ def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = No
         out=grad[:, :, 0] if grad is not None else None,
         coefs=targets.coefficients(targets.scale(upstream)).rows(0, n) if need_grad else None,
     )
-    loss_rows = targets.block_losses(stats) if c else torch.zeros(n, dtype=torch.float64, device=x.device)
+    loss_rows = (
+        targets.block_losses(stats) if c else rows.classless_losses(n, opts.label_smoothing, torch.float64, x.device)
+    )
     return rows.finish_loss(problem, loss_rows, targets.denominator), grad
 
 
@@ -318,7 +320,8 @@ def _scale_kernel(G, UP, n_cols, stride_row, PER_ROW: tl.constexpr, BLOCK: tl.co
         mask = idx < n_cols
         ptr = G + row * stride_row + idx
         g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptr, _downcast(g * u, G.dtype.element_ty), mask=mask)
+        # exact zeros (ignored rows) stay zero even for an inf or NaN upstream, as torch's
+        tl.store(ptr, _downcast(tl.where(g == 0.0, g, g * u), G.dtype.element_ty), mask=mask)
 
 
 def scale_(grad: Tensor, upstream: Tensor, per_row: bool) -> None:
