@@ -27,6 +27,7 @@ LAYERS = [  # top to bottom
         "xent.modules",
         "xent.linear",
         "xent.distributed",
+        "xent.dtensor",
         "xent.integrations",
         "xent.integrations.transformers",
         "xent.labels",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops
+from . import dtensor, ops
 from ._validate import (
     as_index,
     check_float_input,
@@ -72,6 +72,18 @@ def cross_entropy(
         torch.Size([3])
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
+    if dtensor.is_dtensor(input, target, weight):  # tensor or data parallel layouts: xent/dtensor.py
+        return dtensor.cross_entropy(
+            cross_entropy,
+            input,
+            target,
+            weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+        )
     problem = cross_entropy_problem(
         input,
         target,
@@ -118,6 +130,10 @@ def nll_loss(
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
     fn = "nll_loss"
+    if dtensor.is_dtensor(input, target, weight):
+        return dtensor.cross_entropy(
+            nll_loss, input, target, weight, reduction=reduction, fn=fn, ignore_index=ignore_index
+        )
     check_tensor(input, "input", fn)
     check_tensor(target, "target", fn)
     check_tensor(weight, "weight", fn, optional=True)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import dtensor, ops
 from ._validate import ThroughLogits, linear_cross_entropy_problem
 from .functional import cross_entropy
 
@@ -78,6 +78,24 @@ def linear_cross_entropy(
         >>> loss = xent.linear_cross_entropy(hidden, lm_head, labels, label_smoothing=0.1)
         >>> loss.backward()
     """
+    if dtensor.is_dtensor(input, linear_weight, linear_bias):  # tensor parallel heads: xent/dtensor.py
+        if softcap is not None:
+            raise NotImplementedError("linear_cross_entropy: softcap with a DTensor head")
+        return dtensor.linear_cross_entropy(
+            linear_cross_entropy,
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            weight,
+            dict(
+                reduction=reduction,
+                ignore_index=-100 if ignore_index is None else ignore_index,
+                label_smoothing=label_smoothing,
+                z_loss=z_loss,
+                memory_budget=memory_budget,
+            ),
+        )
     described = linear_cross_entropy_problem(
         input,
         linear_weight,

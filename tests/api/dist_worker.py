@@ -24,9 +24,15 @@ def run(rank: int, world: int, rendezvous: str, sizes: list[int], scenario: str,
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     try:
-        {"logits": _logits, "linear": _linear, "errors": _errors, "tensor_parallel": _tensor_parallel}[scenario](
-            rank, world, sizes
-        )
+        {
+            "logits": _logits,
+            "linear": _linear,
+            "errors": _errors,
+            "tensor_parallel": _tensor_parallel,
+            "dtensor": _dtensor,
+            "fsdp": _fsdp,
+            "hf": _hf,
+        }[scenario](rank, world, sizes)
         outcome = "ok"
     except Exception:  # noqa: BLE001 - reported to the parent test through the result file
         outcome = traceback.format_exc()
@@ -253,3 +259,189 @@ def _tensor_parallel(rank, world, sizes):
         reference.weight.grad[start : start + local_weight_grad.shape[0]],
         "tensor-parallel weight gradient",
     )
+
+
+def _dtensor(rank, world, sizes):
+    """DTensor logits sharded on the classes, on the rows or replicated, and a vocab-sharded DTensor head:
+    loss, gradient and its placements equal the single-process result (uneven splits: 37 classes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    n, c, h = 6, 37, 5
+    x = torch.randn(n, c, dtype=torch.float64)
+    y0 = torch.randint(0, c, (n,))
+    y0[1] = -100
+    w = torch.rand(c, dtype=torch.float64) + 0.5
+    cases = [
+        dict(),
+        dict(label_smoothing=0.1, weight=w),  # torch's loss_parallel refuses this combination
+        dict(reduction="none"),
+        dict(reduction="sum", z_loss=1e-3),
+        dict(ignore_index=3, label_smoothing=0.2),
+    ]
+    for kw in cases:
+        y = torch.where(y0 == -100, kw.get("ignore_index", -100), y0)
+        ref_x = x.clone().requires_grad_()
+        ref = xent.cross_entropy(ref_x, y, **kw)
+        up = torch.arange(1.0, n + 1, dtype=torch.float64) if kw.get("reduction") == "none" else torch.tensor(2.0)
+        (ref_grad,) = torch.autograd.grad(ref, ref_x, up.to(ref.dtype))
+        for placement in (Shard(1), Shard(0), Replicate()):
+            dx = distribute_tensor(x, mesh, [placement]).requires_grad_()
+            target = distribute_tensor(y, mesh, [Shard(0)]) if placement == Shard(0) else y
+            loss = xent.cross_entropy(dx, target, **kw)
+            assert isinstance(loss, DTensor), type(loss)
+            _close(loss.full_tensor(), ref, f"dtensor loss {placement} {kw}")
+            (grad,) = torch.autograd.grad(loss, dx, distribute_tensor(up, mesh, loss.placements))
+            assert grad.placements == dx.placements, (grad.placements, dx.placements)
+            _close(grad.full_tensor(), ref_grad, f"dtensor grad {placement} {kw}")
+        module = xent.CrossEntropyLoss(**{k: v for k, v in kw.items() if k != "z_loss"})
+        dx = distribute_tensor(x, mesh, [Shard(1)])
+        plain = xent.CrossEntropyLoss(**{k: v for k, v in kw.items() if k != "z_loss"})(x, y)
+        _close(module(dx, y).full_tensor(), plain, f"module {kw}")
+    y = y0
+    # nll_loss on row-split log-probabilities
+    logp = torch.log_softmax(x, 1)
+    for reduction in ("mean", "sum", "none"):
+        out = xent.nll_loss(
+            distribute_tensor(logp, mesh, [Shard(0)]),
+            distribute_tensor(y, mesh, [Shard(0)]),
+            weight=w,
+            reduction=reduction,
+        )
+        _close(out.full_tensor(), F.nll_loss(logp, y, weight=w, reduction=reduction), f"nll {reduction}")
+    # a head sharded on its classes (tensor parallelism), replicated hidden states
+    hidden = torch.randn(n, h, dtype=torch.float64)
+    head = torch.randn(c, h, dtype=torch.float64)
+    bias = torch.randn(c, dtype=torch.float64)
+    for kw in (dict(), dict(label_smoothing=0.1, reduction="sum")):
+        ref_p = [t.clone().requires_grad_() for t in (hidden, head, bias)]
+        ref = xent.linear_cross_entropy(ref_p[0], ref_p[1], y, linear_bias=ref_p[2], **kw)
+        ref_grads = torch.autograd.grad(ref, ref_p)
+        params = [
+            distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_(),
+            distribute_tensor(head, mesh, [Shard(0)]).requires_grad_(),
+            distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_(),
+        ]
+        loss = xent.linear_cross_entropy(params[0], params[1], y, linear_bias=params[2], **kw)
+        _close(loss.full_tensor(), ref, f"tp linear loss {kw}")
+        for got, want, p in zip(torch.autograd.grad(loss, params), ref_grads, params):
+            assert got.placements == p.placements
+            _close(got.full_tensor(), want, f"tp linear grad {kw}")
+    # layouts that cannot work are refused on every rank
+    dx = distribute_tensor(x, mesh, [Shard(0)])
+    _expect(ValueError, "pass target as a DTensor", lambda: xent.cross_entropy(dx, y[: dx.to_local().shape[0]]))
+    _expect(
+        ValueError,
+        "must be replicated",
+        lambda: xent.cross_entropy(distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(y, mesh, [Shard(0)])),
+    )
+    # plain hidden states with a sharded head (FSDP2 between forwards): the head is gathered, not taken
+    # for a shard; the gradient of the shard is the ranks' average (here all ranks agree)
+    sharded_head = distribute_tensor(head, mesh, [Shard(0)]).requires_grad_()
+    loss = xent.linear_cross_entropy(hidden, sharded_head, y)
+    _close(loss, xent.linear_cross_entropy(hidden, head, y), "gathered head loss")
+    (grad,) = torch.autograd.grad(loss, sharded_head)
+    _close(
+        grad.full_tensor(),
+        torch.autograd.grad(xent.linear_cross_entropy(hidden, head.requires_grad_(), y), head)[0],
+        "gathered head grad",
+    )
+
+
+def _fsdp(rank, world, sizes):
+    """fully_shard (FSDP2): the loss inside the root's forward, and with the head its own FSDP unit used
+    outside its forward (still sharded there): both equal the single-process gradient of the ranks' mean."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 6, dtype=torch.float64)
+            self.lm_head = torch.nn.Linear(6, 11, dtype=torch.float64)
+
+        def forward(self, h, y):
+            return xent.linear_cross_entropy(
+                self.body(h), self.lm_head.weight, y, linear_bias=self.lm_head.bias, label_smoothing=0.1
+            )
+
+    def data(r):
+        gen = torch.Generator().manual_seed(100 + r)
+        return torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 11, (5,), generator=gen)
+
+    torch.manual_seed(0)
+    reference = Model()
+    model = Model()
+    model.load_state_dict(reference.state_dict())
+    fully_shard(model, mesh=mesh)
+    model(*data(rank)).backward()
+    ref_loss = sum(reference(*data(r)) for r in range(world)) / world  # FSDP averages the ranks' gradients
+    ref_loss.backward()
+    for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
+        _close(p.grad.full_tensor(), ref_p.grad, f"fsdp grad {name}")
+
+    torch.manual_seed(0)
+    own_unit = Model()
+    own_unit.load_state_dict(reference.state_dict())
+    fully_shard(own_unit.lm_head, mesh=mesh)  # the head its own unit, used outside its forward: gathered
+    fully_shard(own_unit, mesh=mesh)
+    own_unit(*data(rank)).backward()
+    for (name, p), ref_p in zip(own_unit.named_parameters(), reference.parameters()):
+        _close(p.grad.full_tensor(), ref_p.grad, f"fsdp own-unit head grad {name}")
+
+
+def _hf(rank, world, sizes):
+    """The transformers patch under fully_shard (FSDP2) and with a ColwiseParallel lm_head: the same loss
+    and gradients as the unpatched model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import xent.integrations.transformers as xent_hf
+
+    mesh = init_device_mesh("cpu", (world,))
+    config = LlamaConfig(
+        vocab_size=67,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        torch_dtype=torch.float32,
+    )
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 67, (2, 9), generator=gen)
+
+    def build():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).train()
+
+    reference = build()
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+
+    tp = build()
+    parallelize_module(tp, mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
+    xent_hf.apply(tp)
+    loss = tp(input_ids=ids, labels=ids).loss
+    loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+    _close(loss, ref_loss, "hf tensor-parallel loss", rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for n, p in tp.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        _close(grad, ref_grads[n], f"hf tensor-parallel grad {n}", rtol=1e-4, atol=1e-6)
+
+    fsdp = build()
+    fully_shard(fsdp, mesh=mesh)  # every rank the same batch here, so the averaged gradient is the reference
+    xent_hf.apply(fsdp)
+    loss = fsdp(input_ids=ids, labels=ids).loss
+    _close(loss, ref_loss, "hf fsdp loss", rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for n, p in fsdp.named_parameters():
+        _close(p.grad.full_tensor(), ref_grads[n], f"hf fsdp grad {n}", rtol=1e-4, atol=1e-6)

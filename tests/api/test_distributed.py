@@ -66,6 +66,20 @@ def test_with_torch_tensor_parallel_colwise_lm_head(world, tmp_path):
     _spawn(world, LAYOUTS[world], "tensor_parallel", tmp_path)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_logits_and_heads_match_single_process(world, tmp_path):
+    _spawn(world, LAYOUTS[world], "dtensor", tmp_path)
+
+
+def test_fully_shard_fsdp2(tmp_path):
+    _spawn(2, LAYOUTS[2], "fsdp", tmp_path)
+
+
+def test_transformers_patch_under_fsdp2_and_tensor_parallel(tmp_path):
+    pytest.importorskip("transformers")
+    _spawn(2, LAYOUTS[2], "hf", tmp_path)
+
+
 def test_errors_raise_on_every_rank_instead_of_hanging(tmp_path):
     _spawn(2, LAYOUTS[2], "errors", tmp_path)
 

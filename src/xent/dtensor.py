@@ -1,0 +1,193 @@
+"""xent's losses on DTensors: torch's tensor-parallel and data-parallel layouts, without gathering logits.
+
+`xent.cross_entropy` / `nll_loss` / `linear_cross_entropy` (and their modules) come here when an
+argument is a DTensor (torch.distributed.tensor), on a 1-D device mesh:
+
+* logits sharded on the **class** dimension (what ``ColwiseParallel(use_local_output=False)`` on an
+  lm_head gives, and what torch's ``loss_parallel()`` handles): the vocab-parallel loss
+  (xent.distributed) on the local shards, one collective, every option (torch's loss_parallel refuses
+  label smoothing with class weights; xent does not). The target must be replicated.
+* logits sharded on the **batch** (or a spatial) dimension, or replicated: each rank computes its rows
+  with the ordinary kernels; the reduction sums the loss (and the 'mean' denominator) across ranks as a
+  DTensor, so autograd brings each rank its rows' gradient.
+* linear_cross_entropy with a head sharded on the vocabulary and replicated hidden states (DTensors on
+  the same mesh): the vocab-parallel linear loss. A sharded head with plain hidden states is what
+  fully_shard (FSDP2) leaves outside the module's forward: the head is gathered (never a local shard
+  taken for the whole head) and each rank's shard gets the ranks' averaged gradient, as FSDP gives it.
+
+Results are DTensors (Replicate for 'mean'/'sum', the logits' row placement for 'none'), as torch's
+loss_parallel returns them; gradients flow back as DTensors with the inputs' placements.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import distributed
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # torch built without distributed support: nothing can be a DTensor
+    DTensor = None
+
+
+def is_dtensor(*tensors: Tensor | None) -> bool:
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+def _mesh_and_placement(input, fn: str):
+    mesh = input.device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(
+            f"{fn}: DTensor inputs on a {mesh.ndim}-D device mesh are not supported yet (1-D meshes only); "
+            f"got placements {input.placements}"
+        )
+    return mesh, input.placements[0]
+
+
+def _replicated_local(t: Tensor | None, mesh, fn: str, name: str) -> Tensor | None:
+    """A tensor every rank must hold whole: a plain tensor, or a replicated DTensor on the same mesh."""
+    if t is None or not is_dtensor(t):
+        return t
+    if t.device_mesh != mesh or any(not p.is_replicate() for p in t.placements):
+        raise ValueError(
+            f"{fn}: {name} must be replicated on the logits' mesh (a plain tensor or a Replicate DTensor), "
+            f"got placements {t.placements}"
+        )
+    return t.to_local()
+
+
+def cross_entropy(local_loss, input, target, weight, *, reduction: str, fn: str = "cross_entropy", **options):
+    """`local_loss(input, target, weight=..., reduction=..., **options)` is the plain-tensor loss."""
+    mesh, placement = _mesh_and_placement(input, fn)
+    class_dim = 0 if input.dim() == 1 else 1
+    weight_local = _replicated_local(weight, mesh, fn, "weight")
+    if placement.is_shard() and placement.dim % max(input.dim(), 1) == class_dim:
+        return _class_sharded(input, target, weight_local, mesh, class_dim, reduction, fn, options)
+    return _row_parallel(local_loss, input, target, weight_local, mesh, placement, class_dim, reduction, fn, options)
+
+
+def _class_sharded(input, target, weight, mesh, class_dim, reduction, fn, options):
+    if fn != "cross_entropy":
+        raise NotImplementedError(f"{fn} on logits sharded on the class dimension: use xent.cross_entropy")
+    if input.shape == target.shape:
+        raise NotImplementedError(f"{fn}: probability targets with logits sharded on the class dimension")
+    if options.get("softcap") is not None:
+        raise NotImplementedError(f"{fn}: softcap with logits sharded on the class dimension")
+    target_local = _replicated_local(target, mesh, fn, "target (with logits sharded on the class dimension)")
+    local = input.to_local().movedim(class_dim, -1)  # vocab_parallel_cross_entropy: classes last
+    loss = distributed.vocab_parallel_cross_entropy(
+        local,
+        target_local,
+        group=mesh.get_group(),
+        weight=weight,
+        reduction=reduction,
+        ignore_index=options.get("ignore_index", -100),
+        label_smoothing=options.get("label_smoothing", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+    )
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+def _row_parallel(local_loss, input, target, weight, mesh, placement, class_dim, reduction, fn, options):
+    """Rows (batch or spatial positions) split across ranks, or every rank holding all of them."""
+    local = input.to_local()
+    probabilities = input.shape == target.shape
+    if is_dtensor(target):
+        if target.device_mesh != mesh or target.placements != (_target_placement(placement, class_dim, probabilities),):
+            raise ValueError(
+                f"{fn}: target must be split like the logits' rows (placements "
+                f"{(_target_placement(placement, class_dim, probabilities),)}), got {target.placements}"
+            )
+        target_local = target.to_local()
+    elif placement.is_replicate():
+        target_local = target
+    else:
+        raise ValueError(f"{fn}: with logits split on their rows ({input.placements}), pass target as a DTensor")
+    if placement.is_replicate():  # every rank computes the same loss
+        loss = local_loss(local, target_local, weight=weight, reduction=reduction, **options)
+        return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+    rows = local_loss(local, target_local, weight=weight, reduction="none", **options)
+    if reduction == "none":
+        out_dim = placement.dim if placement.dim < class_dim or input.dim() == 1 else placement.dim - 1
+        return DTensor.from_local(rows, mesh, [Shard(out_dim)], run_check=False)
+    total = DTensor.from_local(rows.sum(), mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
+    if reduction == "sum":
+        return total
+    count = _mean_denominator(local, target_local, weight, probabilities, class_dim, options).to(total.dtype)
+    count = DTensor.from_local(count, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
+    return total / count
+
+
+def _target_placement(placement, class_dim, probabilities):
+    if probabilities or placement.dim < class_dim:
+        return placement
+    return Shard(placement.dim - 1)  # index targets have no class dimension
+
+
+def _mean_denominator(local, target, weight, probabilities, class_dim, options) -> Tensor:
+    """This rank's part of the 'mean' denominator: its rows (probabilities), or the class weights of its
+    non-ignored targets (torch's weighted mean)."""
+    if probabilities:
+        return torch.tensor(float(local.numel() // max(local.shape[class_dim], 1)), device=local.device)
+    valid = target != options.get("ignore_index", -100)
+    if weight is None:
+        return valid.sum().double()
+    w = weight.double()[torch.where(valid, target, 0).long()] if weight.numel() else torch.zeros(target.shape)
+    return torch.where(valid, w, 0).sum()
+
+
+def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, weight, options: dict):
+    """linear_cross_entropy with DTensor hidden states or head; `plain_loss` is the plain-tensor loss."""
+    fn = "linear_cross_entropy"
+    if not is_dtensor(linear_weight):
+        raise NotImplementedError(
+            f"{fn}: DTensor hidden states with a plain head; pass the hidden states' local tensor "
+            f"(input.to_local() or input.full_tensor())"
+        )
+    mesh, placement = _mesh_and_placement(linear_weight, fn)
+    if not (placement.is_shard() and placement.dim == 0):
+        if placement.is_replicate() and not is_dtensor(input, linear_bias, target):
+            raise NotImplementedError(f"{fn}: a replicated DTensor head: pass linear_weight.to_local()")
+        raise NotImplementedError(f"{fn}: a head with placements {linear_weight.placements} (only Shard(0))")
+    if not is_dtensor(input):
+        # Plain hidden states with a head sharded on its classes: what fully_shard (FSDP2) leaves outside the
+        # module's forward, each rank with its own batch. Gather the head (as FSDP's unshard would) and give
+        # each rank's weight shard the average of the ranks' gradients (FSDP's default reduction); with
+        # identical hidden states on every rank (tensor parallelism fed local tensors) that average is the
+        # gradient itself. Never a local shard taken for the whole head.
+        return _gathered_head_loss(plain_loss, input, linear_weight, target, linear_bias, weight, mesh, options)
+    hidden = _replicated_local(input, mesh, fn, "the hidden states (with a head sharded on its classes)")
+    bias = None
+    if linear_bias is not None:
+        if not is_dtensor(linear_bias) or linear_bias.placements != linear_weight.placements:
+            raise ValueError(f"{fn}: linear_bias must be sharded like linear_weight (Shard(0))")
+        bias = linear_bias.to_local()
+    loss = distributed.vocab_parallel_linear_cross_entropy(
+        hidden,
+        linear_weight.to_local(),
+        _replicated_local(target, mesh, fn, "target"),
+        group=mesh.get_group(),
+        linear_bias=bias,
+        weight=_replicated_local(weight, mesh, fn, "weight"),
+        **options,
+    )
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+def _gathered(param: Tensor, mesh) -> Tensor:
+    """The full tensor of a Shard(0) DTensor; backward reduce-scatters the ranks' gradients, averaged."""
+    full = param.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+    if full.requires_grad:
+        world = mesh.size()
+        full.register_hook(lambda g: g / world)
+    return full
+
+
+def _gathered_head_loss(plain_loss, input, linear_weight, target, linear_bias, weight, mesh, options):
+    bias = None
+    if linear_bias is not None:
+        bias = _gathered(linear_bias, mesh) if is_dtensor(linear_bias) else linear_bias
+    weight = _replicated_local(weight, mesh, "linear_cross_entropy", "weight")
+    return plain_loss(input, _gathered(linear_weight, mesh), target, linear_bias=bias, weight=weight, **options)
