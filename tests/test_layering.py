@@ -28,6 +28,7 @@ LAYERS = [  # top to bottom
         "xent.linear",
         "xent.distributed",
         "xent.dtensor",
+        "xent.rl",
         "xent.integrations",
         "xent.integrations.transformers",
         "xent.labels",

@@ -6,6 +6,7 @@ Public API:
     CrossEntropyLoss, NLLLoss,
     LinearCrossEntropyLoss                  drop-ins for torch.nn's modules
     one_hot, LabelEncoder                   targets from labels that are not integers
+    token_logprobs[_from_logits]            RL: chosen tokens' log-probabilities (and entropies), no logits
     reference                               the formulas, in readable float64 code
     distributed                             vocab-parallel losses for tensor-parallel training
 """
@@ -15,6 +16,7 @@ from .functional import cross_entropy, nll_loss
 from .labels import LabelEncoder, one_hot
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
+from .rl import token_logprobs, token_logprobs_from_logits
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,8 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "one_hot",
     "LabelEncoder",
+    "token_logprobs",
+    "token_logprobs_from_logits",
     "reference",
     "distributed",
     "__version__",

@@ -32,6 +32,7 @@ def run(rank: int, world: int, rendezvous: str, sizes: list[int], scenario: str,
             "dtensor": _dtensor,
             "fsdp": _fsdp,
             "hf": _hf,
+            "ddp": _ddp,
         }[scenario](rank, world, sizes)
         outcome = "ok"
     except Exception:  # noqa: BLE001 - reported to the parent test through the result file
@@ -445,3 +446,29 @@ def _hf(rank, world, sizes):
     loss.backward()
     for n, p in fsdp.named_parameters():
         _close(p.grad.full_tensor(), ref_grads[n], f"hf fsdp grad {n}", rtol=1e-4, atol=1e-6)
+
+
+def _ddp(rank, world, sizes):
+    """DistributedDataParallel: xent's losses are just losses; gradients are the ranks' average."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(6, 11, dtype=torch.float64)
+    model = DistributedDataParallel(torch.nn.Linear(6, 11, dtype=torch.float64))
+    model.module.load_state_dict(reference.state_dict())
+
+    def data(r):
+        gen = torch.Generator().manual_seed(200 + r)
+        return torch.randn(5, 6, generator=gen, dtype=torch.float64), torch.randint(0, 11, (5,), generator=gen)
+
+    h, y = data(rank)
+    (
+        xent.cross_entropy(model(h), y, label_smoothing=0.1) + xent.linear_cross_entropy(h, model.module.weight, y)
+    ).backward()
+    total = sum(
+        xent.cross_entropy(reference(d[0]), d[1], label_smoothing=0.1)
+        + xent.linear_cross_entropy(d[0], reference.weight, d[1])
+        for d in map(data, range(world))
+    )
+    (total / world).backward()
+    _close(model.module.weight.grad, reference.weight.grad, "ddp weight grad")

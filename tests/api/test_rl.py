@@ -1,0 +1,113 @@
+"""Token log-probabilities and entropies for RL: against log_softmax(logits / T) in float64, forward and
+backward, with ignored tokens, every backend, and within the memory bound."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from helpers import assert_close
+
+import xent
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") is not None else [])
+
+
+def _reference(h, w, b, y, temperature, ignore_index=-100):
+    """float64 log_softmax(logits / T).gather(...) and -(p * log p).sum(), 0 on ignored tokens."""
+    logits = (h.double() @ w.double().T + (b.double() if b is not None else 0)) / temperature
+    logp = torch.log_softmax(logits, -1)
+    valid = y != ignore_index
+    chosen = logp.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return torch.where(valid, chosen, 0), torch.where(valid, entropy, 0)
+
+
+def _data(dtype, seed=0, shape=(3, 5), hidden=8, vocab=40, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen) / hidden**0.5 * 3
+    b = torch.randn(vocab, generator=gen) if bias else None
+    y = torch.randint(0, vocab, shape, generator=gen)
+    y.view(-1)[::4] = -100
+    cast = [t.to(dtype).to(DEVICE) if t is not None else None for t in (h, w, b)]
+    return (*cast, y.to(DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_token_logprobs_and_entropy_match_the_formulas(monkeypatch, backend, dtype, temperature, bias):
+    monkeypatch.setenv("XENT_BACKEND", backend)
+    h, w, b, y = _data(dtype, bias=bias)
+    params = [t.clone().requires_grad_() for t in (h, w, b) if t is not None]
+    ref_params = [t.detach().double().requires_grad_() for t in params]
+    logp, entropy = xent.token_logprobs(
+        params[0],
+        params[1],
+        y,
+        linear_bias=params[2] if bias else None,
+        temperature=temperature,
+        return_entropy=True,
+        memory_budget=4 * 40 * 4,
+    )
+    ref_logp, ref_entropy = _reference(*ref_params[:2], ref_params[2] if bias else None, y, temperature)
+    tol = torch.float64 if dtype == torch.float64 else (torch.float32 if dtype == torch.float32 else dtype)
+    assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(logp.double(), ref_logp, tol, scale=4)
+    assert_close(entropy.double(), ref_entropy, tol, scale=4)
+    gen = torch.Generator().manual_seed(1)
+    advantages, coef = torch.randn(y.shape, generator=gen).to(DEVICE), 0.3
+    objective = (logp * advantages.to(logp.dtype)).sum() + coef * entropy.sum()
+    ref_objective = (ref_logp * advantages.double()).sum() + coef * ref_entropy.sum()
+    for got, want in zip(torch.autograd.grad(objective, params), torch.autograd.grad(ref_objective, ref_params)):
+        assert_close(got.double(), want, tol, scale=8)
+    ignored = y == -100
+    assert torch.all(logp[ignored] == 0) and torch.all(entropy[ignored] == 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_token_logprobs_from_logits(temperature):
+    h, w, b, y = _data(torch.float64)
+    logits = (h @ w.T + b).requires_grad_()
+    before = logits.detach().clone()
+    logp, entropy = xent.token_logprobs_from_logits(logits, y, temperature=temperature, return_entropy=True)
+    assert torch.equal(logits.detach(), before)  # the caller's logits are never modified
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_logp, ref_entropy = _reference(ref_logits, torch.eye(40, dtype=torch.float64), None, y, temperature)
+    assert_close(logp, ref_logp)
+    assert_close(entropy, ref_entropy)
+    up = torch.randn(y.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad((logp * up).sum() + entropy.sum(), logits)
+    (ref_g,) = torch.autograd.grad((ref_logp * up).sum() + ref_entropy.sum(), ref_logits)
+    assert_close(g, ref_g)
+
+
+def test_without_entropy_only_log_probabilities_and_a_bounded_workspace(monkeypatch):
+    """The log-probabilities go through the fused linear loss: its chunk workspace is the only
+    vocabulary-sized buffer (here at most 8 rows x V of fp32 at a time)."""
+    from xent.kernels import linear as linear_kernels
+
+    seen = []
+    original = linear_kernels.linear_pass
+
+    def spy(p, *a, **k):
+        seen.append(linear_kernels.rows_per_chunk(p))
+        return original(p, *a, **k)
+
+    monkeypatch.setattr(linear_kernels, "linear_pass", spy)
+    monkeypatch.setattr("xent.ops.linear_kernels.linear_pass", spy)
+    h, w, b, y = _data(torch.float32, shape=(64,), vocab=300)
+    out = xent.token_logprobs(h, w.requires_grad_(), y, linear_bias=b, memory_budget=8 * 300 * 4)
+    assert out.shape == y.shape and seen and max(seen) == 8
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_temperature_must_be_positive(temperature):
+    h, w, b, y = _data(torch.float32)
+    with pytest.raises(ValueError, match="temperature"):
+        xent.token_logprobs(h, w, y, temperature=temperature)
