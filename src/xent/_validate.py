@@ -39,13 +39,6 @@ _SCALAR_NAMES = {
 }
 
 
-def eager_under_compile(fn):
-    """Run `fn` eagerly under torch.compile (one graph break around it): for the vocab-parallel losses,
-    whose collectives and host-side agreement checks are not traced."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
 def loss_dtype(dtype: torch.dtype, autocast: bool) -> torch.dtype:
     """Under autocast, losses follow its float32 policy: half-precision arguments count as float32."""
     return torch.float32 if autocast and dtype in HALF_DTYPES else dtype

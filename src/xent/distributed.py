@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ._validate import as_index, check_linear, check_tensor, check_weight_shape, vocab_parallel_options
-from ._validate import eager_under_compile as _eager_under_compile
 from .kernels import backend_for, rows
 from .kernels.driver import Chunk, RowPass
 from .kernels.linear import linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
 from .ops import save_for_handover, saved_inputs, scale_input_grad_, take_handover
-from .problems import LinearProblem, Options
+from .problems import FUNC, TRACED, LinearProblem, Options, route
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
 _NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)
@@ -197,7 +197,6 @@ def _check_weight_size(weight: Tensor | None, shards: Shards) -> None:
 # Logits path
 
 
-@_eager_under_compile
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
     target: Tensor,
@@ -242,6 +241,24 @@ def vocab_parallel_cross_entropy(
             f"its class dimension), got {list(target.shape)}"
         )
     need_grad = torch.is_grad_enabled() and local_logits.requires_grad
+    how = route(local_logits, target, weight)
+    if how == FUNC:
+        raise NotImplementedError(f"{fn} under torch.func transforms")
+    if how == TRACED:  # torch.compile / export: the custom op, opaque to the tracer, collectives inside
+        group_name = (group if group is not None else dist.group.WORLD).group_name
+        loss, _ = _TracedVocabParallelCrossEntropy.apply(
+            local_logits,
+            target,
+            weight,
+            group_name,
+            vocab_start,
+            opts.reduction,
+            opts.ignore_index,
+            opts.label_smoothing,
+            opts.z_loss,
+            need_grad,
+        )
+        return loss
     layout = Layout(group, vocab_start)
     if not need_grad:
         return _logits_forward(local_logits, target, weight, layout, opts, need_grad=False)[0]
@@ -263,7 +280,7 @@ def _vocab_parallel_loss(
     local_statistics(block) -> RowStats), the one exchange, and the merged per-row losses.
 
     The checks that must raise on every rank alike read the small gathered header back to the host once.
-    Returns (block, targets, lse, loss_rows) for the gradient pass.
+    Returns (block, targets, lse, loss_rows, shards) for the gradient pass.
     """
     rank, _ = _group_info(group)
     flat = target.reshape(-1).long()  # uint8 compares as int64, as torch
@@ -300,7 +317,7 @@ def _vocab_parallel_loss(
         num_classes=shards.num_classes,
         dtype=cd,
     )
-    return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd)
+    return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd), shards
 
 
 def _logits_forward(
@@ -318,7 +335,7 @@ def _logits_forward(
         _block_pass(x, stats, block, cd, smoothing)
         return stats
 
-    block, targets, lse, loss_rows = _vocab_parallel_loss(
+    block, targets, lse, loss_rows, _ = _vocab_parallel_loss(
         target, weight, local_size, group, vocab_start, opts, cd, "vocab_parallel_cross_entropy", local_statistics
     )
     loss = targets.reduce(loss_rows)
@@ -392,11 +409,62 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.view(ctx.shape), None, None, None, None
 
 
+@torch.library.custom_op("xent::vocab_parallel_cross_entropy", mutates_args=())
+def _vocab_parallel_op(
+    local_logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    group_name: str,
+    vocab_start: Optional[int],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """The loss and, with need_grad, this rank's (rows, C_local) gradient for a unit upstream gradient."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    layout = Layout(_resolve_process_group(group_name), vocab_start)
+    opts = Options(reduction, ignore_index, label_smoothing, z_loss, None)
+    loss, grad = _logits_forward(local_logits, target, weight, layout, opts, need_grad)
+    return loss.clone(), grad if grad is not None else local_logits.new_empty(0)
+
+
+@_vocab_parallel_op.register_fake
+def _(
+    local_logits, target, weight, group_name, vocab_start, reduction, ignore_index, label_smoothing, z_loss, need_grad
+):
+    rows, size = math.prod(local_logits.shape[:-1]), local_logits.shape[-1]
+    loss = local_logits.new_empty(() if reduction != "none" else target.shape)
+    return loss, local_logits.new_empty((rows, size) if need_grad else (0,))
+
+
+class _TracedVocabParallelCrossEntropy(torch.autograd.Function):
+    """Autograd for xent::vocab_parallel_cross_entropy while traced: the op's unit-upstream gradient is
+    saved and scaled in place by xent::scale_grad_ (no communication in backward)."""
+
+    @staticmethod
+    def forward(local_logits, target, weight, *options):
+        return torch.ops.xent.vocab_parallel_cross_entropy(local_logits, target, weight, *options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.reduction, ctx.shape = inputs[5], inputs[0].shape
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_of_buffer):
+        (grad,) = ctx.saved_tensors
+        torch.ops.xent.scale_grad_(grad, grad_loss, ctx.reduction)
+        return grad.view(ctx.shape), None, None, None, None, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Linear path
 
 
-@_eager_under_compile
 def vocab_parallel_linear_cross_entropy(
     input: Tensor,
     local_linear_weight: Tensor,
@@ -446,30 +514,68 @@ def vocab_parallel_linear_cross_entropy(
         input.dtype,
         memory_budget=memory_budget,
     )
+    how = route(input, local_linear_weight, linear_bias, target, weight)
+    if how == FUNC:
+        raise NotImplementedError(f"{fn} under torch.func transforms")
+    if how == TRACED:  # torch.compile / export: custom ops, collectives inside
+        group_name = (group if group is not None else dist.group.WORLD).group_name
+        loss, _, _ = _TracedVocabParallelLinear.apply(
+            x2,
+            local_linear_weight,
+            linear_bias,
+            problem.target,
+            weight,
+            group_name,
+            vocab_start,
+            opts.reduction,
+            opts.ignore_index,
+            opts.label_smoothing,
+            opts.z_loss,
+            -1 if memory_budget is None else memory_budget,
+        )
+        return loss.reshape(problem.output_shape) if opts.reduction == "none" else loss
     return _VocabParallelLinear.apply(
         input, local_linear_weight, linear_bias, target, weight, Layout(group, vocab_start), problem
     )
 
 
+def _linear_forward(p: LinearProblem, layout: Layout):
+    """(loss, lse, block, targets, shards): this rank's block's statistics and the one exchange."""
+    block, targets, lse, loss_rows, shards = _vocab_parallel_loss(
+        p.target,
+        p.weight,
+        p.linear_weight.shape[0],
+        layout.group,
+        layout.vocab_start,
+        p.options,
+        p.compute_dtype,
+        "vocab_parallel_linear_cross_entropy",
+        lambda block: linear_pass(p, block)[0],
+    )
+    loss = targets.reduce(loss_rows)
+    loss = (loss.reshape(p.output_shape) if p.options.reduction == "none" else loss).to(p.output_dtype)
+    return loss, lse, block, targets, shards
+
+
+def _linear_backward(p: LinearProblem, group, block, targets, lse, grad_loss, want):
+    """The gradients, recomputing the chunks with the global lse; the input's is all-reduced, so every
+    rank runs this (even one whose input does not require grad)."""
+    upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)
+    _, gi, gw, gb = linear_pass(p, block, targets, targets.scale(upstream), (True, *want[1:]), lse=lse)
+    dist.all_reduce(gi, group=group)
+    gw = gw.to(p.linear_weight.dtype) if gw is not None else None
+    gb = gb.to(p.linear_bias.dtype) if gb is not None else None
+    return gi, gw, gb
+
+
 class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, local_linear_weight, linear_bias, target, weight, layout: Layout, p: LinearProblem):
-        block, targets, lse, loss_rows = _vocab_parallel_loss(
-            target,
-            weight,
-            local_linear_weight.shape[0],
-            layout.group,
-            layout.vocab_start,
-            p.options,
-            p.compute_dtype,
-            "vocab_parallel_linear_cross_entropy",
-            lambda block: linear_pass(p, block)[0],
-        )
+        loss, lse, block, targets, _ = _linear_forward(p, layout)
         ctx.layout, ctx.problem, ctx.input_shape = layout, p, input.shape
         ctx.lse, ctx.targets, ctx.block = lse, targets, block
         ctx.save_for_backward(input, local_linear_weight, linear_bias)
-        loss = targets.reduce(loss_rows)
-        return (loss.reshape(p.output_shape) if p.options.reduction == "none" else loss).to(p.output_dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -477,14 +583,188 @@ class _VocabParallelLinear(torch.autograd.Function):
             raise RuntimeError(
                 "vocab_parallel_linear_cross_entropy does not support double backward (create_graph=True)"
             )
-        group, p = ctx.layout.group, ctx.problem
         _ = ctx.saved_tensors  # raises if an input was modified in place since forward
-        upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)
-        # Every rank runs the same backward: the all-reduce below needs all of them, even a rank whose
-        # input does not require grad.
-        want = (True, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        _, gi, gw, gb = linear_pass(p, ctx.block, ctx.targets, ctx.targets.scale(upstream), want, lse=ctx.lse)
-        dist.all_reduce(gi, group=group)
-        gw = gw.to(p.linear_weight.dtype) if gw is not None else None
-        gb = gb.to(p.linear_bias.dtype) if gb is not None else None
+        gi, gw, gb = _linear_backward(
+            ctx.problem, ctx.layout.group, ctx.block, ctx.targets, ctx.lse, grad_loss, ctx.needs_input_grad[:3]
+        )
         return (gi.view(ctx.input_shape) if ctx.needs_input_grad[0] else None), gw, gb, None, None, None, None
+
+
+def _op_problem(
+    input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing, z_loss, memory_budget
+) -> LinearProblem:
+    opts = Options(reduction, ignore_index, label_smoothing, z_loss, None)
+    return LinearProblem(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        opts,
+        tuple(target.shape),
+        input.dtype,
+        memory_budget=None if memory_budget < 0 else memory_budget,
+    )
+
+
+@torch.library.custom_op("xent::vocab_parallel_linear_cross_entropy", mutates_args=())
+def _vocab_parallel_linear_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    group_name: str,
+    vocab_start: Optional[int],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    memory_budget: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss of the (R, H) rows, their global lse, and [this rank's first class, C] on the CPU)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    p = _op_problem(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        memory_budget,
+    )
+    loss, lse, _, _, shards = _linear_forward(p, Layout(_resolve_process_group(group_name), vocab_start))
+    return loss.clone(), lse.clone(), torch.tensor([shards.start, shards.num_classes], dtype=torch.int64)
+
+
+@_vocab_parallel_linear_op.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    group_name,
+    vocab_start,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    memory_budget,
+):
+    loss = input.new_empty(() if reduction != "none" else (input.shape[0],))
+    lse = input.new_empty((input.shape[0],), dtype=torch.float64)
+    return loss, lse, torch.empty(2, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("xent::vocab_parallel_linear_cross_entropy_backward", mutates_args=())
+def _vocab_parallel_linear_backward_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    meta: Tensor,
+    upstream: Tensor,
+    group_name: str,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    memory_budget: int,
+    want_weight: bool,
+    want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients for `upstream` (the input's all-reduced; empty tensors for those not wanted)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    p = _op_problem(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        memory_budget,
+    )
+    start, num_classes = (int(v) for v in meta.tolist())  # a CPU tensor: no device synchronisation
+    flat = target.reshape(-1).long()
+    valid = flat != ignore_index
+    cd = p.compute_dtype
+    block = rows.ClassBlock.shard(
+        flat, valid, weight.to(cd) if weight is not None else None, start, linear_weight.shape[0]
+    )
+    targets = rows.IndexTargets(
+        flat,
+        weight,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        num_classes=num_classes,
+        dtype=cd,
+    )
+    grads = _linear_backward(
+        p, _resolve_process_group(group_name), block, targets, lse, upstream, (True, want_weight, want_bias)
+    )
+    return tuple(g if g is not None else input.new_empty(0) for g in grads)
+
+
+@_vocab_parallel_linear_backward_op.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    lse,
+    meta,
+    upstream,
+    group_name,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    memory_budget,
+    want_weight,
+    want_bias,
+):
+    return (
+        input.new_empty(input.shape),
+        linear_weight.new_empty(linear_weight.shape) if want_weight else input.new_empty(0),
+        linear_bias.new_empty(linear_bias.shape) if want_bias and linear_bias is not None else input.new_empty(0),
+    )
+
+
+class _TracedVocabParallelLinear(torch.autograd.Function):
+    """Autograd for xent::vocab_parallel_linear_cross_entropy while traced: backward recomputes the chunks
+    with the saved global lse and all-reduces the input's gradient (xent::..._backward)."""
+
+    @staticmethod
+    def forward(input, linear_weight, linear_bias, target, weight, group_name, vocab_start, *options):
+        return torch.ops.xent.vocab_parallel_linear_cross_entropy(
+            input, linear_weight, linear_bias, target, weight, group_name, vocab_start, *options
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.group_name, ctx.options = inputs[5], inputs[7:]
+        ctx.want = (inputs[1].requires_grad, inputs[2] is not None and inputs[2].requires_grad)
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(*inputs[:5], output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse, _grad_meta):
+        input, w, b, target, weight, lse, meta = ctx.saved_tensors
+        gi, gw, gb = torch.ops.xent.vocab_parallel_linear_cross_entropy_backward(
+            input, w, b, target, weight, lse, meta, grad_loss, ctx.group_name, *ctx.options, *ctx.want
+        )
+        return (gi, gw if ctx.want[0] else None, gb if ctx.want[1] else None) + (None,) * 9

@@ -130,7 +130,7 @@ def _mean_denominator(local, target, weight, probabilities, class_dim, options) 
     """This rank's part of the 'mean' denominator: its rows (probabilities), or the class weights of its
     non-ignored targets (torch's weighted mean)."""
     if probabilities:
-        return torch.tensor(float(local.numel() // max(local.shape[class_dim], 1)), device=local.device)
+        return torch.full((), float(local.numel() // max(local.shape[class_dim], 1)), device=local.device)
     valid = target != options.get("ignore_index", -100)
     if weight is None:
         return valid.sum().double()

@@ -33,6 +33,7 @@ def run(rank: int, world: int, rendezvous: str, sizes: list[int], scenario: str,
             "fsdp": _fsdp,
             "hf": _hf,
             "ddp": _ddp,
+            "compiled": _compiled,
         }[scenario](rank, world, sizes)
         outcome = "ok"
     except Exception:  # noqa: BLE001 - reported to the parent test through the result file
@@ -472,3 +473,40 @@ def _ddp(rank, world, sizes):
     )
     (total / world).backward()
     _close(model.module.weight.grad, reference.weight.grad, "ddp weight grad")
+
+
+def _compiled(rank, world, sizes):
+    """vocab_parallel_cross_entropy under torch.compile(fullgraph=True): one opaque op with the collective
+    inside, results equal eager."""
+    c = sum(sizes)
+    start, size = sum(sizes[:rank]), sizes[rank]
+    torch.manual_seed(0)
+    full = torch.randn(6, c, dtype=torch.float64)
+    y = torch.randint(0, c, (6,))
+    y[2] = -100
+    local = full[:, start : start + size]
+    for kw in (dict(), dict(label_smoothing=0.1, reduction="sum"), dict(reduction="none", z_loss=1e-3)):
+        results = []
+        for fn in (vocab_parallel_cross_entropy, torch.compile(vocab_parallel_cross_entropy, fullgraph=True)):
+            x = local.clone().requires_grad_()
+            loss = fn(x * 1.0, y, **kw)
+            (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss) * 3.0)
+            results.append((loss.detach(), grad))
+        _close(results[1][0], results[0][0], f"compiled loss {kw}")
+        _close(results[1][1], results[0][1], f"compiled grad {kw}")
+    # the linear path too: forward op (exchange inside), backward op (all-reduce inside)
+    hidden = torch.randn(6, 5, dtype=torch.float64)
+    head = torch.randn(c, 5, dtype=torch.float64)
+    local_head = head[start : start + size]
+    for kw in (dict(), dict(label_smoothing=0.1, reduction="none")):
+        results = []
+        for fn in (
+            vocab_parallel_linear_cross_entropy,
+            torch.compile(vocab_parallel_linear_cross_entropy, fullgraph=True),
+        ):
+            params = [hidden.clone().requires_grad_(), local_head.clone().requires_grad_()]
+            loss = fn(params[0] * 1.0, params[1], y, **kw)
+            grads = torch.autograd.grad(loss, params, torch.ones_like(loss) * 3.0)
+            results.append((loss.detach(), *grads))
+        for a, b in zip(results[1], results[0]):
+            _close(a, b, f"compiled linear {kw}")

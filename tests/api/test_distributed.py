@@ -71,6 +71,10 @@ def test_dtensor_logits_and_heads_match_single_process(world, tmp_path):
     _spawn(world, LAYOUTS[world], "dtensor", tmp_path)
 
 
+def test_vocab_parallel_loss_under_torch_compile_fullgraph(tmp_path):
+    _spawn(2, LAYOUTS[2], "compiled", tmp_path)
+
+
 def test_distributed_data_parallel(tmp_path):
     _spawn(2, LAYOUTS[2], "ddp", tmp_path)
 

@@ -218,3 +218,23 @@ def test_one_hot_takes_torchs_argument_names_and_meta_tensors(device):
         assert torch.equal(ours, theirs)
     with pytest.raises(RuntimeError):
         xent.one_hot(labels.new_empty(0) if device == "cpu" else labels)  # nothing to infer the classes from
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_strided_class_weights(monkeypatch, backend, smoothing):
+    """A class-weight view with a stride (w[::2]) is read as the values it shows, by every kernel."""
+    monkeypatch.setenv("XENT_BACKEND", backend)
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.rand(14, generator=gen) + 0.1)[::2].to(DEVICE)
+    x = torch.randn(5, 7, generator=gen).to(DEVICE)
+    y = torch.randint(0, 7, (5,), generator=gen).to(DEVICE)
+    assert_close(
+        xent.cross_entropy(x, y, weight=w, label_smoothing=smoothing),
+        F.cross_entropy(x, y, weight=w, label_smoothing=smoothing),
+    )
+    h, head = torch.randn(5, 3, generator=gen).to(DEVICE), torch.randn(7, 3, generator=gen).to(DEVICE)
+    assert_close(
+        xent.linear_cross_entropy(h, head, y, weight=w, label_smoothing=smoothing),
+        F.cross_entropy(h @ head.T, y, weight=w, label_smoothing=smoothing),
+    )

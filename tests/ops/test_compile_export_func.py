@@ -109,6 +109,7 @@ def test_compiled_module_with_xent_loss_has_no_graph_break():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="a device-side assert ends the CUDA context for the whole session")
 def test_compiled_out_of_range_target_still_raises():
     torch._dynamo.reset()
     m = _head()

@@ -45,7 +45,10 @@ class TorchBackend:
                 # upstream of 65536 stays finite here, where casting it to fp16 first would make it inf.
                 grad.mul_(u)
                 return
-        grad.copy_(torch.where(grad == 0, grad, grad * u))
+        # not a 0-d tensor: on CUDA a 0-d fp32 operand would be cast to the gradient's half dtype first
+        # (65536 -> inf in fp16); a 1-element one promotes the product to fp32 and rounds once
+        u = u if per_row else upstream.reshape(1)
+        grad.copy_(torch.where((grad == 0) | (u == 1), grad, grad * u))
 
     def __repr__(self) -> str:
         return f"<xent backend {self.name}>"

@@ -81,7 +81,8 @@ def linear_pass(
             if t is not None:
                 t.zero_()
     # a head without classes (or a rank holding none) writes no chunk: its input gradient is zero
-    grad_input = (torch.empty_like(x) if vocab else torch.zeros_like(x)) if want_input else None
+    # contiguous whatever the input's strides (the custom op's fake says so); zeros without classes
+    grad_input = (torch.empty if vocab else torch.zeros)(x.shape, dtype=x.dtype, device=dev) if want_input else None
     grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev) if want_weight else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
     coefficients = targets.coefficients(scale, lse, block) if need_grad else None

@@ -59,7 +59,7 @@ def cross_entropy_forward(
     if problem.probabilities:
         targets = None
         # torch divides by numel / C, which is 0 / 0 = nan when there are no classes
-        denominator = torch.tensor(float(num_rows) if c else float("nan"), dtype=cd, device=dev)
+        denominator = torch.full((), float(num_rows) if c else float("nan"), dtype=cd, device=dev)  # no H2D copy
         scale = torch.full(
             (num_rows,), 1.0 / max(num_rows, 1) if opts.reduction == "mean" else 1.0, dtype=cd, device=dev
         )

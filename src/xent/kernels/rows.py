@@ -369,7 +369,8 @@ class IndexTargets:
         target = target.reshape(-1).long()  # uint8 targets compare as int64, as torch (-100 must not wrap)
         self.valid = target != ignore_index
         self.index = torch.where(self.valid, target, 0)  # ignored rows point at class 0, harmlessly
-        self.class_weight = class_weight.to(dtype) if class_weight is not None else None
+        # contiguous: the Triton kernel reads the weights (the smoothing term's u) with unit stride
+        self.class_weight = class_weight.to(dtype).contiguous() if class_weight is not None else None
         w_y = (
             self.class_weight[self.index]
             if class_weight is not None and class_weight.numel()  # no classes: every row is ignored

@@ -14,6 +14,8 @@ vocab-parallel gradient after the exchange); with GRAD off it only produces stat
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -95,12 +97,17 @@ def _rows_kernel(
         s = 0.0
         d = 0.0
         u_seen = 0.0
+        zt = 0.0
         for start in range(0, n_cols, BLOCK):
             idx = start + cols
             mask = idx < n_cols
             z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
             if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
                 z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
+            if STORE_TARGET:
+                # taken while streaming: re-reading z[target] after this loop could race with another
+                # warp's gradient stores when the gradient is written over the logits (linear CE)
+                zt += tl.sum(tl.where(idx == target, z, 0.0), 0)
             m_new = tl.maximum(m, tl.max(z, 0))
             base = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
             s = s * tl.exp(m - base) + tl.sum(tl.exp(z - base), 0)
@@ -119,10 +126,7 @@ def _rows_kernel(
         if STORE_DENSE:
             tl.store(DENSE_REL + row, d)
         if STORE_TARGET:
-            zt = tl.load(z_row + target).to(tl.float32)
-            if SOFTCAP:
-                zt = softcap * _tanh(zt / softcap)
-            tl.store(TARGET_LOGIT + row, zt)
+            tl.store(TARGET_LOGIT + row, zt)  # already capped with the rest of the row
         log_s = tl.log(s)
         lse = m + log_s
     else:
@@ -158,6 +162,11 @@ def _rows_kernel(
             if SOFTCAP:
                 g *= 1.0 - th * th
             tl.store(out_row + idx, _downcast(g, OUT.dtype.element_ty), mask=mask)
+
+
+def _on_device(t: Tensor):
+    """Launch on the tensors' GPU, not the current one (a head on cuda:1 under a device map)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _block_size(n_cols: int) -> int:
@@ -199,36 +208,37 @@ def rows_(
     def arg(t: Tensor | None) -> Tensor:
         return t if t is not None else dummy
 
-    _rows_kernel[(num_rows,)](
-        z,
-        z.stride(0),
-        arg(out),
-        out.stride(0) if out is not None else 0,
-        arg(target),
-        arg(dense),
-        dense.stride(0) if dense is not None and dense.dim() == 2 else 0,
-        arg(stats and stats.shift),
-        arg(stats and stats.sumexp),
-        arg(stats and stats.target_logit),
-        arg(stats and stats.dense_rel),
-        arg(lse),
-        arg(softmax_c),
-        arg(zloss_c),
-        arg(target_c),
-        arg(dense_c),
-        n_cols,
-        float(softcap) if softcap is not None else 1.0,
-        BLOCK=_block_size(n_cols),
-        STATS=stats is not None,
-        GRAD=coefs is not None,
-        HAS_TARGET=target is not None,
-        STORE_TARGET=stats is not None and stats.target_logit is not None and target is not None,
-        STORE_DENSE=stats is not None and stats.dense_rel is not None and dense_mode != DENSE_NONE,
-        DENSE_MODE=dense_mode,
-        SOFTCAP=softcap is not None,
-        ZLOSS=zloss_c is not None,
-        num_warps=min(16, max(4, _block_size(n_cols) // 256)),
-    )
+    with _on_device(z):
+        _rows_kernel[(num_rows,)](
+            z,
+            z.stride(0),
+            arg(out),
+            out.stride(0) if out is not None else 0,
+            arg(target),
+            arg(dense),
+            dense.stride(0) if dense is not None and dense.dim() == 2 else 0,
+            arg(stats and stats.shift),
+            arg(stats and stats.sumexp),
+            arg(stats and stats.target_logit),
+            arg(stats and stats.dense_rel),
+            arg(lse),
+            arg(softmax_c),
+            arg(zloss_c),
+            arg(target_c),
+            arg(dense_c),
+            n_cols,
+            float(softcap) if softcap is not None else 1.0,
+            BLOCK=_block_size(n_cols),
+            STATS=stats is not None,
+            GRAD=coefs is not None,
+            HAS_TARGET=target is not None,
+            STORE_TARGET=stats is not None and stats.target_logit is not None and target is not None,
+            STORE_DENSE=stats is not None and stats.dense_rel is not None and dense_mode != DENSE_NONE,
+            DENSE_MODE=dense_mode,
+            SOFTCAP=softcap is not None,
+            ZLOSS=zloss_c is not None,
+            num_warps=min(16, max(4, _block_size(n_cols) // 256)),
+        )
 
 
 def triton_chunk(
@@ -335,9 +345,11 @@ def scale_(grad: Tensor, upstream: Tensor, per_row: bool) -> None:
         if rows == 0 or n_cols == 0:
             return
         block = min(block, triton.next_power_of_2(n_cols))
-        _scale_kernel[(rows, triton.cdiv(n_cols, block))](
-            grad, up, n_cols, n_cols, PER_ROW=True, BLOCK=block, num_warps=4
-        )
+        with _on_device(grad):
+            _scale_kernel[(rows, triton.cdiv(n_cols, block))](
+                grad, up, n_cols, n_cols, PER_ROW=True, BLOCK=block, num_warps=4
+            )
     else:
         n = grad.numel()
-        _scale_kernel[(triton.cdiv(n, block),)](grad, up, n, 0, PER_ROW=False, BLOCK=block, num_warps=4)
+        with _on_device(grad):
+            _scale_kernel[(triton.cdiv(n, block),)](grad, up, n, 0, PER_ROW=False, BLOCK=block, num_warps=4)
