@@ -1,18 +1,20 @@
 """The ops layer: xent's losses as torch.library custom ops, their autograd, and the eager fast path.
 
-A validated problem (``_validate.py``) runs one of three ways, chosen per call by ``_validate.route``:
+A validated problem (``_validate.py``) runs one of three ways, chosen per call by ``problems.route``:
 
 * **eager** (plain tensors): an ``autograd.Function`` whose forward asks the kernels for the loss and, when
   autograd will want it, the gradient for a unit upstream gradient. The gradient is a real saved tensor
   (``saved_tensors_hooks`` see it, so offloading tools can move it); backward scales it in place by the
   upstream gradient (``kernels.scale_by_upstream_``: nothing at all for the 1.0 of ``loss.backward()``)
   and hands it over. A second backward through the graph (``retain_graph=True``) recomputes it.
-* **traced** (``torch.compile``, ``torch.export``, ``make_fx``): the custom ops ``xent::cross_entropy``
-  and ``xent::linear_cross_entropy``, opaque to the tracer, with fake implementations (shapes and dtypes
-  only) and registered autograd. The fused op returns the loss *and* the unit-upstream gradient; autograd
-  saves that gradient and backward scales it with the mutating op ``xent::scale_grad_``, which inductor
-  performs in place (no copy), so compiled memory equals eager's. Value checks run inside the ops, on
-  real tensors, at run time.
+* **traced** (``torch.compile``, ``torch.export``, ``make_fx``): custom ops, opaque to the tracer, with
+  fake implementations (shapes and dtypes only), wrapped in ``setup_context`` autograd Functions that
+  dynamo traces. ``xent::cross_entropy`` only reads the logits; ``xent::cross_entropy_backward`` runs
+  the fused pass again with the upstream gradient folded into each row's coefficients, so no gradient
+  buffer lives between forward and backward and nothing saved is mutated (inductor turns an in-place
+  update of a saved buffer into an extra copy of it). ``xent::linear_cross_entropy`` returns its
+  unit-upstream gradients, which backward scales with the mutating ``xent::scale_grad_`` (recomputing
+  would cost a matmul). Value checks run inside the ops, on real tensors, at run time.
 * **torch.func** transforms (grad, vjp, jacrev, jacfwd, hessian, vmap): the formulas of
   ``xent.reference`` in the compute dtype, plain differentiable torch ops that every transform handles.
   They materialize log-softmax, as torch's own losses do under these transforms.
