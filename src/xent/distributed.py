@@ -31,7 +31,7 @@ from .kernels import backend_for, rows
 from .kernels.driver import Chunk, RowPass
 from .kernels.linear import linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
-from .ops import save_for_handover, saved_inputs, scale_input_grad_, take_handover
+from .ops import linear_problem_from_args, save_for_handover, saved_inputs, scale_input_grad_, take_handover
 from .problems import FUNC, TRACED, LinearProblem, Options, route
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
@@ -189,6 +189,11 @@ def _merge(header: Tensor, shift, sumexp, target_logit, owned, dense_rel, valid:
     return lse, target_logit.sum(0), dense_ce, valid & (owned.sum(0) != 1)
 
 
+def _block(flat: Tensor, valid: Tensor, weight: Tensor | None, cd: torch.dtype, start: int, size: int):
+    """This rank's classes [start, start + size) seen from the flat targets (and its class weights)."""
+    return rows.ClassBlock.shard(flat, valid, weight.to(cd) if weight is not None else None, start, size)
+
+
 def _check_weight_size(weight: Tensor | None, shards: Shards) -> None:
     check_weight_shape(weight, shards.num_classes)
 
@@ -290,7 +295,7 @@ def _vocab_parallel_loss(
         shards = _shards_from_sizes(target, local_size, group, fn)
         _check_weight_size(weight, shards)
     start = shards.start if shards is not None else as_index(vocab_start, "vocab_start", fn)
-    block = rows.ClassBlock.shard(flat, valid, weight.to(cd) if weight is not None else None, start, local_size)
+    block = _block(flat, valid, weight, cd, start, local_size)
     stats = local_statistics(block)
     header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group, opts)
     lse, z_target, dense_ce, unowned = _merge(header, *gathered, valid, opts.label_smoothing)
@@ -307,16 +312,7 @@ def _vocab_parallel_loss(
             f"Target {first} is out of bounds. (It must be a class index in "
             f"[0, {shards.num_classes - 1}] or ignore_index.)"
         )
-    targets = rows.IndexTargets(
-        flat,
-        weight,
-        ignore_index=opts.ignore_index,
-        label_smoothing=opts.label_smoothing,
-        z_loss=opts.z_loss,
-        reduction=opts.reduction,
-        num_classes=shards.num_classes,
-        dtype=cd,
-    )
+    targets = rows.IndexTargets.from_options(flat, weight, opts, shards.num_classes, cd)
     return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd), shards
 
 
@@ -593,17 +589,22 @@ class _VocabParallelLinear(torch.autograd.Function):
 def _op_problem(
     input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing, z_loss, memory_budget
 ) -> LinearProblem:
-    opts = Options(reduction, ignore_index, label_smoothing, z_loss, None)
-    return LinearProblem(
+    """The linear ops' problem (ops.linear_problem_from_args) for a vocab-parallel head: no softcap, the
+    input's dtype for the loss, chunks sized from the budget."""
+    return linear_problem_from_args(
         input,
         linear_weight,
         linear_bias,
         target,
         weight,
-        opts,
-        tuple(target.shape),
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        None,
         input.dtype,
-        memory_budget=None if memory_budget < 0 else memory_budget,
+        0,
+        memory_budget,
     )
 
 
@@ -697,21 +698,8 @@ def _vocab_parallel_linear_backward_op(
     )
     start, num_classes = (int(v) for v in meta.tolist())  # a CPU tensor: no device synchronisation
     flat = target.reshape(-1).long()
-    valid = flat != ignore_index
-    cd = p.compute_dtype
-    block = rows.ClassBlock.shard(
-        flat, valid, weight.to(cd) if weight is not None else None, start, linear_weight.shape[0]
-    )
-    targets = rows.IndexTargets(
-        flat,
-        weight,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        reduction=reduction,
-        num_classes=num_classes,
-        dtype=cd,
-    )
+    block = _block(flat, flat != ignore_index, weight, p.compute_dtype, start, linear_weight.shape[0])
+    targets = rows.IndexTargets.from_options(flat, weight, p.options, num_classes, p.compute_dtype)
     grads = _linear_backward(
         p, _resolve_process_group(group_name), block, targets, lse, upstream, (True, want_weight, want_bias)
     )

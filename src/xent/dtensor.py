@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .kernels import rows
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -131,11 +132,16 @@ def _mean_denominator(local, target, weight, probabilities, class_dim, options) 
     non-ignored targets (torch's weighted mean)."""
     if probabilities:
         return torch.full((), float(local.numel() // max(local.shape[class_dim], 1)), device=local.device)
-    valid = target != options.get("ignore_index", -100)
-    if weight is None:
-        return valid.sum().double()
-    w = weight.double()[torch.where(valid, target, 0).long()] if weight.numel() else torch.zeros(target.shape)
-    return torch.where(valid, w, 0).sum()
+    return rows.IndexTargets(  # the same denominator D the kernels divide by
+        target,
+        weight,
+        ignore_index=options.get("ignore_index", -100),
+        label_smoothing=0.0,
+        z_loss=0.0,
+        reduction="mean",
+        num_classes=local.shape[class_dim],
+        dtype=torch.float64,
+    ).denominator
 
 
 def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, weight, options: dict):

@@ -450,7 +450,7 @@ def _linear_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss of (R, H) rows and, for scalar reductions, the wanted gradients for a unit upstream gradient
     (empty tensors for the others)."""
-    p = _linear_problem(
+    p = linear_problem_from_args(
         input,
         linear_weight,
         linear_bias,
@@ -498,7 +498,7 @@ def _(
     return loss, grad_like(input, want_input), grad_like(linear_weight, want_weight), grad_like(linear_bias, want_bias)
 
 
-def _linear_problem(
+def linear_problem_from_args(
     input,
     linear_weight,
     linear_bias,
@@ -581,7 +581,7 @@ def _linear_backward_op(
     want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reduction='none': the wanted gradients for per-row upstream gradients (empty tensors for others)."""
-    p = _linear_problem(
+    p = linear_problem_from_args(
         input,
         linear_weight,
         linear_bias,

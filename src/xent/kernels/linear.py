@@ -173,17 +173,7 @@ def loss_rows(p: LinearProblem, targets: rows.IndexTargets, stats: rows.RowStats
 
 
 def index_targets(p: LinearProblem) -> rows.IndexTargets:
-    o = p.options
-    return rows.IndexTargets(
-        p.target,
-        p.weight,
-        ignore_index=o.ignore_index,
-        label_smoothing=o.label_smoothing,
-        z_loss=o.z_loss,
-        reduction=o.reduction,
-        num_classes=p.linear_weight.shape[0],
-        dtype=p.compute_dtype,
-    )
+    return rows.IndexTargets.from_options(p.target, p.weight, p.options, p.linear_weight.shape[0], p.compute_dtype)
 
 
 def no_autocast(device: torch.device):

@@ -68,16 +68,7 @@ def cross_entropy_forward(
         terms = rows.RowTerms(a=None, b=1.0, z_loss=opts.z_loss)
         dense_mass = torch.empty(num_rows, dtype=cd, device=dev)  # U = sum_c u_c, per row
     else:
-        targets = rows.IndexTargets(
-            problem.target,
-            problem.weight,
-            ignore_index=opts.ignore_index,
-            label_smoothing=eps,
-            z_loss=opts.z_loss,
-            reduction=opts.reduction,
-            num_classes=c,
-            dtype=cd,
-        )
+        targets = rows.IndexTargets.from_options(problem.target, problem.weight, opts, c, cd)
         denominator, scale, terms, dense_mass = (
             targets.denominator,
             targets.scale(upstream),

@@ -388,6 +388,22 @@ class IndexTargets:
         # U = sum_c w_c, the mass of the smoothing term
         self.dense_mass = self.class_weight.sum() if class_weight is not None else float(num_classes)
 
+    @classmethod
+    def from_options(
+        cls, target: Tensor, class_weight: Tensor | None, options, num_classes: int, dtype: torch.dtype
+    ) -> IndexTargets:
+        """From a problem's Options (reduction, ignore_index, label_smoothing, z_loss)."""
+        return cls(
+            target,
+            class_weight,
+            ignore_index=options.ignore_index,
+            label_smoothing=options.label_smoothing,
+            z_loss=options.z_loss,
+            reduction=options.reduction,
+            num_classes=num_classes,
+            dtype=dtype,
+        )
+
     def block(self) -> ClassBlock:
         return ClassBlock(self.index, None, self.class_weight)
 

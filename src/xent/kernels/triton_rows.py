@@ -285,16 +285,7 @@ def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = No
         x = x.contiguous()
     n, c = x.shape
     opts = problem.options
-    targets = rows.IndexTargets(
-        problem.target,
-        problem.weight,
-        ignore_index=opts.ignore_index,
-        label_smoothing=opts.label_smoothing,
-        z_loss=opts.z_loss,
-        reduction=opts.reduction,
-        num_classes=c,
-        dtype=torch.float32,
-    )
+    targets = rows.IndexTargets.from_options(problem.target, problem.weight, opts, c, torch.float32)
     smoothing = bool(targets.terms.b)
     stats = rows.RowStats.empty(n, target=True, dense=smoothing, dtype=torch.float32, device=x.device)
     grad = torch.empty((n, c, 1), dtype=x.dtype, device=x.device) if need_grad else None
