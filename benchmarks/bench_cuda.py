@@ -363,6 +363,8 @@ def ce_section(report: Report, args, peers: Peers) -> None:
         sizes = {torch.bfloat16: [(16, 512)], torch.float32: [(16, 512)]}
     else:
         full = [(8192, 32000), (8192, 128256), (32768, 32000), (16384, 151936), (4096, 256000)]
+        if args.quick:
+            full = [(8192, 128256), (32768, 32000)]
         sizes = {torch.bfloat16: full, torch.float32: [s for s in full if s != (16384, 151936)]}
     report("## cross_entropy, forward + backward (mean)\n")
     report(
@@ -503,6 +505,8 @@ def linear_section(report: Report, args, peers: Peers) -> None:
     device = args.device
     dtype = torch.bfloat16
     sizes = [(16, 32, 512)] if args.smoke else [(8192, 4096, 128256), (8192, 2304, 256000), (16384, 2048, 128256)]
+    if args.quick and not args.smoke:
+        sizes = sizes[:2]
     report("## linear_cross_entropy, forward + backward (gradients for input and weight), mean\n")
     report(
         "TFLOP/s = 6 N H V / time (the three GEMMs of forward + backward). The dense GEMM row is one "
@@ -773,6 +777,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds per size (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a check that the script runs)")
     ap.add_argument("--only", default="ce,linear,e2e", help="comma-separated subset of ce, linear, e2e")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes (a lease's worth: ce 2 shapes, linear 2)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparisons")
     ap.add_argument("--out", default=None, help="also write the markdown to this file")
     args = ap.parse_args()

@@ -33,6 +33,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # The devices the differential tests run on: the CPU always, and the GPU where there is one (there, xent's
 # CUDA path: the Triton kernel for class-index rows, the torch backend for the rest). A CPU-only machine
 # runs exactly the CPU tests.
+_FAILURE_LOG = os.environ.get("XENT_FAILURE_LOG")
+if _FAILURE_LOG:  # a time-boxed run on a lent GPU: keep each failure even if the run is cut short
+
+    def pytest_runtest_logreport(report):
+        if report.failed:
+            with open(_FAILURE_LOG, "a") as f:
+                f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

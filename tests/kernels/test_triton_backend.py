@@ -89,6 +89,26 @@ def test_cross_entropy_matches_the_formula(
     assert_close(g_ours, g_theirs, dtype, scale=2.0)
 
 
+@pytest.mark.parametrize("launch", [(16, 4, 1), (32, 4, 3), (64, 8, 0)])
+def test_row_kernel_launch_shapes(monkeypatch, launch):
+    """Blocks smaller than a row, and grids smaller than the rows (each program loops over rows), give the
+    same loss and gradient: the launch shapes a GPU sweep may choose (benchmarks/sweep_rows.py)."""
+    from xent.kernels import triton_rows
+
+    monkeypatch.setattr(triton_rows, "LAUNCH_OVERRIDE", launch)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(11, 100, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
+    y = torch.randint(0, 100, (11,), generator=gen)
+    y[::4] = -100
+    y = y.to(DEVICE)
+    up = torch.randn(11, generator=gen).to(DEVICE)
+    for kw in (dict(reduction="none"), dict(reduction="none", label_smoothing=0.1, softcap=5.0, z_loss=1e-3)):
+        ours, g_ours = _loss_and_grads(xent.cross_entropy, x, y, up, **kw)
+        theirs, g_theirs = _loss_and_grads(_reference, x, y, up, **kw)
+        assert_close(ours, theirs, torch.bfloat16, scale=2.0)
+        assert_close(g_ours, g_theirs, torch.bfloat16, scale=2.0)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(), dict(label_smoothing=0.2, weight=True), dict(reduction="none"), dict(ignore_index=2, reduction="sum")],

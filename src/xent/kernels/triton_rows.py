@@ -15,6 +15,7 @@ vocab-parallel gradient after the exchange); with GRAD off it only produces stat
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -73,6 +74,7 @@ def _rows_kernel(
     C_ZLOSS,
     C_TARGET,
     C_DENSE,
+    n_rows,
     n_cols,
     softcap,
     BLOCK: tl.constexpr,
@@ -85,7 +87,72 @@ def _rows_kernel(
     SOFTCAP: tl.constexpr,
     ZLOSS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # A grid smaller than the rows makes each program loop over rows (fewer rows in flight, so that the
+    # gradient loop's second read of a row still finds it in L2); a grid of one program per row loops once.
+    for row_i in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        _row(
+            Z,
+            stride_z,
+            OUT,
+            stride_out,
+            TARGET,
+            DENSE,
+            stride_dense,
+            SHIFT,
+            SUMEXP,
+            TARGET_LOGIT,
+            DENSE_REL,
+            LSE,
+            C_SOFTMAX,
+            C_ZLOSS,
+            C_TARGET,
+            C_DENSE,
+            n_cols,
+            softcap,
+            tl.cast(row_i, tl.int64),
+            BLOCK,
+            STATS,
+            GRAD,
+            HAS_TARGET,
+            STORE_TARGET,
+            STORE_DENSE,
+            DENSE_MODE,
+            SOFTCAP,
+            ZLOSS,
+        )
+
+
+@triton.jit
+def _row(
+    Z,
+    stride_z,
+    OUT,
+    stride_out,
+    TARGET,
+    DENSE,
+    stride_dense,
+    SHIFT,
+    SUMEXP,
+    TARGET_LOGIT,
+    DENSE_REL,
+    LSE,
+    C_SOFTMAX,
+    C_ZLOSS,
+    C_TARGET,
+    C_DENSE,
+    n_cols,
+    softcap,
+    row,
+    BLOCK: tl.constexpr,
+    STATS: tl.constexpr,
+    GRAD: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    STORE_TARGET: tl.constexpr,
+    STORE_DENSE: tl.constexpr,
+    DENSE_MODE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ZLOSS: tl.constexpr,
+):
     z_row = Z + row * stride_z
     dense_row = DENSE + row * stride_dense
     cols = tl.arange(0, BLOCK)
@@ -93,21 +160,25 @@ def _rows_kernel(
         target = tl.load(TARGET + row)
 
     if STATS:
+        if STORE_TARGET:
+            # One load before the row is streamed (no reduction per block; and before any gradient store,
+            # which may overwrite the logits in place, as linear CE does). A target outside this row's
+            # columns (an ignored row, another rank's class) contributes 0.
+            inside = (target >= 0) & (target < n_cols)
+            zt = tl.load(z_row + tl.where(inside, target, 0)).to(tl.float32)
+            if SOFTCAP:
+                zt = softcap * _tanh(zt / softcap)
+            zt = tl.where(inside, zt, 0.0)
         m = -float("inf")
         s = 0.0
         d = 0.0
         u_seen = 0.0
-        zt = 0.0
         for start in range(0, n_cols, BLOCK):
             idx = start + cols
             mask = idx < n_cols
             z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
             if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
                 z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
-            if STORE_TARGET:
-                # taken while streaming: re-reading z[target] after this loop could race with another
-                # warp's gradient stores when the gradient is written over the logits (linear CE)
-                zt += tl.sum(tl.where(idx == target, z, 0.0), 0)
             m_new = tl.maximum(m, tl.max(z, 0))
             base = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
             s = s * tl.exp(m - base) + tl.sum(tl.exp(z - base), 0)
@@ -169,8 +240,33 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _block_size(n_cols: int) -> int:
-    return max(16, min(4096, triton.next_power_of_2(max(1, n_cols))))
+def _block_size(n_cols: int, largest: int = 4096) -> int:
+    return max(16, min(largest, triton.next_power_of_2(max(1, n_cols))))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# (block, warps, programs per multiprocessor or 0 for one program per row): a sweep on the GPU may set it
+# (benchmarks/sweep_rows.py); None takes the defaults below.
+LAUNCH_OVERRIDE: tuple[int, int, int] | None = None
+
+
+def _launch(z: Tensor, num_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK, num_warps, grid) for the row kernel."""
+    if LAUNCH_OVERRIDE is not None:
+        largest, warps, per_sm = LAUNCH_OVERRIDE
+        block = _block_size(n_cols, largest)
+    else:
+        block = _block_size(n_cols)
+        warps, per_sm = min(16, max(4, block // 256)), 0
+    grid = num_rows
+    if per_sm:  # the interpreter (CPU) counts as one multiprocessor
+        sms = _multiprocessors(z.device.index if z.device.index is not None else 0) if z.is_cuda else 1
+        grid = min(num_rows, per_sm * sms)
+    return block, warps, grid
 
 
 def rows_(
@@ -208,8 +304,9 @@ def rows_(
     def arg(t: Tensor | None) -> Tensor:
         return t if t is not None else dummy
 
+    block, warps, grid = _launch(z, num_rows, n_cols)
     with _on_device(z):
-        _rows_kernel[(num_rows,)](
+        _rows_kernel[(grid,)](
             z,
             z.stride(0),
             arg(out),
@@ -226,9 +323,10 @@ def rows_(
             arg(zloss_c),
             arg(target_c),
             arg(dense_c),
+            num_rows,
             n_cols,
             float(softcap) if softcap is not None else 1.0,
-            BLOCK=_block_size(n_cols),
+            BLOCK=block,
             STATS=stats is not None,
             GRAD=coefs is not None,
             HAS_TARGET=target is not None,
@@ -237,7 +335,7 @@ def rows_(
             DENSE_MODE=dense_mode,
             SOFTCAP=softcap is not None,
             ZLOSS=zloss_c is not None,
-            num_warps=min(16, max(4, _block_size(n_cols) // 256)),
+            num_warps=warps,
         )
 
 
