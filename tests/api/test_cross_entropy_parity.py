@@ -204,6 +204,11 @@ def test_half_precision_matches_float64_formula_and_torch(device, case):
         lambda x, t, **kw: F.cross_entropy(x, t.long() if t.dtype == torch.uint8 else t, **kw), case, case.seed
     )
     scale = max(1.0, float(theirs.float().abs().nan_to_num().max())) if theirs.numel() else 1.0
+    all_ignored = case.target.dtype != torch.float and bool((case.target == case.kwargs["ignore_index"]).all())
+    if device.type == "cuda" and all_ignored and case.kwargs["reduction"] == "mean":
+        # torch 2.11's CUDA loss gives 0 for the 0/0 mean of an unbatched half-precision row whose target is
+        # ignored; the formula and torch on CPU give NaN, as xent does (README, "Edge cases")
+        theirs = torch.where(ours.isnan() & (theirs == 0), ours, theirs)
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.05, atol=0.05 * scale, equal_nan=True)
 
 

@@ -77,10 +77,12 @@ def test_token_logprobs_from_logits(temperature):
     logp, entropy = xent.token_logprobs_from_logits(logits, y, temperature=temperature, return_entropy=True)
     assert torch.equal(logits.detach(), before)  # the caller's logits are never modified
     ref_logits = logits.detach().clone().requires_grad_()
-    ref_logp, ref_entropy = _reference(ref_logits, torch.eye(40, dtype=torch.float64), None, y, temperature)
+    ref_logp, ref_entropy = _reference(
+        ref_logits, torch.eye(40, dtype=torch.float64, device=DEVICE), None, y, temperature
+    )
     assert_close(logp, ref_logp)
     assert_close(entropy, ref_entropy)
-    up = torch.randn(y.shape, dtype=torch.float64)
+    up = torch.randn(y.shape, dtype=torch.float64).to(DEVICE)
     (g,) = torch.autograd.grad((logp * up).sum() + entropy.sum(), logits)
     (ref_g,) = torch.autograd.grad((ref_logp * up).sum() + ref_entropy.sum(), ref_logits)
     assert_close(g, ref_g)

@@ -137,9 +137,11 @@ def test_linear_cross_entropy_runs_half_precision_gemms(monkeypatch, backend, dt
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_weight_gradient_is_as_precise_as_the_naive_path(monkeypatch, dtype):
-    """Against float64, over many chunks: the weight and input gradients are no worse than the plain
-    `F.cross_entropy((x @ W.T).float(), y)` in the same dtype (one GEMM per gradient, fp32 accumulation)."""
+@pytest.mark.parametrize("chunks", [8, 1])
+def test_half_precision_weight_gradient_is_as_precise_as_the_naive_path(monkeypatch, dtype, chunks):
+    """Against float64, over many chunks (an fp32 accumulator) or one (one GEMM into the head's dtype): the
+    weight and input gradients are no worse than the plain `F.cross_entropy((x @ W.T).float(), y)` in the
+    same dtype (one GEMM per gradient, fp32 accumulation)."""
     monkeypatch.setenv("XENT_BACKEND", "triton")
     gen = torch.Generator().manual_seed(4)
     n, h, v = 256, 64, 512
@@ -154,7 +156,8 @@ def test_half_precision_weight_gradient_is_as_precise_as_the_naive_path(monkeypa
 
     exact = grads(lambda a, b, t: F.cross_entropy(a @ b.T, t), torch.float64)
     naive = grads(lambda a, b, t: F.cross_entropy((a @ b.T).float(), t), dtype)
-    ours = grads(lambda a, b, t: xent.linear_cross_entropy(a, b, t, memory_budget=32 * v * 2), dtype)  # 8 chunks
+    budget = n // chunks * v * 2
+    ours = grads(lambda a, b, t: xent.linear_cross_entropy(a, b, t, memory_budget=budget), dtype)
 
     def error(g, ref):
         return float((g - ref).norm() / ref.norm())
@@ -168,6 +171,10 @@ def test_default_chunks_are_whole_gemm_tiles():
     assert chunk_rows(8192, 128256, torch.bfloat16, None) * 128256 * 2 <= 256 << 20
     assert chunk_rows(100, 50, torch.float32, None) == 100  # small problems: one chunk
     assert chunk_rows(1000, 100, torch.float32, 4 * 100 * 7) == 7  # an explicit budget is taken as given
+    # on a GPU, computing the weight's gradient: chunks up to the size of its fp32 accumulator (V x H x 4)
+    assert chunk_rows(8192, 128256, torch.bfloat16, None, accumulator_bytes=128256 * 4096 * 4) == 8192
+    assert chunk_rows(65536, 128256, torch.bfloat16, None, accumulator_bytes=128256 * 4096 * 4) == 8192
+    assert chunk_rows(65536, 128256, torch.bfloat16, None, accumulator_bytes=128256 * 8192 * 4) * 128256 * 2 <= 4 << 30
 
 
 @pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")

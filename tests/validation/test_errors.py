@@ -166,9 +166,15 @@ CASES = [
 ]
 
 
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_same_exception_type_as_torch(case):
-    _, name, args, kwargs, fragment = case
+    label, name, args, kwargs, fragment = case
+    if label == "unbatched: dtype before size" and _TORCH_VERSION < (2, 13):
+        # xent follows torch 2.13, which checks the target's dtype first; 2.11 (a GPU image's) its size
+        pytest.skip(f"torch {torch.__version__} checks an unbatched target's size before its dtype")
     with pytest.raises(Exception) as theirs:
         getattr(F, name)(*args, **kwargs)
     with pytest.raises(Exception) as ours:

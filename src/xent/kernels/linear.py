@@ -21,6 +21,11 @@ from .driver import Chunk, RowPass
 # Default workspace: 1/16 of the full logits, between 16 MiB and 256 MiB (benchmarks/RESULTS.md).
 MIN_CHUNK_BYTES = 16 << 20
 MAX_CHUNK_BYTES = 256 << 20
+# On a GPU, up to the size of the head's fp32 weight-gradient accumulator (V x H x 4 bytes), at most 4 GiB:
+# every chunk reads and writes that accumulator, which took 55% of the time at 8192 x 4096 x 128256 with
+# 512-row chunks on an H100 (62 ms; 40 ms with one chunk). Peak memory stays within twice the accumulator,
+# and a single chunk needs no accumulator at all (benchmarks/RESULTS.md).
+MAX_GPU_CHUNK_BYTES = 4 << 30
 
 
 def workspace_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -30,25 +35,37 @@ def workspace_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in HALF_DTYPES and backend_for(device, cd).name == "triton" else cd
 
 
-def chunk_rows(num_rows: int, vocab: int, ws_dtype: torch.dtype, memory_budget: int | None) -> int:
-    """Tokens per chunk so that one chunk of logits takes about `memory_budget` bytes (see module top).
+def chunk_rows(
+    num_rows: int, vocab: int, ws_dtype: torch.dtype, memory_budget: int | None, accumulator_bytes: int = 0
+) -> int:
+    """Tokens per chunk so that one chunk of logits takes about `memory_budget` bytes (see the top).
 
-    The default budget is rounded down to whole 128-row tiles, so every chunk's GEMMs run full tiles."""
+    Without a budget: 1/16 of the logits within [16 MiB, 256 MiB], or up to `accumulator_bytes` (the
+    weight gradient's accumulator, on a GPU) when that is more. Rounded down to whole 128-row tiles, so
+    every chunk's GEMMs run full tiles."""
     row_bytes = max(1, vocab) * torch.finfo(ws_dtype).bits // 8
     if memory_budget is not None:
         return max(1, min(num_rows, memory_budget // row_bytes))
-    rows_ = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_rows * row_bytes // 16)) // row_bytes
+    budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_rows * row_bytes // 16))
+    budget = max(budget, min(accumulator_bytes, MAX_GPU_CHUNK_BYTES))
+    rows_ = budget // row_bytes
     if rows_ >= 256:
         rows_ -= rows_ % 128
     return max(1, min(num_rows, rows_))
 
 
-def rows_per_chunk(p: LinearProblem) -> int:
-    """Tokens per chunk: the caller's chunk size, or as many as the memory budget holds."""
+def rows_per_chunk(p: LinearProblem, weight_grad: bool = False) -> int:
+    """Tokens per chunk: the caller's chunk size, or as many as the memory budget holds (by default more
+    on a GPU when the pass accumulates the weight's gradient)."""
     if p.chunk_size:
         return p.chunk_size
+    vocab, hidden = p.linear_weight.shape
     return chunk_rows(
-        p.input.shape[0], p.linear_weight.shape[0], workspace_dtype(p.input.device, p.input.dtype), p.memory_budget
+        p.input.shape[0],
+        vocab,
+        workspace_dtype(p.input.device, p.input.dtype),
+        p.memory_budget,
+        accumulator_bytes=vocab * hidden * 4 if weight_grad and p.input.device.type == "cuda" else 0,
     )
 
 
@@ -64,7 +81,9 @@ def linear_pass(
     given, the gradients in `want` (input, linear_weight, linear_bias) of sum_i scale_i * loss_i.
 
     `block` says which classes the head holds (all of them, or one rank's shard, whose gradient then
-    needs the rows' global `lse`). Weight and bias gradients come back in fp32 (fp64 for fp64 parameters).
+    needs the rows' global `lse`). Weight and bias gradients come back in fp32 (fp64 for fp64 parameters),
+    except a weight gradient that one chunk covers: one GEMM in the workspace's dtype (fp32 accumulation
+    inside it, as F.linear's backward), with no accumulator.
     """
     x, w_lin, b_lin = p.input, p.linear_weight, p.linear_bias
     num_rows, vocab = x.shape[0], w_lin.shape[0]
@@ -83,7 +102,14 @@ def linear_pass(
     # a head without classes (or a rank holding none) writes no chunk: its input gradient is zero
     # contiguous whatever the input's strides (the custom op's fake says so); zeros without classes
     grad_input = (torch.empty if vocab else torch.zeros)(x.shape, dtype=x.dtype, device=dev) if want_input else None
-    grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev) if want_weight else None
+    step = rows_per_chunk(p, want_weight)
+    ws_dtype = workspace_dtype(dev, x.dtype)
+    one_chunk = 0 < num_rows <= step and vocab > 0 and ws_dtype == x.dtype == w_lin.dtype
+    grad_weight = None
+    if want_weight and one_chunk:
+        grad_weight = torch.empty(w_lin.shape, dtype=x.dtype, device=dev)
+    elif want_weight:
+        grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev)
     grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
     coefficients = targets.coefficients(scale, lse, block) if need_grad else None
     unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
@@ -93,8 +119,6 @@ def linear_pass(
     # a bf16/fp16 GEMM (fp32 accumulation, as F.linear), the kernel reads them and writes the gradient in
     # place with fp32 math, and the two gradient GEMMs run on half inputs too. The torch backend's row
     # math works in the workspace itself, so it keeps fp32 there.
-    ws_dtype = workspace_dtype(dev, x.dtype)
-    step = rows_per_chunk(p)
     work_buf = torch.empty(min(step, num_rows) * vocab, dtype=ws_dtype, device=dev) if num_rows and vocab else None
     chain_buf = (
         torch.empty_like(work_buf)
@@ -124,7 +148,9 @@ def linear_pass(
             grad_logits = ws if ws.dtype == x.dtype else ws.to(x.dtype)
             if want_input:
                 torch.mm(grad_logits, w_lin, out=grad_input[r0:r1])
-            if want_weight:
+            if want_weight and one_chunk:
+                torch.mm(grad_logits.T, xc, out=grad_weight)
+            elif want_weight:
                 accumulate_mm_(grad_weight, grad_logits.T, xc)
             if want_bias:
                 grad_bias.add_(ws.sum(0, dtype=cd))

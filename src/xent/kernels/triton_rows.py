@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -39,13 +40,16 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+# Triton's interpreter (how CI runs these kernels) truncates fp32 -> bf16, which would make the CPU tests see
+# a gradient twice as coarse as the GPU's: there the rounding is done on the bits. A GPU's conversion
+# already rounds to nearest even, in one instruction.
+_EMULATE_RTNE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @triton.jit
 def _downcast(x, dtype: tl.constexpr):
-    """fp32 -> the output dtype, rounding to nearest even as torch's casts and the GPU's conversions do.
-
-    bf16 is rounded on the bits, because Triton's interpreter (how CI runs these kernels) truncates
-    fp32 -> bf16, which would make the CPU tests see a gradient twice as coarse as the GPU's."""
-    if dtype == tl.bfloat16:
+    """fp32 -> the output dtype, rounding to nearest even as torch's casts and the GPU's conversions do."""
+    if dtype == tl.bfloat16 and _EMULATE_RTNE:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = bits + 0x7FFF + ((bits >> 16) & 1)
         rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays (quiet) NaN
@@ -259,9 +263,16 @@ def _launch(z: Tensor, num_rows: int, n_cols: int) -> tuple[int, int, int]:
     if LAUNCH_OVERRIDE is not None:
         largest, warps, per_sm = LAUNCH_OVERRIDE
         block = _block_size(n_cols, largest)
+    elif z.element_size() >= 4:
+        # fp32 rows: 16384-column blocks over 32 warps, one program per row (the fastest of an H100 sweep of
+        # blocks 2048-16384, 4-32 warps and 1-4 programs per multiprocessor: 74% of copy speed at
+        # 32768 x 32000, 60% at 8192 x 128256; benchmarks/RESULTS.md)
+        block = _block_size(n_cols, 16384)
+        warps, per_sm = max(4, min(32, block // 512)), 0
     else:
-        block = _block_size(n_cols)
-        warps, per_sm = min(16, max(4, block // 256)), 0
+        # half-precision rows: 16384-column blocks for long rows, 8192 for shorter ones, 16 warps
+        block = _block_size(n_cols, 16384 if n_cols > 65536 else 8192)
+        warps, per_sm = max(4, min(16, block // 512)), 0
     grid = num_rows
     if per_sm:  # the interpreter (CPU) counts as one multiprocessor
         sms = _multiprocessors(z.device.index if z.device.index is not None else 0) if z.is_cuda else 1
@@ -404,7 +415,7 @@ def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = No
 
 
 @triton.jit
-def _scale_kernel(G, UP, n_cols, stride_row, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+def _scale_kernel(G, UP, n_cols, stride_row, STRIDE, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
     # PER_ROW: grid (rows, column blocks), one upstream value per row; else grid (blocks,) over a flat buffer.
     if PER_ROW:
         row = tl.program_id(0).to(tl.int64)
@@ -415,12 +426,15 @@ def _scale_kernel(G, UP, n_cols, stride_row, PER_ROW: tl.constexpr, BLOCK: tl.co
         col_block = tl.program_id(0).to(tl.int64)
         u = tl.load(UP).to(tl.float32)
     if u != 1.0:  # the unit upstream of loss.backward(): leave the buffer untouched, no memory traffic
-        idx = col_block * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < n_cols
-        ptr = G + row * stride_row + idx
-        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        # exact zeros (ignored rows) stay zero even for an inf or NaN upstream, as torch's
-        tl.store(ptr, _downcast(tl.where(g == 0.0, g, g * u), G.dtype.element_ty), mask=mask)
+        # the grid may be smaller than the blocks (a few programs per multiprocessor, so that a unit
+        # upstream costs a few thousand programs that return at once, not one per block)
+        for b in range(col_block, tl.cdiv(n_cols, BLOCK), STRIDE):
+            idx = b * BLOCK + tl.arange(0, BLOCK)
+            mask = idx < n_cols
+            ptr = G + row * stride_row + idx
+            g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+            # exact zeros (ignored rows) stay zero even for an inf or NaN upstream, as torch's
+            tl.store(ptr, _downcast(tl.where(g == 0.0, g, g * u), G.dtype.element_ty), mask=mask)
 
 
 def scale_(grad: Tensor, upstream: Tensor, per_row: bool) -> None:
@@ -434,11 +448,17 @@ def scale_(grad: Tensor, upstream: Tensor, per_row: bool) -> None:
         if rows == 0 or n_cols == 0:
             return
         block = min(block, triton.next_power_of_2(n_cols))
+        col_blocks = triton.cdiv(n_cols, block)
         with _on_device(grad):
-            _scale_kernel[(rows, triton.cdiv(n_cols, block))](
-                grad, up, n_cols, n_cols, PER_ROW=True, BLOCK=block, num_warps=4
+            _scale_kernel[(rows, col_blocks)](
+                grad, up, n_cols, n_cols, col_blocks, PER_ROW=True, BLOCK=block, num_warps=4
             )
     else:
         n = grad.numel()
+        if n == 0:
+            return
+        programs = triton.cdiv(n, block)
+        if grad.is_cuda:
+            programs = min(programs, 16 * _multiprocessors(grad.device.index if grad.device.index is not None else 0))
         with _on_device(grad):
-            _scale_kernel[(triton.cdiv(n, block),)](grad, up, n, 0, PER_ROW=False, BLOCK=block, num_warps=4)
+            _scale_kernel[(programs,)](grad, up, n, 0, programs, PER_ROW=False, BLOCK=block, num_warps=4)
