@@ -498,6 +498,98 @@ def ce_options_section(report: Report, args) -> None:
     _cleanup(device)
 
 
+# ------------------------------------------------------------------------------------ per-token statistics
+
+ALL_STATISTICS = ("lse", "logprob", "entropy", "z_loss", "argmax", "correct")
+
+
+def _naive_statistics(x, y):
+    """The loss and every statistic of return_stats from the logits with plain torch ops (what a trainer
+    writes without xent): log-softmax in fp32, then each statistic from it."""
+    logp = x.float().log_softmax(-1)
+    loss = F.nll_loss(logp, y)
+    valid = y != -100
+    safe = torch.where(valid, y, 0)
+    lse = torch.logsumexp(x.float(), -1)
+    logprob = torch.where(valid, logp.gather(1, safe[:, None])[:, 0], 0)
+    entropy = -(logp.exp() * logp).sum(-1)
+    argmax = x.argmax(-1)
+    correct = valid & (argmax == y)
+    return loss, (lse, logprob.detach(), entropy.detach(), argmax, correct)
+
+
+def stats_section(report: Report, args, peers: Peers) -> None:
+    """cross_entropy and linear_cross_entropy with every per-token statistic against without, and against
+    the statistics computed naively from the logits."""
+    import xent
+
+    device = args.device
+    report("## Per-token statistics (return_stats=all six), forward + backward (mean)\n")
+    report(
+        "xent with `return_stats=('lse', 'logprob', 'entropy', 'z_loss', 'argmax', 'correct')` against "
+        "xent without, and against torch computing the loss and the same statistics from fp32 "
+        "log-softmax. Peak growth: beyond the inputs and the returned gradients.\n"
+    )
+    report.table(["problem", "dtype", "implementation", "time (ms)", "time / xent plain", "peak growth (GB)"])
+    dtype = torch.bfloat16
+    n, v = (16, 512) if args.smoke else (8192, 128256)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, v, generator=gen, device=device, dtype=dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=gen, device=device)
+
+    def reset():
+        x.grad = None
+
+    variants = {
+        "xent cross_entropy": lambda: xent.cross_entropy(x, y).backward(),
+        "xent cross_entropy + all statistics": lambda: xent.cross_entropy(x, y, return_stats=ALL_STATISTICS)[
+            0
+        ].backward(),
+        "torch: loss + statistics from log_softmax": lambda: _naive_statistics(x, y)[0].backward(),
+    }
+    cases = [Case(name, fn, reset, lambda: _fresh_grad_bytes(x)) for name, fn in variants.items()]
+    res = measure(cases, args.repeats, device)
+    plain = res[cases[0].name].time
+    for c in cases:
+        r = res[c.name]
+        label = [f"cross_entropy {n} x {v}", _dtype_name(dtype), c.name]
+        if r.error:
+            report.row(label + [r.error, "-", "-"])
+            continue
+        report.row(label + [_ms(r.time), f"{r.time / plain:.2f}", _gb(r.peak)])
+    del cases, res, x, y
+    _cleanup(device)
+
+    n, h, v = (16, 32, 512) if args.smoke else (8192, 4096, 128256)
+    xh = torch.randn(n, h, generator=gen, device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(v, h, generator=gen, device=device, dtype=dtype) / h**0.5).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=gen, device=device)
+
+    def reset_linear():
+        xh.grad = w.grad = None
+
+    variants = {
+        "xent linear_cross_entropy": lambda: xent.linear_cross_entropy(xh, w, y).backward(),
+        "xent linear_cross_entropy + all statistics": lambda: xent.linear_cross_entropy(
+            xh, w, y, return_stats=ALL_STATISTICS
+        )[0].backward(),
+        "torch: matmul, loss + statistics from log_softmax": lambda: _naive_statistics(xh @ w.T, y)[0].backward(),
+    }
+    cases = [Case(name, fn, reset_linear, lambda: _fresh_grad_bytes(xh, w)) for name, fn in variants.items()]
+    res = measure(cases, args.repeats, device)
+    plain = res[cases[0].name].time
+    for c in cases:
+        r = res[c.name]
+        label = [f"linear {n}, {h}, {v}", _dtype_name(dtype), c.name]
+        if r.error:
+            report.row(label + [r.error, "-", "-"])
+            continue
+        report.row(label + [_ms(r.time), f"{r.time / plain:.2f}", _gb(r.peak)])
+    report()
+    del cases, res, xh, w, y
+    _cleanup(device)
+
+
 # ------------------------------------------------------------------------------------ linear_cross_entropy
 
 
@@ -776,15 +868,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds per size (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a check that the script runs)")
-    ap.add_argument("--only", default="ce,linear,e2e", help="comma-separated subset of ce, linear, e2e")
+    ap.add_argument("--only", default="ce,linear,e2e,stats", help="comma-separated subset of ce, linear, e2e, stats")
     ap.add_argument("--quick", action="store_true", help="fewer sizes (a lease's worth: ce 2 shapes, linear 2)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparisons")
     ap.add_argument("--out", default=None, help="also write the markdown to this file")
     args = ap.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(sections) - {"ce", "linear", "e2e"}
+    unknown = set(sections) - {"ce", "linear", "e2e", "stats"}
     if unknown:
-        ap.error(f"--only takes ce, linear, e2e (got {', '.join(sorted(unknown))})")
+        ap.error(f"--only takes ce, linear, e2e, stats (got {', '.join(sorted(unknown))})")
     device = args.device
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # in case main() is called without the module guard
@@ -817,12 +909,14 @@ def main() -> None:
     if peers.notes:
         report()
     t_start = time.perf_counter()
-    for section in ("ce", "linear", "e2e"):
+    for section in ("ce", "linear", "e2e", "stats"):
         if section not in sections:
             continue
         t0 = time.perf_counter()
         if section == "ce":
             ce_section(report, args, peers)
+        elif section == "stats":
+            stats_section(report, args, peers)
         elif section == "linear":
             linear_section(report, args, peers)
         else:

@@ -7,6 +7,7 @@ Public API:
     LinearCrossEntropyLoss                  drop-ins for torch.nn's modules
     one_hot, LabelEncoder                   targets from labels that are not integers
     token_logprobs[_from_logits]            RL: chosen tokens' log-probabilities (and entropies), no logits
+    TokenStatistics                         what return_stats= gives: lse, logprob, entropy, z_loss, argmax, correct
     reference                               the formulas, in readable float64 code
     distributed                             vocab-parallel losses for tensor-parallel training
 """
@@ -16,6 +17,7 @@ from .functional import cross_entropy, nll_loss
 from .labels import LabelEncoder, one_hot
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
+from .problems import TokenStatistics
 from .rl import token_logprobs, token_logprobs_from_logits
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "LabelEncoder",
     "token_logprobs",
     "token_logprobs_from_logits",
+    "TokenStatistics",
     "reference",
     "distributed",
     "__version__",

@@ -17,7 +17,16 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .problems import HALF_DTYPES, LinearProblem, Options, Problem, ThroughLogits, autocast_dtype, make_problem
+from .problems import (
+    HALF_DTYPES,
+    LinearProblem,
+    Options,
+    Problem,
+    ThroughLogits,
+    TokenStatistics,
+    autocast_dtype,
+    make_problem,
+)
 
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -202,6 +211,29 @@ def check_class_weight(input: Tensor, weight: Tensor | None, autocast: bool = Fa
         )
 
 
+STATISTICS = TokenStatistics._fields
+
+
+def check_statistics(return_stats, fn: str, probabilities: bool = False) -> tuple:
+    """`return_stats` (None, a name, or names from TokenStatistics' fields) as a tuple of distinct names."""
+    if return_stats is None:
+        return ()
+    names = (return_stats,) if isinstance(return_stats, str) else return_stats
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(
+            f"{fn}(): return_stats must be a name or a sequence of names from {', '.join(STATISTICS)}, "
+            f"got {type(return_stats).__name__}"
+        ) from None
+    for name in names:
+        if not isinstance(name, str) or name not in STATISTICS:
+            raise ValueError(f"{fn}(): return_stats takes names from {', '.join(STATISTICS)}, got {name!r}")
+        if probabilities and name in ("logprob", "correct"):
+            raise ValueError(f"{fn}(): return_stats={name!r} needs class-index targets, not class probabilities")
+    return tuple(dict.fromkeys(names))
+
+
 def cross_entropy_problem(
     input,
     target,
@@ -212,12 +244,23 @@ def cross_entropy_problem(
     label_smoothing,
     z_loss=0.0,
     softcap=None,
+    return_stats=None,
     fn: str = "cross_entropy",
 ) -> Problem:
     """Validate cross_entropy's arguments, in torch's order, into a Problem.
 
     `reduction` must already be resolved (torch checks it before anything else).
     """
+    problem = _cross_entropy_problem(
+        input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, fn
+    )
+    statistics = check_statistics(return_stats, fn, problem.probabilities)
+    return replace(problem, statistics=statistics) if statistics else problem
+
+
+def _cross_entropy_problem(
+    input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, fn: str
+) -> Problem:
     check_tensor(input, "input", fn)
     check_tensor(target, "target", fn)
     check_tensor(weight, "weight", fn, optional=True)
@@ -299,6 +342,7 @@ def linear_cross_entropy_problem(
     options,
     memory_budget,
     output_dtype,
+    return_stats=None,
     fn: str = "linear_cross_entropy",
 ):
     """Validate linear_cross_entropy's arguments (torch 2.13's F.linear_cross_entropy order) into either
@@ -329,7 +373,10 @@ def linear_cross_entropy_problem(
             f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires "
             f"batched input, (N, {input.shape[-1]}), got input with shape {tuple(input.shape)}"
         )
+    statistics = check_statistics(return_stats, fn)
     if linear_weight.dim() > 2 or probabilities:
+        if statistics:
+            raise NotImplementedError(f"{fn}: return_stats with probability targets or a K-dimensional head")
         return ThroughLogits(
             input,
             linear_weight,
@@ -371,6 +418,7 @@ def linear_cross_entropy_problem(
         output_dtype or input.dtype,
         int(chunk_size),
         memory_budget,
+        statistics,
     )
     return problem, input, linear_weight, linear_bias
 

@@ -363,9 +363,7 @@ def _block_pass(
     """Chunks of this rank's logits through the row kernel: statistics, and with `grad` the gradient."""
     num_rows, size = x.shape
     if not num_rows or not size:
-        for t in (stats.shift, stats.sumexp, stats.target_logit, stats.dense_rel):
-            if t is not None:
-                t.zero_()
+        rows.classless_stats(stats)
         return
     backend = backend_for(x.device, cd)
     step = max(1, CHUNK_ELEMENTS // size)

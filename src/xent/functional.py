@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -17,7 +19,7 @@ from ._validate import (
     resolve_reduction,
 )
 from .ops import check_target_range
-from .problems import _as_3d, autocast_dtype
+from .problems import TokenStatistics, _as_3d, autocast_dtype
 
 
 def cross_entropy(
@@ -32,7 +34,8 @@ def cross_entropy(
     *,
     z_loss: float = 0.0,
     softcap: float | None = None,
-) -> Tensor:
+    return_stats: str | Sequence[str] | None = None,
+) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Cross-entropy between logits and targets; the same signature, result and errors as
     :func:`torch.nn.functional.cross_entropy`, computed by xent's fused kernel.
 
@@ -56,10 +59,15 @@ def cross_entropy(
         z_loss (float, keyword-only): adds ``z_loss * lse**2`` per non-ignored row (lse = log-sum-exp of
             its logits), unweighted; 'mean' divides by the same denominator as the cross-entropy.
         softcap (float, keyword-only): replaces the logits by ``softcap * tanh(logits / softcap)`` first.
+        return_stats (str or sequence of str, keyword-only): per-token statistics to return as well, from
+            the same pass over the logits: any of ``'lse'``, ``'logprob'``, ``'entropy'``, ``'z_loss'``,
+            ``'argmax'``, ``'correct'`` (see :class:`xent.TokenStatistics`). The call then returns
+            ``(loss, stats)``. Default: None (the loss alone, computed exactly as without the argument).
 
     Shape:
         - Output: scalar for 'mean'/'sum'; for 'none' the target's shape without the class dimension:
           :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`.
+        - Statistics: each of the 'none' output's shape, whatever the reduction.
 
     Examples::
 
@@ -70,9 +78,13 @@ def cross_entropy(
         >>> probs = torch.randn(3, 5).softmax(dim=1)
         >>> xent.cross_entropy(logits, probs, reduction="none").shape
         torch.Size([3])
+        >>> loss, stats = xent.cross_entropy(logits, target, return_stats=("correct", "entropy"))
+        >>> accuracy = stats.correct.float().mean()
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
     if dtensor.is_dtensor(input, target, weight):  # tensor or data parallel layouts: xent/dtensor.py
+        if return_stats is not None:
+            raise NotImplementedError("cross_entropy(): return_stats is not supported for DTensor inputs")
         return dtensor.cross_entropy(
             cross_entropy,
             input,
@@ -93,8 +105,12 @@ def cross_entropy(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
+        return_stats=return_stats,
     )
-    return ops.cross_entropy(problem, input, target, weight)
+    loss, stats = ops.cross_entropy(problem, input, target, weight)
+    if return_stats is None:
+        return loss
+    return loss, TokenStatistics.of(stats, problem.output_shape)
 
 
 def nll_loss(

@@ -13,6 +13,8 @@ computes losses and backward recomputes the chunks (one extra matmul).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,7 @@ from torch import Tensor
 from . import dtensor, ops
 from ._validate import ThroughLogits, linear_cross_entropy_problem
 from .functional import cross_entropy
+from .problems import TokenStatistics
 
 
 def linear_cross_entropy(
@@ -37,7 +40,8 @@ def linear_cross_entropy(
     options=None,
     memory_budget: int | None = None,
     output_dtype: torch.dtype | None = None,
-) -> Tensor:
+    return_stats: str | Sequence[str] | None = None,
+) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without materializing the logits.
 
     Extends :func:`torch.nn.functional.linear_cross_entropy` (torch 2.13): code written for it runs
@@ -62,6 +66,10 @@ def linear_cross_entropy(
             and rounded to 128-row tiles. The result does not depend on it beyond rounding.
         output_dtype (torch.dtype, optional): dtype of the returned loss; default the input's (as torch).
             ``torch.float32`` keeps a bf16 model's loss unrounded (it is computed in fp32 either way).
+        return_stats (str or sequence of str): per-token statistics to return as well, from the same pass
+            (``'lse'``, ``'logprob'``, ``'entropy'``, ``'z_loss'``, ``'argmax'``, ``'correct'``; see
+            :class:`xent.TokenStatistics`); the call then returns ``(loss, stats)``, each statistic of
+            ``target``'s shape. Class-index targets with a 2-D head only.
 
     Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``; with bf16/fp16 parameters the
     weight and bias gradients are accumulated in fp32 and cast once. Probability targets and K-dim
@@ -79,6 +87,8 @@ def linear_cross_entropy(
         >>> loss.backward()
     """
     if dtensor.is_dtensor(input, linear_weight, linear_bias):  # tensor parallel heads: xent/dtensor.py
+        if return_stats is not None:
+            raise NotImplementedError("linear_cross_entropy: return_stats with a DTensor head")
         if softcap is not None:
             raise NotImplementedError("linear_cross_entropy: softcap with a DTensor head")
         return dtensor.linear_cross_entropy(
@@ -110,11 +120,15 @@ def linear_cross_entropy(
         options,
         memory_budget,
         output_dtype,
+        return_stats,
     )
     if isinstance(described, ThroughLogits):
         return _through_logits(described)
     problem, input, linear_weight, linear_bias = described
-    return ops.linear_cross_entropy(problem, input, linear_weight, linear_bias, target, weight)
+    loss, stats = ops.linear_cross_entropy(problem, input, linear_weight, linear_bias, target, weight)
+    if return_stats is None:
+        return loss
+    return loss, TokenStatistics.of(stats, problem.output_shape)
 
 
 def _through_logits(d: ThroughLogits) -> Tensor:

@@ -24,6 +24,7 @@ Every route computes the same formulas; the eager and traced routes run the very
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -31,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .kernels import forward_for, scale_by_upstream_
+from .kernels import forward_for, rows, scale_by_upstream_
 from .kernels import linear as linear_kernels
+from .kernels.rows import FLOAT_STATISTICS
 from .problems import EAGER, FUNC, TRACED, LinearProblem, Options, Problem, _as_3d, make_problem, route
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,8 +65,9 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
         )
 
 
-def cross_entropy_forward(problem: Problem, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """(loss, d loss / d input for a unit upstream gradient, laid out (N, C, D) contiguous, or None)."""
+def cross_entropy_forward(problem: Problem, need_grad: bool) -> tuple[Tensor, Tensor | None, dict]:
+    """(loss, d loss / d input for a unit upstream gradient, laid out (N, C, D) contiguous, or None, the
+    requested per-token statistics by name)."""
     if not problem.probabilities:
         check_target_range(problem.target, problem.num_classes, problem.options.ignore_index)
     return forward_for(problem)(problem, need_grad=need_grad)
@@ -84,9 +87,53 @@ def scale_input_grad_(grad: Tensor, upstream: Tensor, reduction: str) -> None:
         g.mul_(upstream.reshape(n, 1, d))
 
 
+def op_statistics(statistics: tuple) -> tuple:
+    """What the custom ops compute for `statistics`: 'correct' becomes the argmax (the op returns a fixed
+    set of tensors; correct = target kept & argmax == target is formed outside it)."""
+    wanted = [n for n in statistics if n != "correct"]
+    if "correct" in statistics and "argmax" not in wanted:
+        wanted.append("argmax")
+    return tuple(wanted)
+
+
+def pack_statistics(stats: dict, num_rows: int, like: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """The statistics as a custom op returns them: the float ones stacked (k, rows) in `dtype`, in the
+    order asked, and the argmax (rows,) int64, or an empty tensor when not asked for."""
+    floats = [t for n, t in stats.items() if n in FLOAT_STATISTICS]
+    packed = torch.stack(floats) if floats else like.new_empty((0, num_rows), dtype=dtype)
+    argmax = stats.get("argmax")
+    return packed, argmax if argmax is not None else like.new_empty(0, dtype=torch.int64)
+
+
+def packed_statistics_like(statistics: tuple, num_rows: int, like: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """pack_statistics' shapes and dtypes, for op_statistics(...) (the custom ops' fake implementations)."""
+    k = sum(n in FLOAT_STATISTICS for n in statistics)
+    return (
+        like.new_empty((k, num_rows), dtype=dtype),
+        like.new_empty(num_rows if "argmax" in statistics else 0, dtype=torch.int64),
+    )
+
+
+def unpack_statistics(packed: Tensor, argmax: Tensor, statistics: tuple, target: Tensor, ignore_index: int) -> dict:
+    """pack_statistics undone, in the order of `statistics` (what the caller asked)."""
+    floats = dict(zip([n for n in op_statistics(statistics) if n in FLOAT_STATISTICS], packed.unbind(0)))
+    out = {}
+    for name in statistics:
+        if name == "argmax":
+            out[name] = argmax
+        elif name == "correct":
+            flat = target.reshape(-1)
+            flat = flat.long()  # uint8 targets compare as int64 (ignore_index -100 must not wrap)
+            out[name] = (flat != ignore_index) & (argmax == flat)
+        else:
+            out[name] = floats[name]
+    return out
+
+
 def linear_forward(p: LinearProblem, want: tuple[bool, bool, bool]):
-    """(loss, [grad_input, grad_weight, grad_bias]) with the gradients in `want` for a unit upstream
-    gradient (scalar reductions only; None elsewhere), in the parameters' dtypes."""
+    """(loss, [grad_input, grad_weight, grad_bias] with the gradients in `want` for a unit upstream
+    gradient (scalar reductions only; None elsewhere) in the parameters' dtypes, the per-token
+    statistics p.statistics asks for, by name)."""
     check_target_range(p.target, p.linear_weight.shape[0], p.options.ignore_index)
     targets = linear_kernels.index_targets(p)
     scalar = p.options.reduction != "none"
@@ -97,11 +144,13 @@ def linear_forward(p: LinearProblem, want: tuple[bool, bool, bool]):
     loss = targets.reduce(linear_kernels.loss_rows(p, targets, stats))
     loss = (loss.reshape(p.output_shape) if not scalar else loss).to(p.output_dtype)
     grads = [gi, _cast(gw, p.linear_weight), _cast(gb, p.linear_bias)] if scalar and any(want) else None
-    return loss, grads
+    token_stats = rows.token_statistics(stats, p.statistics, targets, p.options.z_loss, p.compute_dtype)
+    return loss, grads, token_stats
 
 
 def linear_backward(p: LinearProblem, upstream: Tensor, want: tuple[bool, bool, bool]) -> list:
     """The gradients in `want` for the given upstream gradient, recomputing the chunks."""
+    p = replace(p, statistics=())
     targets = linear_kernels.index_targets(p)
     upstream = upstream if p.options.reduction == "none" else upstream.expand(p.target.shape)
     with linear_kernels.no_autocast(p.input.device):
@@ -117,22 +166,39 @@ def _cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
 # Entry points (called by functional.py and linear.py with validated problems)
 
 
-def cross_entropy(problem: Problem, input: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+def cross_entropy(
+    problem: Problem, input: Tensor, target: Tensor, weight: Tensor | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, the per-token statistics problem.statistics asks for, by name, each flat over the rows)."""
     how = route(input, target, weight)
-    if how == FUNC:
-        return cross_entropy_formula(problem, input, target, weight)
     input_grad = torch.is_grad_enabled() and input.requires_grad
     other_grads = torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad))
+    if how == FUNC or (how == TRACED and other_grads):
+        # torch.func, or gradients for a probability target or the weights while traced: the formulas
+        return cross_entropy_formula(problem, input, target, weight), formula_statistics(problem, input, target)
     if how == EAGER:
         if not (input_grad or other_grads):
-            return cross_entropy_forward(problem, need_grad=False)[0]
-        return CrossEntropyFunction.apply(input, target, weight, problem)
-    if other_grads:  # gradients for a probability target or the weights: the formulas, traced as they are
-        return cross_entropy_formula(problem, input, target, weight)
+            loss, _, stats = cross_entropy_forward(problem, need_grad=False)
+            return loss, stats
+        if not problem.statistics:
+            return CrossEntropyFunction.apply(input, target, weight, problem), {}
+        loss, *values = CrossEntropyFunction.apply(input, target, weight, problem)
+        return loss, dict(zip(problem.statistics, values))
     o = problem.options
-    return TracedCrossEntropy.apply(
-        input, target, weight, o.reduction, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap, problem.output_dtype
+    loss, packed, argmax = TracedCrossEntropy.apply(
+        input,
+        target,
+        weight,
+        o.reduction,
+        o.ignore_index,
+        o.label_smoothing,
+        o.z_loss,
+        o.softcap,
+        problem.output_dtype,
+        ",".join(op_statistics(problem.statistics)),
     )
+    stats = unpack_statistics(packed, argmax, problem.statistics, problem.target, o.ignore_index)
+    return loss, stats
 
 
 def linear_cross_entropy(
@@ -143,7 +209,8 @@ def linear_cross_entropy(
     target: Tensor,
     weight: Tensor | None,
 ) -> Tensor:
-    """`input` is the caller's (..., H) tensor; p.input its (R, H) view."""
+    """(loss, the per-token statistics p.statistics asks for, by name, flat over the rows). `input` is
+    the caller's (..., H) tensor; p.input its (R, H) view."""
     how = route(input, linear_weight, linear_bias, target, weight)
     if how == FUNC:
         return linear_formula(p, p.input, linear_weight, linear_bias, p.target, weight)
@@ -152,10 +219,14 @@ def linear_cross_entropy(
     )
     if how == EAGER:
         if not any(want):
-            return linear_forward(p, want)[0]
-        return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, p)
+            loss, _, stats = linear_forward(p, want)
+            return loss, stats
+        if not p.statistics:
+            return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, p), {}
+        loss, *values = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, p)
+        return loss, dict(zip(p.statistics, values))
     o = p.options
-    loss, *_ = TracedLinearCrossEntropy.apply(
+    loss, _, _, _, packed, argmax = TracedLinearCrossEntropy.apply(
         p.input,
         linear_weight,
         linear_bias,
@@ -170,8 +241,10 @@ def linear_cross_entropy(
         p.chunk_size,
         -1 if p.memory_budget is None else p.memory_budget,
         *want,
+        ",".join(op_statistics(p.statistics)),
     )
-    return loss.reshape(p.output_shape) if o.reduction == "none" else loss
+    loss = loss.reshape(p.output_shape) if o.reduction == "none" else loss
+    return loss, unpack_statistics(packed, argmax, p.statistics, p.target, o.ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,6 +267,16 @@ def cross_entropy_formula(problem: Problem, input: Tensor, target: Tensor, weigh
     return loss.reshape(problem.output_shape) if o.reduction == "none" else loss
 
 
+def formula_statistics(problem: Problem, input: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """problem.statistics from the formulas (reference.token_statistics), flat over the rows."""
+    if not problem.statistics:
+        return {}
+    o = problem.options
+    cd = problem.compute_dtype
+    stats = reference.token_statistics(input, target, problem.statistics, o.ignore_index, o.z_loss, o.softcap, cd)
+    return {name: t.detach().reshape(-1) for name, t in stats.items()}
+
+
 def linear_formula(
     p: LinearProblem,
     input2d: Tensor,
@@ -203,9 +286,10 @@ def linear_formula(
     weight: Tensor | None,
 ) -> Tensor:
     logits = F.linear(input2d, linear_weight, linear_bias)
-    problem = make_problem(logits, target, weight, p.options, p.output_dtype)
+    problem = make_problem(logits, target, weight, p.options, p.output_dtype, p.statistics)
     loss = cross_entropy_formula(problem, logits, target, weight)
-    return loss.reshape(p.output_shape) if p.options.reduction == "none" else loss
+    loss = loss.reshape(p.output_shape) if p.options.reduction == "none" else loss
+    return loss, formula_statistics(problem, logits, target)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,20 +302,23 @@ class CrossEntropyFunction(torch.autograd.Function):
         # The fused gradient covers d/d(input); gradients for target or weight come from the formulas,
         # which then give all of them.
         fused = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
-        loss, grad = cross_entropy_forward(problem, need_grad=fused)
+        loss, grad, stats = cross_entropy_forward(problem, need_grad=fused)
         ctx.problem = problem
         save_for_handover(ctx, [grad.view(problem.input_shape) if grad is not None else None], (input, target, weight))
-        return loss
+        if not stats:
+            return loss
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss, *stats.values())
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor, *_grads_of_statistics):
         problem: Problem = ctx.problem
         create_graph = torch.is_grad_enabled()
         if create_graph or any(ctx.needs_input_grad[1:3]):
             return (*_differentiate_formula(ctx, grad_loss, create_graph), None)
         (grad,) = take_handover(ctx)
         if grad is None:
-            _, grad = cross_entropy_forward(problem, need_grad=True)
+            _, grad, _ = cross_entropy_forward(replace(problem, statistics=()), need_grad=True)
             grad = grad.view(problem.input_shape)
         scale_input_grad_(grad.data, grad_loss, problem.options.reduction)
         return grad, None, None, None
@@ -299,15 +386,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, problem: LinearProblem):
         want = tuple(ctx.needs_input_grad[:3])
-        loss, grads = linear_forward(problem, want)
+        loss, grads, stats = linear_forward(problem, want)
         ctx.problem, ctx.want, ctx.input_shape = problem, want, input.shape
         save_for_handover(
             ctx, grads if grads is not None else [None, None, None], (input, linear_weight, linear_bias, target, weight)
         )
-        return loss
+        if not stats:
+            return loss
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss, *stats.values())
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *_grads_of_statistics):
         problem: LinearProblem = ctx.problem
         if torch.is_grad_enabled():
             return (*_linear_double_backward(ctx, grad_loss), None, None, None)
@@ -330,7 +420,7 @@ def _linear_double_backward(ctx, grad_loss) -> tuple:
     input, w_lin, b_lin, target, weight = saved_inputs(ctx)
     logits = F.linear(input, w_lin, b_lin).reshape(-1, w_lin.shape[0])
     problem = make_problem(logits, target.reshape(-1), weight, p.options, p.output_dtype)
-    loss = cross_entropy(problem, logits, problem.target.reshape(-1), weight)
+    loss, _ = cross_entropy(problem, logits, problem.target.reshape(-1), weight)
     loss = loss.reshape(p.output_shape) if p.options.reduction == "none" else loss
     inputs = [t for t, w in zip((input, w_lin, b_lin), ctx.needs_input_grad[:3]) if w]
     grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
@@ -352,17 +442,27 @@ def _cross_entropy_op(
     z_loss: float,
     softcap: Optional[float],
     output_dtype: torch.dtype,
-) -> Tensor:
-    """The loss (one read of the logits)."""
+    statistics: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss (one read of the logits) and the per-token statistics named in `statistics` (comma
+    separated; op_statistics' names), packed by pack_statistics."""
     problem = _problem(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, output_dtype)
-    loss, _ = cross_entropy_forward(problem, need_grad=False)
-    return loss.clone() if _aliases(loss, input, target, weight) else loss
+    problem = replace(problem, statistics=_names(statistics))
+    loss, _, stats = cross_entropy_forward(problem, need_grad=False)
+    loss = loss.clone() if _aliases(loss, input, target, weight) else loss
+    return (loss, *pack_statistics(stats, problem.num_rows, input, problem.compute_dtype))
 
 
 @_cross_entropy_op.register_fake
-def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, output_dtype):
-    out_shape = () if reduction != "none" or input.dim() == 1 else (input.shape[0], *input.shape[2:])
-    return input.new_empty(out_shape, dtype=output_dtype)
+def _(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, output_dtype, statistics):
+    problem = _problem(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, output_dtype)
+    out_shape = () if reduction != "none" else problem.output_shape
+    stats = packed_statistics_like(_names(statistics), problem.num_rows, input, problem.compute_dtype)
+    return (input.new_empty(out_shape, dtype=output_dtype), *stats)
+
+
+def _names(statistics: str) -> tuple:
+    return tuple(n for n in statistics.split(",") if n)
 
 
 @torch.library.custom_op("xent::cross_entropy_backward", mutates_args=())
@@ -381,7 +481,7 @@ def _cross_entropy_backward_op(
     """d loss / d input for the loss's gradient `upstream`: the fused pass again, with the upstream folded
     into each row's coefficients (one read of the logits, one write of the gradient)."""
     problem = _problem(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, output_dtype)
-    _, grad = forward_for(problem)(problem, need_grad=True, upstream=upstream)
+    _, grad, _ = forward_for(problem)(problem, need_grad=True, upstream=upstream)
     return grad.view(input.shape)
 
 
@@ -408,14 +508,15 @@ class TracedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.options = inputs[3:]
+        ctx.options = inputs[3:9]  # reduction .. output_dtype (not the statistics)
+        ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(*inputs[:3])
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *_grads_of_statistics):
         input, target, weight = ctx.saved_tensors
         grad = torch.ops.xent.cross_entropy_backward(grad_loss, input, target, weight, *ctx.options)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 @torch.library.custom_op("xent::scale_grad_", mutates_args=("grad",))
@@ -447,9 +548,10 @@ def _linear_op(
     want_input: bool,
     want_weight: bool,
     want_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    statistics: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss of (R, H) rows and, for scalar reductions, the wanted gradients for a unit upstream gradient
-    (empty tensors for the others)."""
+    (empty tensors for the others), then the per-token statistics named in `statistics`, packed."""
     p = linear_problem_from_args(
         input,
         linear_weight,
@@ -465,9 +567,11 @@ def _linear_op(
         chunk_size,
         memory_budget,
     )
-    loss, grads = linear_forward(p, (want_input, want_weight, want_bias))
+    p = replace(p, statistics=_names(statistics))
+    loss, grads, stats = linear_forward(p, (want_input, want_weight, want_bias))
     grads = grads or [None, None, None]
-    return (loss, *(g if g is not None else input.new_empty(0) for g in grads))
+    packed = pack_statistics(stats, input.shape[0], input, p.compute_dtype)
+    return (loss, *(g if g is not None else input.new_empty(0) for g in grads), *packed)
 
 
 @_linear_op.register_fake
@@ -488,6 +592,7 @@ def _(
     want_input,
     want_weight,
     want_bias,
+    statistics,
 ):
     scalar = reduction != "none"
     loss = input.new_empty(() if scalar else (input.shape[0],), dtype=output_dtype)
@@ -495,7 +600,14 @@ def _(
     def grad_like(t, wanted):
         return t.new_empty(t.shape) if scalar and wanted and t is not None else input.new_empty(0)
 
-    return loss, grad_like(input, want_input), grad_like(linear_weight, want_weight), grad_like(linear_bias, want_bias)
+    cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
+    return (
+        loss,
+        grad_like(input, want_input),
+        grad_like(linear_weight, want_weight),
+        grad_like(linear_bias, want_bias),
+        *packed_statistics_like(_names(statistics), input.shape[0], input, cd),
+    )
 
 
 def linear_problem_from_args(
@@ -538,12 +650,12 @@ class TracedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.args = inputs[5:13]  # reduction .. memory_budget
-        ctx.want = tuple(inputs[13:16])
+        ctx.want = tuple(inputs[13:16])  # (not the statistics, inputs[16])
         ctx.mark_non_differentiable(*output[1:])
         if ctx.args[0] == "none":  # backward recomputes the chunks with each row's upstream gradient
             ctx.save_for_backward(*inputs[:5])
         else:
-            ctx.save_for_backward(*output[1:])
+            ctx.save_for_backward(*output[1:4])
 
     @staticmethod
     def backward(ctx, grad_loss, *_grads_of_buffers):
@@ -557,7 +669,7 @@ class TracedLinearCrossEntropy(torch.autograd.Function):
                 if wanted:
                     torch.ops.xent.scale_grad_(g, grad_loss, ctx.args[0])
         grads = [g if wanted else None for g, wanted in zip((gi, gw, gb), ctx.want)]
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 @torch.library.custom_op("xent::linear_cross_entropy_backward", mutates_args=())
@@ -634,3 +746,240 @@ def _aliases(out: Tensor, *inputs: Tensor | None) -> bool:
         and out.untyped_storage().nbytes() > 0
         for t in inputs
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token log-probabilities and entropies (RL): one fused pass in forward, one in backward
+#
+# logprob_i = -ce_i (reduction 'none') and H_i = -sum_c p_ic log p_ic come from the same pass's row
+# statistics; backward runs the pass again with both upstream gradients folded into each row's
+# coefficients (d logprob / dz = onehot - p, dH/dz = -p (log p + H)), so the two never cost two passes.
+# Ignored rows get 0 for both and no gradient.
+
+
+def _token_problem(p: LinearProblem) -> LinearProblem:
+    return replace(p, options=replace(p.options, reduction="none"), statistics=("logprob", "entropy"))
+
+
+def linear_token_logprobs_forward(p: LinearProblem) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) of every row of a linear head, 0 on ignored rows, in the compute dtype."""
+    p = _token_problem(p)
+    _, _, stats = linear_forward(p, (False, False, False))
+    valid = p.target.reshape(-1).long() != p.options.ignore_index
+    return stats["logprob"], torch.where(valid, stats["entropy"], 0)
+
+
+def linear_token_logprobs_backward(
+    p: LinearProblem, grad_logprob: Tensor, grad_entropy: Tensor, want: tuple[bool, bool, bool]
+) -> list:
+    """The gradients in `want` of sum_i grad_logprob_i logprob_i + grad_entropy_i H_i."""
+    p = replace(_token_problem(p), statistics=())
+    targets = linear_kernels.index_targets(p)
+    entropy = torch.where(targets.valid, grad_entropy.reshape(-1), 0)
+    with linear_kernels.no_autocast(p.input.device):
+        _, gi, gw, gb = linear_kernels.linear_pass(
+            p, targets.block(), targets, targets.scale(-grad_logprob), want, entropy_scale=entropy
+        )
+    return [gi, _cast(gw, p.linear_weight), _cast(gb, p.linear_bias)]
+
+
+@torch.library.custom_op("xent::linear_token_logprobs", mutates_args=())
+def _linear_token_logprobs_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    ignore_index: int,
+    memory_budget: int,
+) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) per row of (R, H) hidden states under the head (R, each in the compute dtype)."""
+    return linear_token_logprobs_forward(
+        _token_linear_problem(input, linear_weight, linear_bias, target, ignore_index, memory_budget)
+    )
+
+
+@_linear_token_logprobs_op.register_fake
+def _(input, linear_weight, linear_bias, target, ignore_index, memory_budget):
+    cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
+    return input.new_empty(input.shape[0], dtype=cd), input.new_empty(input.shape[0], dtype=cd)
+
+
+@torch.library.custom_op("xent::linear_token_logprobs_backward", mutates_args=())
+def _linear_token_logprobs_backward_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    grad_logprob: Tensor,
+    grad_entropy: Tensor,
+    ignore_index: int,
+    memory_budget: int,
+    want_input: bool,
+    want_weight: bool,
+    want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    p = _token_linear_problem(input, linear_weight, linear_bias, target, ignore_index, memory_budget)
+    grads = linear_token_logprobs_backward(p, grad_logprob, grad_entropy, (want_input, want_weight, want_bias))
+    return tuple(g if g is not None else input.new_empty(0) for g in grads)
+
+
+@_linear_token_logprobs_backward_op.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    grad_logprob,
+    grad_entropy,
+    ignore_index,
+    memory_budget,
+    want_input,
+    want_weight,
+    want_bias,
+):
+    def grad_like(t, wanted):
+        return t.new_empty(t.shape) if wanted and t is not None else input.new_empty(0)
+
+    return grad_like(input, want_input), grad_like(linear_weight, want_weight), grad_like(linear_bias, want_bias)
+
+
+def _token_linear_problem(input, linear_weight, linear_bias, target, ignore_index, memory_budget) -> LinearProblem:
+    cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
+    return LinearProblem(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        None,
+        Options("none", ignore_index),
+        (input.shape[0],),
+        cd,
+        0,
+        None if memory_budget < 0 else memory_budget,
+    )
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """Autograd for xent::linear_token_logprobs, eager and traced alike: backward recomputes the pass."""
+
+    @staticmethod
+    def forward(input, linear_weight, linear_bias, target, ignore_index, memory_budget):
+        return torch.ops.xent.linear_token_logprobs(
+            input, linear_weight, linear_bias, target, ignore_index, memory_budget
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:4])
+        ctx.args = inputs[4:]
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy):
+        input, linear_weight, linear_bias, target = ctx.saved_tensors
+        want = tuple(ctx.needs_input_grad[:3])
+        cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
+        zeros = torch.zeros(input.shape[0], dtype=cd, device=input.device)
+        gi, gw, gb = torch.ops.xent.linear_token_logprobs_backward(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            grad_logprob if grad_logprob is not None else zeros,
+            grad_entropy if grad_entropy is not None else zeros,
+            *ctx.args,
+            *want,
+        )
+        return (*(g if w else None for g, w in zip((gi, gw, gb), want)), None, None, None)
+
+
+def linear_token_logprobs(
+    p: LinearProblem, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) per row of p.input (the caller's `input` reshaped to (R, H)), differentiable."""
+    if route(input, linear_weight, linear_bias, p.target) == FUNC:
+        logits = F.linear(p.input, linear_weight, linear_bias)
+        return _token_formula(logits, p.target, p.options.ignore_index)
+    budget = -1 if p.memory_budget is None else p.memory_budget
+    return LinearTokenLogprobs.apply(p.input, linear_weight, linear_bias, p.target, p.options.ignore_index, budget)
+
+
+def _token_formula(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The definitions, as differentiable torch ops (torch.func transforms)."""
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lp = reference.log_softmax(logits.to(cd))
+    flat = target.reshape(-1).long()
+    valid = flat != ignore_index
+    picked = lp.gather(1, torch.where(valid, flat, 0).unsqueeze(1)).squeeze(1) if lp.shape[1] else lp.sum(1) * 0
+    entropy = -torch.where(lp > -float("inf"), lp.exp() * lp, 0).sum(1)
+    return torch.where(valid, picked, 0), torch.where(valid, entropy, 0)
+
+
+# the same for logits at hand
+
+
+def _logits_token_problem(logits: Tensor, target: Tensor, ignore_index: int, statistics: tuple) -> Problem:
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return make_problem(logits, target, None, Options("none", ignore_index), cd, statistics)
+
+
+@torch.library.custom_op("xent::token_logprobs_from_logits", mutates_args=())
+def _token_logprobs_from_logits_op(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) per row of (R, V) logits, 0 on ignored rows, in the compute dtype."""
+    problem = _logits_token_problem(logits, target, ignore_index, ("logprob", "entropy"))
+    _, _, stats = cross_entropy_forward(problem, need_grad=False)
+    valid = target.reshape(-1).long() != ignore_index
+    return stats["logprob"], torch.where(valid, stats["entropy"], 0)
+
+
+@_token_logprobs_from_logits_op.register_fake
+def _(logits, target, ignore_index):
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty(logits.shape[0], dtype=cd), logits.new_empty(logits.shape[0], dtype=cd)
+
+
+@torch.library.custom_op("xent::token_logprobs_from_logits_backward", mutates_args=())
+def _token_logprobs_from_logits_backward_op(
+    logits: Tensor, target: Tensor, grad_logprob: Tensor, grad_entropy: Tensor, ignore_index: int
+) -> Tensor:
+    problem = _logits_token_problem(logits, target, ignore_index, ())
+    valid = target.reshape(-1).long() != ignore_index
+    entropy = torch.where(valid, grad_entropy, 0)
+    _, grad, _ = forward_for(problem)(problem, need_grad=True, upstream=-grad_logprob, entropy_upstream=entropy)
+    return grad.view(logits.shape)
+
+
+@_token_logprobs_from_logits_backward_op.register_fake
+def _(logits, target, grad_logprob, grad_entropy, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+class TokenLogprobsFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(logits, target, ignore_index):
+        return torch.ops.xent.token_logprobs_from_logits(logits, target, ignore_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.ignore_index = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy):
+        logits, target = ctx.saved_tensors
+        cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        zeros = torch.zeros(logits.shape[0], dtype=cd, device=logits.device)
+        grad = torch.ops.xent.token_logprobs_from_logits_backward(
+            logits,
+            target,
+            grad_logprob if grad_logprob is not None else zeros,
+            grad_entropy if grad_entropy is not None else zeros,
+            ctx.ignore_index,
+        )
+        return grad, None, None
+
+
+def token_logprobs_from_logits(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) per row of (R, V) logits, differentiable with respect to the logits."""
+    if route(logits, target) == FUNC:
+        return _token_formula(logits, target, ignore_index)
+    return TokenLogprobsFromLogits.apply(logits, target, ignore_index)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,6 +24,35 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
         return torch.get_autocast_dtype(device.type)
     except (TypeError, RuntimeError, AttributeError):  # device types autocast does not know
         return None
+
+
+class TokenStatistics(NamedTuple):
+    """Per-token statistics a loss returns with ``return_stats=``, from the same pass over the logits.
+
+    Each field has the shape of the loss with ``reduction='none'`` (one value per row, i.e. per token);
+    fields that were not asked for are None. z below is the row's logits after ``softcap``.
+
+    * ``lse``: log-sum-exp of z (float32; float64 for float64 inputs).
+    * ``logprob``: the target's log-probability z_y - lse; 0 on ignored rows.
+    * ``entropy``: -sum_c p_c log p_c of softmax(z).
+    * ``z_loss``: the z-loss term z_loss * lse**2 the loss adds for the row; 0 on ignored rows.
+    * ``argmax``: int64, the class of the largest logit (the first one on ties); -1 without classes.
+    * ``correct``: bool, argmax == target; False on ignored rows.
+
+    They carry no gradient (differentiable log-probabilities and entropies: :func:`xent.token_logprobs`).
+    """
+
+    lse: Tensor | None = None
+    logprob: Tensor | None = None
+    entropy: Tensor | None = None
+    z_loss: Tensor | None = None
+    argmax: Tensor | None = None
+    correct: Tensor | None = None
+
+    @classmethod
+    def of(cls, stats: dict, shape: tuple) -> TokenStatistics:
+        """From the ops' flat per-row statistics, each reshaped to `shape`."""
+        return cls(**{name: t.reshape(shape) for name, t in stats.items()})
 
 
 @dataclass(frozen=True)
@@ -53,6 +83,7 @@ class Problem:
     input_shape: torch.Size
     output_shape: tuple  # shape of the reduction='none' result
     output_dtype: torch.dtype
+    statistics: tuple = ()  # per-token statistics to return besides the loss (kernels/rows.py STATISTICS)
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +115,7 @@ class LinearProblem:
     output_dtype: torch.dtype  # of the returned loss (the input's unless asked otherwise)
     chunk_size: int = 0  # tokens per chunk; 0: sized from memory_budget (kernels/linear.py)
     memory_budget: int | None = None  # bytes of one chunk's logits; None: the default
+    statistics: tuple = ()  # per-token statistics to return besides the loss (kernels/rows.py STATISTICS)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -98,18 +130,26 @@ def _as_3d(t: Tensor) -> Tensor:
 
 
 def make_problem(
-    input: Tensor, target: Tensor, weight: Tensor | None, options: Options, output_dtype: torch.dtype
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    options: Options,
+    output_dtype: torch.dtype,
+    statistics: tuple = (),
 ) -> Problem:
     """The Problem of arguments that passed the checks above: layout only, no checks (the ops rebuild
     it from their flat arguments with this). The target range is checked by the op itself."""
     output_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
-    if input.shape == target.shape:
-        return Problem(_as_3d(input), _as_3d(target), weight, True, options, input.shape, output_shape, output_dtype)
-    if input.dim() == 1:
+    probabilities = input.shape == target.shape
+    if probabilities:
+        target = _as_3d(target)
+    elif input.dim() == 1:
         target = target.reshape(1, 1)
     else:
         target = target.reshape(input.shape[0], math.prod(input.shape[2:]))
-    return Problem(_as_3d(input), target, weight, False, options, input.shape, output_shape, output_dtype)
+    return Problem(
+        _as_3d(input), target, weight, probabilities, options, input.shape, output_shape, output_dtype, statistics
+    )
 
 
 @dataclass(frozen=True, eq=False)

@@ -112,3 +112,50 @@ def linear_cross_entropy(
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), **options).reshape(
         target.shape if options.get("reduction") == "none" else ()
     )
+
+
+def token_statistics(
+    input: Tensor,
+    target: Tensor,
+    statistics: tuple,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> dict:
+    """The per-token statistics of `return_stats=`, straight from their definitions, per row (the shape of
+    reduction='none'), with z the (softcapped) logits in `dtype`:
+
+        lse = log sum_c exp(z_c)            logprob = lp[y] (0 where y is ignored)
+        entropy = -sum_c p_c lp_c           z_loss = z_loss * lse^2 (0 where y is ignored)
+        argmax = the first c of max z       correct = argmax == y (False where y is ignored)
+
+    For probability targets (target.shape == input.shape) every row counts; logprob and correct need
+    class indices."""
+    class_dim = 0 if input.dim() == 1 else 1
+    z = input.to(dtype).movedim(class_dim, -1)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = logsumexp(z)
+    indices = input.shape != target.shape
+    valid = target != ignore_index if indices else torch.ones(lse.shape, dtype=torch.bool, device=z.device)
+    safe = torch.where(valid, target, 0).long() if indices else None
+    out = {}
+    for name in statistics:
+        if name == "lse":
+            out[name] = lse
+        elif name == "logprob":
+            picked = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) if z.shape[-1] else torch.zeros_like(lse)
+            out[name] = torch.where(valid, picked - lse, 0)
+        elif name == "entropy":
+            lp = log_softmax(z)
+            p = lp.exp()
+            out[name] = -torch.where(p > 0, p * lp, 0).sum(-1)  # 0 log 0 = 0; no classes: 0
+        elif name == "z_loss":
+            out[name] = torch.where(valid, z_loss * lse * lse, 0)
+        elif name == "argmax":
+            out[name] = z.argmax(-1) if z.shape[-1] else torch.full(lse.shape, -1, device=z.device)
+        elif name == "correct":
+            top = z.argmax(-1) if z.shape[-1] else torch.full(lse.shape, -1, device=z.device)
+            out[name] = valid & (top == safe)
+    return out

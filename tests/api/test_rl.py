@@ -113,3 +113,64 @@ def test_temperature_must_be_positive(temperature):
     h, w, b, y = _data(torch.float32)
     with pytest.raises(ValueError, match="temperature"):
         xent.token_logprobs(h, w, y, temperature=temperature)
+
+
+def test_entropy_alone_and_log_probabilities_alone_are_differentiable():
+    """Backward gets None for an output that is not used: the other's gradient alone."""
+    h, w, b, y = _data(torch.float64)
+    for pick in (0, 1):
+        params = [t.clone().requires_grad_() for t in (h, w, b)]
+        out = xent.token_logprobs(params[0], params[1], y, linear_bias=params[2], return_entropy=True)[pick]
+        ref_h, ref_w, ref_b = (t.detach().clone().requires_grad_() for t in params)
+        ref_out = _reference(ref_h, ref_w, ref_b, y, 1.0)[pick]
+        got = torch.autograd.grad(out.sum(), params)
+        want = torch.autograd.grad(ref_out.sum(), (ref_h, ref_w, ref_b))
+        for g, r in zip(got, want):
+            assert_close(g, r)
+
+
+def test_token_logprobs_under_compile_and_torch_func():
+    h, w, b, y = _data(torch.float32)
+    params = [t.clone().requires_grad_() for t in (h, w, b)]
+
+    def objective(h, w, b):
+        logp, entropy = xent.token_logprobs(h, w, y, linear_bias=b, temperature=0.8, return_entropy=True)
+        return (logp * 0.5).sum() + 0.1 * entropy.sum()
+
+    compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*params), params)
+    want = torch.autograd.grad(objective(*params), params)
+    for g, r in zip(got, want):
+        assert_close(g, r)
+    # torch.func: the formulas
+    g_func = torch.func.grad(objective, argnums=(0, 1, 2))(*[t.detach() for t in params])
+    for g, r in zip(g_func, want):
+        assert_close(g, r, scale=4)
+
+    logits = (h @ w.T + b).requires_grad_()
+
+    def from_logits(z):
+        logp, entropy = xent.token_logprobs_from_logits(z, y, return_entropy=True)
+        return logp.sum() + entropy.sum()
+
+    compiled_logits = torch.compile(from_logits, fullgraph=True, backend="aot_eager")
+    assert_close(
+        torch.autograd.grad(compiled_logits(logits), logits)[0], torch.autograd.grad(from_logits(logits), logits)[0]
+    )
+
+
+def test_opcheck_token_ops():
+    from torch.library import opcheck
+
+    h, w, b, y = _data(torch.float32)
+    rows = h.reshape(-1, h.shape[-1])
+    flat = y.reshape(-1)
+    opcheck(torch.ops.xent.linear_token_logprobs.default, (rows, w, b, flat, -100, -1))
+    up = torch.randn(flat.shape[0])
+    opcheck(
+        torch.ops.xent.linear_token_logprobs_backward.default,
+        (rows, w, b, flat, up, up * 2, -100, 3 * 40 * 4, True, True, True),
+    )
+    logits = rows @ w.T
+    opcheck(torch.ops.xent.token_logprobs_from_logits.default, (logits, flat, -100))
+    opcheck(torch.ops.xent.token_logprobs_from_logits_backward.default, (logits, flat, up, up * 2, -100))

@@ -207,8 +207,9 @@ def _opcheck_cases():
 
 
 @pytest.mark.parametrize("args", _opcheck_cases())
-def test_opcheck_cross_entropy_ops(args):
-    opcheck(torch.ops.xent.cross_entropy.default, args)
+@pytest.mark.parametrize("statistics", ["", "lse,entropy,z_loss,argmax"])
+def test_opcheck_cross_entropy_ops(args, statistics):
+    opcheck(torch.ops.xent.cross_entropy.default, (*args, statistics))
     x, reduction = args[0], args[3]
     up = torch.rand(() if reduction != "none" or x.dim() == 1 else (x.shape[0], *x.shape[2:]))
     opcheck(torch.ops.xent.cross_entropy_backward.default, (up, *args))
@@ -222,8 +223,11 @@ def test_opcheck_linear_ops(reduction, dtype):
     y = torch.randint(0, 9, (6,), generator=gen)
     cw = torch.rand(9, generator=gen).to(dtype)
     options = (reduction, -100, 0.1, 0.01, None, torch.float32, 0, 4 * 9 * 4)
-    opcheck(torch.ops.xent.linear_cross_entropy.default, (h, w, b, y, cw, *options, True, True, True))
-    opcheck(torch.ops.xent.linear_cross_entropy.default, (h, w, None, y, None, *options, True, False, False))
+    opcheck(torch.ops.xent.linear_cross_entropy.default, (h, w, b, y, cw, *options, True, True, True, ""))
+    opcheck(
+        torch.ops.xent.linear_cross_entropy.default,
+        (h, w, None, y, None, *options, True, False, False, "lse,logprob,entropy,argmax"),
+    )
     up = torch.rand(() if reduction != "none" else (6,))
     opcheck(torch.ops.xent.linear_cross_entropy_backward.default, (h, w, b, y, cw, up, *options, True, True, True))
     opcheck(torch.ops.xent.scale_grad_.default, (torch.randn(6, 9).to(dtype), torch.tensor(2.0), "mean"))

@@ -76,12 +76,14 @@ def linear_pass(
     scale: Tensor | None = None,
     want: tuple[bool, bool, bool] = (False, False, False),
     lse: Tensor | None = None,
+    entropy_scale: Tensor | None = None,
 ):
     """One pass over the rows' logits, chunk by chunk: their statistics and, when `targets` and `scale` are
     given, the gradients in `want` (input, linear_weight, linear_bias) of sum_i scale_i * loss_i.
 
     `block` says which classes the head holds (all of them, or one rank's shard, whose gradient then
-    needs the rows' global `lse`). Weight and bias gradients come back in fp32 (fp64 for fp64 parameters),
+    needs the rows' global `lse`). `entropy_scale` (per row) adds the gradient of sum_i entropy_scale_i *
+    H_i, H_i the row's entropy (all classes in the block). Weight and bias gradients come back in fp32 (fp64 for fp64 parameters),
     except a weight gradient that one chunk covers: one GEMM in the workspace's dtype (fp32 accumulation
     inside it, as F.linear's backward), with no accumulator.
     """
@@ -94,11 +96,10 @@ def linear_pass(
     want_input, want_weight, want_bias = want if need_grad else (False, False, False)
 
     smoothing = p.options.label_smoothing > 0
-    stats = rows.RowStats.empty(num_rows, target=True, dense=smoothing, dtype=cd, device=dev)
+    statistics = p.statistics + (("entropy",) if entropy_scale is not None else ())
+    stats = rows.RowStats.for_statistics(num_rows, statistics, target=True, dense=smoothing, dtype=cd, device=dev)
     if not vocab:  # no classes in this head (or this rank's block): sum exp = 0, lse = -inf, no chunk runs
-        for t in (stats.shift, stats.sumexp, stats.target_logit, stats.dense_rel):
-            if t is not None:
-                t.zero_()
+        rows.classless_stats(stats)
     # a head without classes (or a rank holding none) writes no chunk: its input gradient is zero
     # contiguous whatever the input's strides (the custom op's fake says so); zeros without classes
     grad_input = (torch.empty if vocab else torch.zeros)(x.shape, dtype=x.dtype, device=dev) if want_input else None
@@ -111,7 +112,8 @@ def linear_pass(
     elif want_weight:
         grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev)
     grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
-    coefficients = targets.coefficients(scale, lse, block) if need_grad else None
+    entropy = entropy_scale.to(cd) if entropy_scale is not None else None
+    coefficients = targets.coefficients(scale, lse, block, entropy) if need_grad else None
     unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
     backend = backend_for(dev, cd)
 

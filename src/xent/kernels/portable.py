@@ -37,10 +37,13 @@ def chunk_blocks(n: int, c: int, d: int, budget: int) -> Iterator[tuple[int, int
 
 
 def cross_entropy_forward(
-    problem: Problem, need_grad: bool, upstream: Tensor | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """The loss as the caller asked for it, and d(loss)/d(input) for a unit upstream gradient, or for
-    `upstream` (the loss's gradient: a scalar, or one per row for reduction='none') when given.
+    problem: Problem, need_grad: bool, upstream: Tensor | None = None, entropy_upstream: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """The loss as the caller asked for it, d(loss)/d(input) for a unit upstream gradient, or for
+    `upstream` (the loss's gradient: a scalar, or one per row for reduction='none') when given, and the
+    per-token statistics the problem asks for (rows.token_statistics; an empty dict when none).
+    `entropy_upstream` (one value per row) adds the gradient of sum_i entropy_upstream_i * H_i, H_i the
+    row's entropy (class-index targets).
 
     The gradient (input dtype, laid out (N, C, D) contiguous) is what backward scales in place.
     """
@@ -77,8 +80,12 @@ def cross_entropy_forward(
         )
 
     block_of_classes = targets.block() if targets is not None else None
-    stats = rows.RowStats.empty(num_rows, target=targets is not None, dense=bool(terms.b), dtype=cd, device=dev)
-    coefficients = rows.ChunkCoefficients(terms, scale, dense_mass) if need_grad else None
+    entropy = entropy_upstream.reshape(-1).to(cd) if entropy_upstream is not None else None
+    statistics = problem.statistics + (("entropy",) if entropy is not None else ())
+    stats = rows.RowStats.for_statistics(
+        num_rows, statistics, target=targets is not None, dense=bool(terms.b), dtype=cd, device=dev
+    )
+    coefficients = rows.ChunkCoefficients(terms, scale, dense_mass, entropy=entropy) if need_grad else None
     # exp(z) without the max shift saves two passes, but deciding per chunk needs a host sync: CPU only.
     unshifted = dev.type == "cpu"
 
@@ -134,13 +141,15 @@ def cross_entropy_forward(
     # The loss of every row at once, from the per-row statistics of the pass (float64: see log_sum_exp).
     if c == 0:  # no classes: every row is ignored (index targets) or sums over nothing (probabilities)
         loss_rows = rows.classless_losses(num_rows, eps if targets is not None else 0.0, cd, dev)
+        stats = rows.classless_stats(stats)
     elif targets is not None:
         loss_rows = targets.block_losses(stats)
     else:
         lse = stats.lse()
         loss_rows = terms.loss(lse, None, rows.dense_cross_entropy(lse, stats.shift, dense_mass, stats.dense_rel))
 
-    return rows.finish_loss(problem, loss_rows, denominator), grad
+    token_stats = rows.token_statistics(stats, problem.statistics, targets, opts.z_loss, cd)
+    return rows.finish_loss(problem, loss_rows, denominator), grad, token_stats
 
 
 def _copy_rows(workspace: Tensor, block: Tensor) -> None:

@@ -108,14 +108,20 @@ def gradient_(
     target_coef: Tensor | None = None,
     dense: Tensor | None = None,
     dense_coef: Tensor | None = None,
+    xlogy: Tensor | None = None,
+    xlogy_coef: Tensor | None = None,
     chain: Tensor | None = None,
 ) -> None:
-    """workspace (holding e = exp(z - shift)) <- (softmax_coef * e - target_coef * onehot - dense_coef * u) * chain.
+    """workspace (holding e = exp(z - shift)) <- (softmax_coef * e - target_coef * onehot - dense_coef * u
+    + xlogy_coef * e log e) * chain.
 
     softmax_coef must already include exp(shift - lse), so that softmax_coef * e is the scaled softmax.
-    Every coefficient is per row, shape (rows,). With dense=None and a dense_coef, u is all ones.
+    Every coefficient is per row, shape (rows,). With dense=None and a dense_coef, u is all ones. `xlogy`
+    holds e log e (the entropy term's, taken before this call).
     """
     workspace.mul_(softmax_coef.unsqueeze(1))
+    if xlogy is not None:
+        workspace.addcmul_(xlogy_coef.unsqueeze(1), xlogy)
     if target is not None:
         workspace.scatter_add_(1, target, target_coef.neg().unsqueeze(1))
     if dense_coef is not None:
@@ -135,18 +141,53 @@ class RowStats:
     sumexp: Tensor  # sum_c exp(z_c - shift)
     target_logit: Tensor | None  # z_y (0 where the row's target is not in this block)
     dense_rel: Tensor | None  # <u, z - shift>
+    argmax: Tensor | None = None  # int64 column of the row's largest logit (the first, on ties); on request
+    entropy_rel: Tensor | None = None  # sum_c exp(z_c - shift) * (z_c - shift), for the entropy; on request
 
     @classmethod
-    def empty(cls, num_rows: int, *, target: bool, dense: bool, dtype: torch.dtype, device) -> RowStats:
+    def empty(
+        cls,
+        num_rows: int,
+        *,
+        target: bool,
+        dense: bool,
+        dtype: torch.dtype,
+        device,
+        argmax: bool = False,
+        entropy: bool = False,
+    ) -> RowStats:
         def new():
             return torch.empty(num_rows, dtype=dtype, device=device)
 
-        return cls(new(), new(), new() if target else None, new() if dense else None)
+        return cls(
+            new(),
+            new(),
+            new() if target else None,
+            new() if dense else None,
+            torch.empty(num_rows, dtype=torch.int64, device=device) if argmax else None,
+            new() if entropy else None,
+        )
+
+    @classmethod
+    def for_statistics(cls, num_rows: int, statistics: tuple, *, target: bool, dense: bool, dtype, device) -> RowStats:
+        """The statistics a pass fills to answer `statistics` (names from STATISTICS) besides the loss."""
+        return cls.empty(
+            num_rows,
+            target=target,
+            dense=dense,
+            dtype=dtype,
+            device=device,
+            argmax=bool({"argmax", "correct"} & set(statistics)),
+            entropy="entropy" in statistics,
+        )
 
     def rows(self, r0: int, r1: int) -> RowStats:
         """Views of rows r0:r1 (writing them fills this object)."""
         return RowStats(
-            *(t[r0:r1] if t is not None else None for t in (self.shift, self.sumexp, self.target_logit, self.dense_rel))
+            *(
+                t[r0:r1] if t is not None else None
+                for t in (self.shift, self.sumexp, self.target_logit, self.dense_rel, self.argmax, self.entropy_rel)
+            )
         )
 
     def chunk_(
@@ -165,9 +206,11 @@ class RowStats:
         """Fill rows r0:r1 from one chunk: load() puts its logits in `workspace` (and returns the softcap
         chain, or None); then target logits, exp_rows_ and the dense dot. Returns the chain."""
         chain = load()
+        src = workspace if source is None else source
         if target is not None and self.target_logit is not None:
-            src = workspace if source is None else source
             torch.gather(src, 1, target, out=self.target_logit[r0:r1].unsqueeze(1))
+        if self.argmax is not None:
+            torch.argmax(src, 1, out=self.argmax[r0:r1])
         extra = (
             dict(dense=dense, dense_is_ones=dense_is_ones, dense_out=self.dense_rel[r0:r1])
             if self.dense_rel is not None
@@ -176,10 +219,54 @@ class RowStats:
         if not exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, unshifted=unshifted, **extra):
             chain = load()  # some row over/underflowed exp(z): redo the chunk with the max shift
             exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, **extra)
+        if self.entropy_rel is not None:  # the workspace holds e = exp(z - shift): sum e * log e (0 log 0 = 0)
+            torch.sum(torch.xlogy(workspace, workspace), 1, out=self.entropy_rel[r0:r1])
         return chain
 
     def lse(self) -> Tensor:
         return log_sum_exp(self.shift, self.sumexp)
+
+
+# The per-token statistics a loss returns on request (return_stats=), computed from its own pass.
+STATISTICS = ("lse", "logprob", "entropy", "z_loss", "argmax", "correct")
+FLOAT_STATISTICS = ("lse", "logprob", "entropy", "z_loss")
+INDEX_TARGET_STATISTICS = ("logprob", "correct")
+
+
+def token_statistics(
+    stats: RowStats, statistics: tuple, targets: IndexTargets | None, z_loss: float, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """The requested statistics of every row, from one pass's RowStats (all classes in one block):
+
+        lse      log sum_c exp(z_c)                   entropy  -sum_c p_c log p_c = log s - <e, z - shift> / s
+        logprob  z_y - lse (0 on ignored rows)        z_loss   z_loss * lse**2 (0 on ignored rows)
+        argmax   the first column of the largest z    correct  argmax == y (False on ignored rows)
+
+    (z after softcap, when there is one), floats in `dtype`. `targets` is None for probability targets."""
+    out = {}
+    if not statistics:
+        return out
+    lse = stats.lse()
+    valid = targets.valid if targets is not None else None
+    for name in statistics:
+        if name == "lse":
+            value = lse
+        elif name == "logprob":
+            value = torch.where(valid, stats.target_logit.double() - lse, 0)
+        elif name == "entropy":
+            s = stats.sumexp.double()
+            value = torch.where(s > 0, s.log() - stats.entropy_rel.double() / s, 0)  # no classes: 0
+        elif name == "z_loss":
+            value = z_loss * lse * lse
+            value = torch.where(valid, value, 0) if valid is not None else value
+        elif name == "argmax":
+            out[name] = stats.argmax
+            continue
+        else:  # correct
+            out[name] = valid & (stats.argmax == targets.index)
+            continue
+        out[name] = value.to(dtype)
+    return out
 
 
 def dense_cross_entropy(lse: Tensor, shift: Tensor, dense_mass, dense_rel: Tensor) -> Tensor:
@@ -230,7 +317,12 @@ def torch_chunk(
         unshifted=unshifted,
     )
     if coefficients is not None:
-        softmax_coef, target_coef, dense_coef = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1])
+        entropy_rel = stats.entropy_rel[r0:r1] if coefficients.entropy is not None else None
+        softmax_coef, target_coef, dense_coef, xlogy_coef = coefficients(
+            r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1], entropy_rel
+        )
+        # e log e, taken before the workspace's e turns into the gradient
+        xlogy = torch.xlogy(workspace, workspace) if xlogy_coef is not None else None
         gradient_(
             workspace,
             softmax_coef,
@@ -238,6 +330,8 @@ def torch_chunk(
             target_coef=target_coef,
             dense=dense,
             dense_coef=dense_coef,
+            xlogy=xlogy,
+            xlogy_coef=xlogy_coef,
             chain=chain,
         )
 
@@ -298,14 +392,24 @@ class ChunkCoefficients:
     """
 
     def __init__(
-        self, terms: RowTerms, scale: Tensor, dense_mass, lse: Tensor | None = None, owned: Tensor | None = None
+        self,
+        terms: RowTerms,
+        scale: Tensor,
+        dense_mass,
+        lse: Tensor | None = None,
+        owned: Tensor | None = None,
+        entropy: Tensor | None = None,
     ):
         self.terms, self.scale, self.dense_mass, self.lse, self.owned = terms, scale, dense_mass, lse, owned
+        # entropy: a per-row coefficient c, adding c * dH/dz = -c * p * (log p + H) to the gradient (the
+        # rows' entropies H are then taken in the same pass; all classes in one block, so no global lse)
+        assert entropy is None or lse is None
+        self.entropy = entropy
         self.per_row_mass = isinstance(dense_mass, Tensor) and dense_mass.dim() > 0
         self.all_rows = None if self.per_row_mass else terms.gradient_coefs(scale, dense_mass)
 
     def rows(self, r0: int, r1: int) -> tuple:
-        """(softmax, zloss, target, dense) for rows r0:r1, as the Triton kernel takes them."""
+        """(softmax, zloss, target, dense, entropy) for rows r0:r1, as the Triton kernel takes them."""
         if self.all_rows is not None:
             softmax, zloss, target, dense = (t[r0:r1] if t is not None else None for t in self.all_rows)
         else:
@@ -314,17 +418,25 @@ class ChunkCoefficients:
             )
         if self.owned is not None and target is not None:
             target = target * self.owned[r0:r1]
-        return softmax, zloss, target, dense
+        return softmax, zloss, target, dense, self.entropy[r0:r1] if self.entropy is not None else None
 
-    def __call__(self, r0: int, r1: int, shift: Tensor, sumexp: Tensor):
-        """(softmax_coef, target_coef, dense_coef) for gradient_ on rows r0:r1 holding exp(z - shift).
+    def __call__(self, r0: int, r1: int, shift: Tensor, sumexp: Tensor, entropy_rel: Tensor | None = None):
+        """(softmax_coef, target_coef, dense_coef, xlogy_coef) for gradient_ on rows r0:r1 holding
+        e = exp(z - shift) (entropy_rel: their sum e * log e, when the gradient has an entropy term).
 
-        softmax_coef includes exp(shift - lse), so that it multiplies the workspace's exp(z - shift)."""
-        softmax, zloss, target, dense = self.rows(r0, r1)
+        softmax_coef includes exp(shift - lse), so that it multiplies the workspace's e. The entropy term
+        -c p (log p + H), with p = e / s and H = log s - h / s (h = sum e log e), is
+        -(c / s) e log e + (c h / s^2) e: its second part joins softmax_coef, its first is xlogy_coef."""
+        softmax, zloss, target, dense, entropy = self.rows(r0, r1)
         lse = self.lse[r0:r1].to(shift.dtype) if self.lse is not None else None
         if zloss is not None:
             softmax = softmax + zloss * (lse if lse is not None else shift + sumexp.log())
-        return (softmax / sumexp if lse is None else softmax * torch.exp(shift - lse)), target, dense
+        softmax = softmax / sumexp if lse is None else softmax * torch.exp(shift - lse)
+        xlogy_coef = None
+        if entropy is not None:
+            xlogy_coef = -entropy / sumexp
+            softmax = softmax + entropy * entropy_rel / (sumexp * sumexp)
+        return softmax, target, dense, xlogy_coef
 
 
 @dataclass(frozen=True)
@@ -418,8 +530,11 @@ class IndexTargets:
             one = one * upstream.reshape(-1).to(one.dtype)
         return torch.where(self.valid, one, 0)
 
-    def coefficients(self, scale: Tensor, lse: Tensor | None = None, block: ClassBlock | None = None):
-        return ChunkCoefficients(self.terms, scale, self.dense_mass, lse, block.owned if block else None)
+    def coefficients(
+        self, scale: Tensor, lse: Tensor | None = None, block: ClassBlock | None = None, entropy: Tensor | None = None
+    ):
+        """The gradient coefficients for d(sum_i scale_i loss_i + entropy_i H_i)/dz (entropy: per row)."""
+        return ChunkCoefficients(self.terms, scale, self.dense_mass, lse, block.owned if block else None, entropy)
 
     def row_losses(self, lse: Tensor, target_logit: Tensor, dense_ce: Tensor | None) -> Tensor:
         """Per-row losses (float64), 0 on ignored rows even when their logits are NaN."""
@@ -454,6 +569,17 @@ def finish_loss(problem, loss_rows: Tensor, denominator: Tensor) -> Tensor:
     loss = reduce_rows(loss_rows.to(problem.compute_dtype), problem.options.reduction, denominator, classless_smoothing)
     loss = loss.reshape(problem.output_shape) if problem.options.reduction == "none" else loss
     return loss.to(problem.output_dtype)
+
+
+def classless_stats(stats: RowStats) -> RowStats:
+    """The statistics of rows without classes (no pass runs): sum exp = 0, so lse = -inf; no argmax (-1);
+    entropy 0."""
+    for t in (stats.shift, stats.sumexp, stats.target_logit, stats.dense_rel, stats.entropy_rel):
+        if t is not None:
+            t.zero_()
+    if stats.argmax is not None:
+        stats.argmax.fill_(-1)
+    return stats
 
 
 def classless_losses(num_rows: int, label_smoothing: float, dtype: torch.dtype, device) -> Tensor:

@@ -73,11 +73,14 @@ def _rows_kernel(
     SUMEXP,
     TARGET_LOGIT,
     DENSE_REL,
+    ARGMAX,
+    ENTROPY_REL,
     LSE,
     C_SOFTMAX,
     C_ZLOSS,
     C_TARGET,
     C_DENSE,
+    C_ENTROPY,
     n_rows,
     n_cols,
     softcap,
@@ -90,6 +93,9 @@ def _rows_kernel(
     DENSE_MODE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ZLOSS: tl.constexpr,
+    STORE_ARGMAX: tl.constexpr,
+    STORE_ENTROPY: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
 ):
     # A grid smaller than the rows makes each program loop over rows (fewer rows in flight, so that the
     # gradient loop's second read of a row still finds it in L2); a grid of one program per row loops once.
@@ -106,11 +112,14 @@ def _rows_kernel(
             SUMEXP,
             TARGET_LOGIT,
             DENSE_REL,
+            ARGMAX,
+            ENTROPY_REL,
             LSE,
             C_SOFTMAX,
             C_ZLOSS,
             C_TARGET,
             C_DENSE,
+            C_ENTROPY,
             n_cols,
             softcap,
             tl.cast(row_i, tl.int64),
@@ -123,6 +132,9 @@ def _rows_kernel(
             DENSE_MODE,
             SOFTCAP,
             ZLOSS,
+            STORE_ARGMAX,
+            STORE_ENTROPY,
+            ENTROPY_GRAD,
         )
 
 
@@ -139,11 +151,14 @@ def _row(
     SUMEXP,
     TARGET_LOGIT,
     DENSE_REL,
+    ARGMAX,
+    ENTROPY_REL,
     LSE,
     C_SOFTMAX,
     C_ZLOSS,
     C_TARGET,
     C_DENSE,
+    C_ENTROPY,
     n_cols,
     softcap,
     row,
@@ -156,6 +171,9 @@ def _row(
     DENSE_MODE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ZLOSS: tl.constexpr,
+    STORE_ARGMAX: tl.constexpr,
+    STORE_ENTROPY: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
 ):
     z_row = Z + row * stride_z
     dense_row = DENSE + row * stride_dense
@@ -177,15 +195,27 @@ def _row(
         s = 0.0
         d = 0.0
         u_seen = 0.0
+        h = 0.0  # sum e * (z - shift), for the entropy
+        best = -float("inf")
+        best_col = 0
         for start in range(0, n_cols, BLOCK):
             idx = start + cols
             mask = idx < n_cols
             z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
             if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
                 z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
-            m_new = tl.maximum(m, tl.max(z, 0))
+            block_max = tl.max(z, 0)
+            if STORE_ARGMAX:  # strictly greater: an earlier block keeps a tie (torch.argmax's first index)
+                best_col = tl.where(block_max > best, start + tl.argmax(z, 0), best_col)
+                best = tl.maximum(best, block_max)
+            m_new = tl.maximum(m, block_max)
             base = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
-            s = s * tl.exp(m - base) + tl.sum(tl.exp(z - base), 0)
+            e = tl.exp(z - base)
+            if STORE_ENTROPY:
+                # re-base the sum so far: e' = e exp(m - base), z - base = (z - m) + (m - base)
+                moved = tl.where(m == -float("inf"), 0.0, m - base)
+                h = tl.exp(m - base) * (h + s * moved) + tl.sum(e * tl.where(e > 0.0, z - base, 0.0), 0)
+            s = s * tl.exp(m - base) + tl.sum(e, 0)
             if DENSE_MODE != 0:
                 if DENSE_MODE == 1:
                     u = tl.where(mask, 1.0, 0.0)
@@ -198,6 +228,10 @@ def _row(
             m = base
         tl.store(SHIFT + row, m)
         tl.store(SUMEXP + row, s)
+        if STORE_ARGMAX:
+            tl.store(ARGMAX + row, best_col.to(tl.int64))
+        if STORE_ENTROPY:
+            tl.store(ENTROPY_REL + row, h)
         if STORE_DENSE:
             tl.store(DENSE_REL + row, d)
         if STORE_TARGET:
@@ -217,6 +251,9 @@ def _row(
             c_target = tl.load(C_TARGET + row)
         if DENSE_MODE != 0:
             c_dense = tl.load(C_DENSE + row)
+        if ENTROPY_GRAD:  # -c p (log p + H), log p + H = (z - m) - h / s (the entropy's own statistics)
+            c_entropy = tl.load(C_ENTROPY + row)
+            h_over_s = h / s
         out_row = OUT + row * stride_out
         for start in range(0, n_cols, BLOCK):
             idx = start + cols
@@ -227,7 +264,10 @@ def _row(
                 z = softcap * th
             # exp((z - m) - log s), not exp(z - lse): lse rounded to fp32 would cost absolute precision
             # in proportion to the largest logit.
-            g = c_softmax * tl.exp((z - m) - log_s)
+            p = tl.exp((z - m) - log_s)
+            g = c_softmax * p
+            if ENTROPY_GRAD:
+                g -= c_entropy * p * tl.where(p > 0.0, (z - m) - h_over_s, 0.0)
             if HAS_TARGET:
                 g -= tl.where(idx == target, c_target, 0.0)
             if DENSE_MODE == 1:
@@ -297,7 +337,7 @@ def rows_(
     stats: a rows.RowStats (fp32 views for these rows) to fill, or None (then `lse` must be given).
     target: (rows,) int64 column of each row's target. dense: u, (C,) or (rows, C); dense_is_ones for u = 1;
     pass u only when the loss has a dense term (then stats.dense_rel and the dense coefficient exist).
-    out + coefs = (softmax, zloss or None, target or None, dense or None) per-row fp32 vectors: write the
+    out + coefs = (softmax, zloss, target, dense, entropy; None where absent) per-row fp32 vectors: write the
     gradient into `out` (rows, C), which may be z itself (each element is read before it is written).
     """
     num_rows, n_cols = z.shape
@@ -310,7 +350,8 @@ def rows_(
         dense_mode = DENSE_PER_ROW if dense.dim() == 2 else DENSE_SHARED
     elif dense_is_ones:
         dense_mode = DENSE_ONES
-    softmax_c, zloss_c, target_c, dense_c = coefs if coefs is not None else (None, None, None, None)
+    softmax_c, zloss_c, target_c, dense_c, entropy_c = coefs if coefs is not None else (None,) * 5
+    assert entropy_c is None or (stats is not None and stats.entropy_rel is not None)
 
     def arg(t: Tensor | None) -> Tensor:
         return t if t is not None else dummy
@@ -329,11 +370,14 @@ def rows_(
             arg(stats and stats.sumexp),
             arg(stats and stats.target_logit),
             arg(stats and stats.dense_rel),
+            arg(stats and stats.argmax),
+            arg(stats and stats.entropy_rel),
             arg(lse),
             arg(softmax_c),
             arg(zloss_c),
             arg(target_c),
             arg(dense_c),
+            arg(entropy_c),
             num_rows,
             n_cols,
             float(softcap) if softcap is not None else 1.0,
@@ -346,6 +390,9 @@ def rows_(
             DENSE_MODE=dense_mode,
             SOFTCAP=softcap is not None,
             ZLOSS=zloss_c is not None,
+            STORE_ARGMAX=stats is not None and stats.argmax is not None,
+            STORE_ENTROPY=stats is not None and stats.entropy_rel is not None,
+            ENTROPY_GRAD=entropy_c is not None,
             num_warps=warps,
         )
 
@@ -386,9 +433,12 @@ def supports(problem) -> bool:
     return not problem.probabilities and problem.logits.shape[2] == 1 and problem.compute_dtype == torch.float32
 
 
-def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = None):
-    """Loss and the gradient for a unit upstream gradient (or for `upstream`, the loss's gradient), in one
-    launch over all rows (no host sync)."""
+def cross_entropy_forward(
+    problem, need_grad: bool, upstream: Tensor | None = None, entropy_upstream: Tensor | None = None
+):
+    """Loss, the gradient for a unit upstream gradient (or for `upstream`, the loss's gradient; plus that
+    of sum_i entropy_upstream_i * H_i) and the requested per-token statistics, in one launch over all rows
+    (no host sync)."""
     x = problem.logits[:, :, 0]
     if x.stride(1) != 1 and x.shape[1] > 1:
         x = x.contiguous()
@@ -396,7 +446,11 @@ def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = No
     opts = problem.options
     targets = rows.IndexTargets.from_options(problem.target, problem.weight, opts, c, torch.float32)
     smoothing = bool(targets.terms.b)
-    stats = rows.RowStats.empty(n, target=True, dense=smoothing, dtype=torch.float32, device=x.device)
+    entropy = entropy_upstream.reshape(-1).float() if entropy_upstream is not None else None
+    statistics = problem.statistics + (("entropy",) if entropy is not None else ())
+    stats = rows.RowStats.for_statistics(
+        n, statistics, target=True, dense=smoothing, dtype=torch.float32, device=x.device
+    )
     grad = torch.empty((n, c, 1), dtype=x.dtype, device=x.device) if need_grad else None
     rows_(
         x,
@@ -406,12 +460,15 @@ def cross_entropy_forward(problem, need_grad: bool, upstream: Tensor | None = No
         dense_is_ones=smoothing and targets.class_weight is None,
         softcap=opts.softcap,
         out=grad[:, :, 0] if grad is not None else None,
-        coefs=targets.coefficients(targets.scale(upstream)).rows(0, n) if need_grad else None,
+        coefs=targets.coefficients(targets.scale(upstream), entropy=entropy).rows(0, n) if need_grad else None,
     )
+    if not c:
+        rows.classless_stats(stats)
     loss_rows = (
         targets.block_losses(stats) if c else rows.classless_losses(n, opts.label_smoothing, torch.float64, x.device)
     )
-    return rows.finish_loss(problem, loss_rows, targets.denominator), grad
+    token_stats = rows.token_statistics(stats, problem.statistics, targets, opts.z_loss, problem.compute_dtype)
+    return rows.finish_loss(problem, loss_rows, targets.denominator), grad, token_stats
 
 
 @triton.jit
