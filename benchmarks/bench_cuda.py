@@ -500,37 +500,34 @@ def ce_options_section(report: Report, args) -> None:
 
 # ------------------------------------------------------------------------------------ per-token statistics
 
-ALL_STATISTICS = ("lse", "logprob", "entropy", "z_loss", "argmax", "correct")
 
-
-def _naive_statistics(x, y):
-    """The loss and every statistic of return_stats from the logits with plain torch ops (what a trainer
-    writes without xent): log-softmax in fp32, then each statistic from it."""
-    logp = x.float().log_softmax(-1)
-    loss = F.nll_loss(logp, y)
-    valid = y != -100
-    safe = torch.where(valid, y, 0)
-    lse = torch.logsumexp(x.float(), -1)
-    logprob = torch.where(valid, logp.gather(1, safe[:, None])[:, 0], 0)
-    entropy = -(logp.exp() * logp).sum(-1)
-    argmax = x.argmax(-1)
-    correct = valid & (argmax == y)
-    return loss, (lse, logprob.detach(), entropy.detach(), argmax, correct)
+def _relative_rows(report: Report, label: list, cases: list, args) -> None:
+    """Measure `cases` and report each one's time relative to the first's, and its peak growth."""
+    res = measure(cases, args.repeats, args.device)
+    first = res[cases[0].name].time
+    for c in cases:
+        r = res[c.name]
+        if r.error:
+            report.row(label + [c.name, r.error, "-", "-"])
+            continue
+        report.row(label + [c.name, _ms(r.time), f"{r.time / first:.2f}", _gb(r.peak)])
 
 
 def stats_section(report: Report, args, peers: Peers) -> None:
     """cross_entropy and linear_cross_entropy with every per-token statistic against without, and against
-    the statistics computed naively from the logits."""
+    the statistics computed from the logits in torch; RL log-probabilities and entropies likewise."""
     import xent
+    from xent.bench import STATISTICS, naive_statistics, naive_token_logprobs
 
     device = args.device
-    report("## Per-token statistics (return_stats=all six), forward + backward (mean)\n")
+    report("## Per-token statistics and RL log-probabilities, forward + backward\n")
     report(
-        "xent with `return_stats=('lse', 'logprob', 'entropy', 'z_loss', 'argmax', 'correct')` against "
-        "xent without, and against torch computing the loss and the same statistics from fp32 "
-        "log-softmax. Peak growth: beyond the inputs and the returned gradients.\n"
+        "xent with `return_stats=` all six statistics against xent without, and against torch computing the "
+        "loss and the same statistics from fp32 log-softmax; `xent.token_logprobs(..., return_entropy=True)` "
+        "in a policy-gradient objective (temperature 0.7) against the same objective from the materialized "
+        "logits. Peak growth: beyond the inputs and the returned gradients.\n"
     )
-    report.table(["problem", "dtype", "implementation", "time (ms)", "time / xent plain", "peak growth (GB)"])
+    report.table(["problem", "dtype", "implementation", "time (ms)", "time / first row", "peak growth (GB)"])
     dtype = torch.bfloat16
     n, v = (16, 512) if args.smoke else (8192, 128256)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -542,51 +539,41 @@ def stats_section(report: Report, args, peers: Peers) -> None:
 
     variants = {
         "xent cross_entropy": lambda: xent.cross_entropy(x, y).backward(),
-        "xent cross_entropy + all statistics": lambda: xent.cross_entropy(x, y, return_stats=ALL_STATISTICS)[
-            0
-        ].backward(),
-        "torch: loss + statistics from log_softmax": lambda: _naive_statistics(x, y)[0].backward(),
+        "xent + all statistics": lambda: xent.cross_entropy(x, y, return_stats=STATISTICS)[0].backward(),
+        "torch: loss + statistics from log_softmax": lambda: naive_statistics(x, y)[0].backward(),
     }
     cases = [Case(name, fn, reset, lambda: _fresh_grad_bytes(x)) for name, fn in variants.items()]
-    res = measure(cases, args.repeats, device)
-    plain = res[cases[0].name].time
-    for c in cases:
-        r = res[c.name]
-        label = [f"cross_entropy {n} x {v}", _dtype_name(dtype), c.name]
-        if r.error:
-            report.row(label + [r.error, "-", "-"])
-            continue
-        report.row(label + [_ms(r.time), f"{r.time / plain:.2f}", _gb(r.peak)])
-    del cases, res, x, y
+    _relative_rows(report, [f"cross_entropy {n} x {v}", _dtype_name(dtype)], cases, args)
+    del cases, x, y
     _cleanup(device)
 
     n, h, v = (16, 32, 512) if args.smoke else (8192, 4096, 128256)
     xh = torch.randn(n, h, generator=gen, device=device, dtype=dtype).requires_grad_()
     w = (torch.randn(v, h, generator=gen, device=device, dtype=dtype) / h**0.5).requires_grad_()
     y = torch.randint(0, v, (n,), generator=gen, device=device)
+    advantages = torch.randn(n, generator=gen, device=device)
 
     def reset_linear():
         xh.grad = w.grad = None
 
+    def rl_objective(logp, entropy):
+        return -(logp * advantages).mean() - 0.01 * entropy.mean()
+
     variants = {
         "xent linear_cross_entropy": lambda: xent.linear_cross_entropy(xh, w, y).backward(),
-        "xent linear_cross_entropy + all statistics": lambda: xent.linear_cross_entropy(
-            xh, w, y, return_stats=ALL_STATISTICS
-        )[0].backward(),
-        "torch: matmul, loss + statistics from log_softmax": lambda: _naive_statistics(xh @ w.T, y)[0].backward(),
+        "xent + all statistics": lambda: xent.linear_cross_entropy(xh, w, y, return_stats=STATISTICS)[0].backward(),
+        "torch: matmul, loss + statistics from log_softmax": lambda: naive_statistics(xh @ w.T, y)[0].backward(),
+        "xent token_logprobs + entropy (RL objective)": lambda: rl_objective(
+            *xent.token_logprobs(xh, w, y, temperature=0.7, return_entropy=True)
+        ).backward(),
+        "torch: matmul, log_softmax, gather + entropy (RL objective)": lambda: rl_objective(
+            *naive_token_logprobs(xh @ w.T, y, 0.7)
+        ).backward(),
     }
     cases = [Case(name, fn, reset_linear, lambda: _fresh_grad_bytes(xh, w)) for name, fn in variants.items()]
-    res = measure(cases, args.repeats, device)
-    plain = res[cases[0].name].time
-    for c in cases:
-        r = res[c.name]
-        label = [f"linear {n}, {h}, {v}", _dtype_name(dtype), c.name]
-        if r.error:
-            report.row(label + [r.error, "-", "-"])
-            continue
-        report.row(label + [_ms(r.time), f"{r.time / plain:.2f}", _gb(r.peak)])
+    _relative_rows(report, [f"linear {n}, {h}, {v}", _dtype_name(dtype)], cases, args)
     report()
-    del cases, res, xh, w, y
+    del cases, xh, w, y
     _cleanup(device)
 
 

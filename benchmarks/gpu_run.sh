@@ -5,6 +5,7 @@
 #
 #     bash benchmarks/gpu_run.sh [TEST_SECONDS] [BENCH_SECONDS] [BENCH_ARGS...]
 #
+# XENT_GPU_TESTS (default: tests) picks the test paths; 0 seconds skips a part.
 # Writes tests.log, bench.md and env.txt under $OUT (or ./gpu-out when OUT is unset).
 set -u
 out=${OUT:-gpu-out}
@@ -25,7 +26,7 @@ cat "$out/env.txt"
 # also written as they happen (conftest.py, XENT_FAILURE_LOG), in case the time box cuts the run short.
 if [ "$test_s" -gt 0 ]; then
     XENT_FAILURE_LOG="$out/failures.log" timeout "$test_s" python3 -m pytest -q -p no:cacheprovider -n 14 \
-        --tb=short --durations=15 tests >"$out/tests.log" 2>&1
+        --tb=short --durations=15 ${XENT_GPU_TESTS:-tests} >"$out/tests.log" 2>&1
     echo "tests rc=$?"
     tail -n 25 "$out/tests.log"
 fi

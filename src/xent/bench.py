@@ -57,11 +57,18 @@ def make_step(w: Workload, impl: str, seed: int = 0) -> tuple[Callable[[], torch
     target = torch.randint(0, w.vocab, (w.tokens,), generator=gen, device=w.device)
     if w.kind == "ce":
         x = torch.randn(w.tokens, w.vocab, generator=gen, device=w.device, dtype=dtype).requires_grad_()
-        fn = {"xent": xent.cross_entropy, "torch": F.cross_entropy}[impl]
         params = [x]
+        if impl in STATS_IMPLS:  # the loss plus every per-token statistic
 
-        def forward():
-            return fn(x, target)
+            def forward():
+                if impl == "xent-stats":
+                    return xent.cross_entropy(x, target, return_stats=STATISTICS)[0]
+                return naive_statistics(x, target)[0]
+        else:
+            fn = {"xent": xent.cross_entropy, "torch": F.cross_entropy}[impl]
+
+            def forward():
+                return fn(x, target)
     else:
         h = (torch.randn(w.tokens, w.hidden, generator=gen, device=w.device, dtype=dtype)).requires_grad_()
         lm = (
@@ -81,6 +88,15 @@ def make_step(w: Workload, impl: str, seed: int = 0) -> tuple[Callable[[], torch
 
             def forward():
                 return F.linear_cross_entropy(h, lm, target, options=options)
+        elif impl in RL_IMPLS:  # a policy-gradient objective from log-probabilities and entropies
+            advantages = torch.randn(w.tokens, generator=gen, device=w.device)
+
+            def forward():
+                if impl == "xent-rl":
+                    logp, entropy = xent.token_logprobs(h, lm, target, temperature=0.7, return_entropy=True)
+                else:
+                    logp, entropy = naive_token_logprobs(h @ lm.T, target, 0.7)
+                return -(logp * advantages).mean() - 0.01 * entropy.mean()
         else:
             raise ValueError(impl)
 
@@ -95,6 +111,34 @@ def make_step(w: Workload, impl: str, seed: int = 0) -> tuple[Callable[[], torch
 
     step.release = release
     return step, lambda: [p.grad for p in params]
+
+
+STATISTICS = ("lse", "logprob", "entropy", "z_loss", "argmax", "correct")
+STATS_IMPLS = ("xent-stats", "naive-stats")  # ce workloads: the loss and every statistic of return_stats
+RL_IMPLS = ("xent-rl", "naive-rl")  # linear workloads: token log-probabilities and entropies
+
+
+def naive_statistics(x: torch.Tensor, y: torch.Tensor):
+    """The loss and return_stats' statistics from fp32 log-softmax, as a trainer writes them in torch."""
+    logp = x.float().log_softmax(-1)
+    loss = F.nll_loss(logp, y)
+    with torch.no_grad():
+        valid = y != -100
+        safe = torch.where(valid, y, 0)
+        lse = torch.logsumexp(x.float(), -1)
+        logprob = torch.where(valid, logp.gather(1, safe[:, None])[:, 0], 0)
+        entropy = -(logp.exp() * logp).sum(-1)
+        argmax = x.argmax(-1)
+        correct = valid & (argmax == y)
+    return loss, (lse, logprob, entropy, argmax, correct)
+
+
+def naive_token_logprobs(logits: torch.Tensor, y: torch.Tensor, temperature: float):
+    """Token log-probabilities and entropies from the materialized logits (TRL/verl's formulation)."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    chosen = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return chosen, entropy
 
 
 # ----------------------------------------------------------------------------------------------------

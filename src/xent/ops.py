@@ -843,6 +843,14 @@ def _(
     return grad_like(input, want_input), grad_like(linear_weight, want_weight), grad_like(linear_bias, want_bias)
 
 
+def _token_upstreams(grad_logprob, grad_entropy, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Both upstream gradients as tensors: autograd passes None for an output that was not used."""
+    zeros = torch.zeros(
+        rows.shape[0], dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=rows.device
+    )
+    return (grad_logprob if grad_logprob is not None else zeros, grad_entropy if grad_entropy is not None else zeros)
+
+
 def _token_linear_problem(input, linear_weight, linear_bias, target, ignore_index, memory_budget) -> LinearProblem:
     cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
     return LinearProblem(
@@ -877,17 +885,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprob, grad_entropy):
         input, linear_weight, linear_bias, target = ctx.saved_tensors
         want = tuple(ctx.needs_input_grad[:3])
-        cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
-        zeros = torch.zeros(input.shape[0], dtype=cd, device=input.device)
+        grad_logprob, grad_entropy = _token_upstreams(grad_logprob, grad_entropy, input, linear_weight.dtype)
         gi, gw, gb = torch.ops.xent.linear_token_logprobs_backward(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            grad_logprob if grad_logprob is not None else zeros,
-            grad_entropy if grad_entropy is not None else zeros,
-            *ctx.args,
-            *want,
+            input, linear_weight, linear_bias, target, grad_logprob, grad_entropy, *ctx.args, *want
         )
         return (*(g if w else None for g, w in zip((gi, gw, gb), want)), None, None, None)
 
@@ -966,14 +966,9 @@ class TokenLogprobsFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
         logits, target = ctx.saved_tensors
-        cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        zeros = torch.zeros(logits.shape[0], dtype=cd, device=logits.device)
+        grad_logprob, grad_entropy = _token_upstreams(grad_logprob, grad_entropy, logits, logits.dtype)
         grad = torch.ops.xent.token_logprobs_from_logits_backward(
-            logits,
-            target,
-            grad_logprob if grad_logprob is not None else zeros,
-            grad_entropy if grad_entropy is not None else zeros,
-            ctx.ignore_index,
+            logits, target, grad_logprob, grad_entropy, ctx.ignore_index
         )
         return grad, None, None
 

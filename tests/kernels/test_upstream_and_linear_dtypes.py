@@ -187,6 +187,9 @@ def test_no_host_synchronisation_in_forward_and_backward():
         lambda: xent.cross_entropy(x, y, label_smoothing=0.1).backward(),
         lambda: xent.cross_entropy(x, y, reduction="none").sum().backward(),
         lambda: xent.linear_cross_entropy(h, w, y).backward(),
+        lambda: xent.cross_entropy(x, y, return_stats=("correct", "entropy", "lse"))[0].backward(),
+        lambda: xent.linear_cross_entropy(h, w, y, return_stats=("logprob", "argmax"))[0].backward(),
+        lambda: sum(t.sum() for t in xent.token_logprobs(h, w, y, return_entropy=True)).backward(),
     ):
         step()  # compile the kernels first (triton's launcher may synchronise once)
         torch.cuda.synchronize()
@@ -195,3 +198,46 @@ def test_no_host_synchronisation_in_forward_and_backward():
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_cuda_graph_capture_and_replay():
+    """Forward and backward of cross-entropy, linear cross-entropy (with statistics) and the RL
+    log-probabilities captured in one CUDA graph, replayed on new inputs: the eager results."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    h = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    w = torch.randn(1000, 32, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    y = torch.randint(0, 1000, (64,), device="cuda", generator=gen)
+
+    def step():
+        loss = xent.cross_entropy(x, y, label_smoothing=0.1)
+        lin, stats = xent.linear_cross_entropy(h, w, y, return_stats=("lse", "correct"))
+        logp, entropy = xent.token_logprobs(h, w, y, return_entropy=True)
+        (loss + lin + logp.sum() * 1e-3 + entropy.sum() * 1e-3).backward()
+        return loss, lin, stats.lse, logp, entropy
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: kernels compiled, allocator settled
+            for t in (x, h, w):
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (x, h, w):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():  # new inputs in the same buffers
+        for t in (x, h, w):
+            t.copy_(torch.randn(t.shape, device="cuda", generator=gen))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [t.clone() for t in captured] + [t.grad.clone() for t in (x, h, w)]
+    for t in (x, h, w):
+        t.grad = None
+    eager = list(step()) + [t.grad for t in (x, h, w)]
+    for a, b in zip(replayed, eager):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

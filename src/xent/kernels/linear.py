@@ -83,9 +83,9 @@ def linear_pass(
 
     `block` says which classes the head holds (all of them, or one rank's shard, whose gradient then
     needs the rows' global `lse`). `entropy_scale` (per row) adds the gradient of sum_i entropy_scale_i *
-    H_i, H_i the row's entropy (all classes in the block). Weight and bias gradients come back in fp32 (fp64 for fp64 parameters),
-    except a weight gradient that one chunk covers: one GEMM in the workspace's dtype (fp32 accumulation
-    inside it, as F.linear's backward), with no accumulator.
+    H_i, H_i the row's entropy (all classes in the block). Weight and bias gradients come back in fp32
+    (fp64 for fp64 parameters), except a weight gradient that one chunk covers: one GEMM in the
+    workspace's dtype (fp32 accumulation inside it, as F.linear's backward), with no accumulator.
     """
     x, w_lin, b_lin = p.input, p.linear_weight, p.linear_bias
     num_rows, vocab = x.shape[0], w_lin.shape[0]
