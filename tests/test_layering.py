@@ -1,9 +1,9 @@
 """The package's layers import one way only, and no module imports itself back through another.
 
-    public API (functional, modules, linear, distributed, integrations, labels, cli, bench)
-      -> _validate (arguments -> typed problems)
-      -> ops (custom ops, autograd, the eager / traced / torch.func routes)
-      -> kernels: the drivers (__init__, portable, linear, driver)
+    public API (functional, modules, linear, distill, distributed, integrations, labels, cli, bench)
+      -> _validate, _validate_distill (arguments -> typed problems)
+      -> ops, ops_distill (custom ops, autograd, the eager / traced / torch.func routes)
+      -> kernels: the drivers (__init__, portable, linear, distill, driver)
       -> kernels: the backends (backends, triton_rows)
       -> kernels/rows.py (the row math)
     problems.py (the typed problems) and reference.py (the formulas) sit below everything.
@@ -29,15 +29,16 @@ LAYERS = [  # top to bottom
         "xent.distributed",
         "xent.dtensor",
         "xent.rl",
+        "xent.distill",
         "xent.integrations",
         "xent.integrations.transformers",
         "xent.labels",
         "xent.cli",
         "xent.bench",
     },
-    {"xent._validate"},
-    {"xent.ops"},
-    {"xent.kernels", "xent.kernels.portable", "xent.kernels.linear", "xent.kernels.driver"},
+    {"xent._validate", "xent._validate_distill"},
+    {"xent.ops", "xent.ops_distill"},
+    {"xent.kernels", "xent.kernels.portable", "xent.kernels.linear", "xent.kernels.distill", "xent.kernels.driver"},
     {"xent.kernels.backends", "xent.kernels.triton_rows"},
     {"xent.kernels.rows"},
     {"xent.problems", "xent.reference"},

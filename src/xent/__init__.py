@@ -8,11 +8,14 @@ Public API:
     one_hot, LabelEncoder                   targets from labels that are not integers
     token_logprobs[_from_logits]            RL: chosen tokens' log-probabilities (and entropies), no logits
     TokenStatistics                         what return_stats= gives: lse, logprob, entropy, z_loss, argmax, correct
+    linear_distillation_loss,
+    LinearDistillationLoss, Teacher*        KL / reverse KL / JSD of a student head against a teacher, no logits
     reference                               the formulas, in readable float64 code
     distributed                             vocab-parallel losses for tensor-parallel training
 """
 
 from . import distributed, reference
+from .distill import LinearDistillationLoss, TeacherHead, TeacherLogits, TeacherTopK, linear_distillation_loss
 from .functional import cross_entropy, nll_loss
 from .labels import LabelEncoder, one_hot
 from .linear import linear_cross_entropy
@@ -34,6 +37,11 @@ __all__ = [
     "token_logprobs",
     "token_logprobs_from_logits",
     "TokenStatistics",
+    "linear_distillation_loss",
+    "LinearDistillationLoss",
+    "TeacherHead",
+    "TeacherLogits",
+    "TeacherTopK",
     "reference",
     "distributed",
     "__version__",

@@ -122,6 +122,54 @@ class LinearProblem:
         return torch.float64 if self.linear_weight.dtype == torch.float64 else torch.float32
 
 
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+TEACHER_KINDS = ("head", "logits", "topk")
+
+
+@dataclass(frozen=True, eq=False)
+class DistillProblem:
+    """A validated linear distillation: the student's rows and head, one teacher form, the options.
+
+    Tensors are flattened to rows: R = the number of tokens (the product of the input's leading
+    dimensions). The teacher's tensors are detached: the loss gives them no gradient."""
+
+    input: Tensor  # (R, H) student hidden states
+    linear_weight: Tensor  # (V, H)
+    linear_bias: Tensor | None  # (V,)
+    teacher_kind: str  # one of TEACHER_KINDS
+    teacher_input: Tensor | None  # head: (R, H_t)
+    teacher_weight: Tensor | None  # head: (V, H_t)
+    teacher_bias: Tensor | None  # head: (V,)
+    teacher_logits: Tensor | None  # logits: (R, V)
+    teacher_indices: Tensor | None  # topk: (R, k) int64
+    teacher_logprobs: Tensor | None  # topk: (R, k)
+    target: Tensor | None  # (R,): tokens equal to ignore_index are skipped; None: none is
+    divergence: str  # 'kl' | 'reverse_kl' | 'jsd' (a jsd with beta 0 or 1 arrives as 'kl' / 'reverse_kl')
+    beta: float
+    temperature: float
+    ignore_index: int
+    reduction: str  # one of REDUCTIONS
+    output_shape: tuple  # of the reduction='none' result (the input's leading dimensions)
+    output_dtype: torch.dtype
+    memory_budget: int | None = None  # bytes of all of one chunk's workspaces together; None: the default
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.input.dtype == torch.float64 else torch.float32
+
+    @property
+    def teacher_tensors(self) -> tuple:
+        return (
+            self.teacher_input,
+            self.teacher_weight,
+            self.teacher_bias,
+            self.teacher_logits,
+            self.teacher_indices,
+            self.teacher_logprobs,
+        )
+
+
 def _as_3d(t: Tensor) -> Tensor:
     """(C,) -> (1, C, 1); (N, C) -> (N, C, 1); (N, C, d...) -> (N, C, D). A view whenever torch can make one."""
     if t.dim() == 1:

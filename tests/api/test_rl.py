@@ -166,7 +166,7 @@ def test_opcheck_token_ops():
     rows = h.reshape(-1, h.shape[-1])
     flat = y.reshape(-1)
     opcheck(torch.ops.xent.linear_token_logprobs.default, (rows, w, b, flat, -100, -1))
-    up = torch.randn(flat.shape[0])
+    up = torch.randn(flat.shape[0]).to(DEVICE)
     opcheck(
         torch.ops.xent.linear_token_logprobs_backward.default,
         (rows, w, b, flat, up, up * 2, -100, 3 * 40 * 4, True, True, True),
