@@ -62,8 +62,10 @@ def linear_cross_entropy(
         softcap (float, optional): logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
         options: torch's ``LinearCrossEntropyOptions``; only ``batch_chunk_size`` is used (tokens per chunk).
         memory_budget (int, optional): bytes for one chunk of logits (fp32; bf16/fp16 heads on the Triton
-            backend keep their own dtype); default 1/16 of the full logits, clamped to [16 MiB, 256 MiB]
-            and rounded to 128-row tiles. The result does not depend on it beyond rounding.
+            backend keep their own dtype); default 1/16 of the full logits, clamped to [16 MiB, 256 MiB],
+            or on CUDA, when the head's gradient is wanted, up to its fp32 accumulator's size (V x H x 4
+            bytes, at most 4 GiB), rounded to 128-row tiles. The result does not depend on it beyond
+            rounding.
         output_dtype (torch.dtype, optional): dtype of the returned loss; default the input's (as torch).
             ``torch.float32`` keeps a bf16 model's loss unrounded (it is computed in fp32 either way).
         return_stats (str or sequence of str): per-token statistics to return as well, from the same pass
