@@ -86,6 +86,12 @@ def exp_rows_(
     return True
 
 
+def e_log_e(e: Tensor) -> Tensor:
+    """e * log(e), elementwise, with 0 log 0 = 0 (its limit), in a new buffer. log, mul and a NaN fill run
+    vectorised: torch.xlogy and torch.special.entr were 6x slower on CPU."""
+    return torch.log(e).mul_(e).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
 def log_sum_exp(shift: Tensor, sumexp: Tensor) -> Tensor:
     """lse = shift + log(sumexp), in float64: with shift = 0 the log carries the whole magnitude of the
     logits, and rounding lse to fp32 (an error of ulp(|lse|)) would then swamp small losses."""
@@ -209,8 +215,8 @@ class RowStats:
         src = workspace if source is None else source
         if target is not None and self.target_logit is not None:
             torch.gather(src, 1, target, out=self.target_logit[r0:r1].unsqueeze(1))
-        if self.argmax is not None:
-            torch.argmax(src, 1, out=self.argmax[r0:r1])
+        if self.argmax is not None:  # torch.max's indices: the first maximum, and faster than argmax on CPU
+            self.argmax[r0:r1] = torch.max(src, 1).indices
         extra = (
             dict(dense=dense, dense_is_ones=dense_is_ones, dense_out=self.dense_rel[r0:r1])
             if self.dense_rel is not None
@@ -219,8 +225,8 @@ class RowStats:
         if not exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, unshifted=unshifted, **extra):
             chain = load()  # some row over/underflowed exp(z): redo the chunk with the max shift
             exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, **extra)
-        if self.entropy_rel is not None:  # the workspace holds e = exp(z - shift): sum e * log e (0 log 0 = 0)
-            torch.sum(torch.xlogy(workspace, workspace), 1, out=self.entropy_rel[r0:r1])
+        if self.entropy_rel is not None:  # the workspace holds e = exp(z - shift): sum e * log e
+            torch.sum(e_log_e(workspace), 1, out=self.entropy_rel[r0:r1])
         return chain
 
     def lse(self) -> Tensor:
@@ -322,7 +328,7 @@ def torch_chunk(
             r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1], entropy_rel
         )
         # e log e, taken before the workspace's e turns into the gradient
-        xlogy = torch.xlogy(workspace, workspace) if xlogy_coef is not None else None
+        xlogy = e_log_e(workspace) if xlogy_coef is not None else None
         gradient_(
             workspace,
             softmax_coef,
