@@ -19,6 +19,7 @@ path needs no communication in backward; the linear path all-reduces the input g
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,13 +27,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validate import as_index, check_linear, check_tensor, check_weight_shape, vocab_parallel_options
+from ._validate import (
+    as_index,
+    check_linear,
+    check_statistics,
+    check_tensor,
+    check_weight_shape,
+    vocab_parallel_options,
+)
 from .kernels import backend_for, rows
 from .kernels.driver import Chunk, RowPass
 from .kernels.linear import linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
 from .ops import linear_problem_from_args, save_for_handover, saved_inputs, scale_input_grad_, take_handover
-from .problems import FUNC, TRACED, LinearProblem, Options, route
+from .problems import FUNC, TRACED, LinearProblem, Options, TokenStatistics, route
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
 _NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)
@@ -213,7 +221,8 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-) -> Tensor:
+    return_stats: str | Sequence[str] | None = None,
+) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Cross-entropy of logits whose classes are split across the ranks of `group`, without gathering them.
 
     Equals ``xent.cross_entropy(full_logits.reshape(-1, C), target.reshape(-1), ...)`` (reshaped back for
@@ -229,6 +238,9 @@ def vocab_parallel_cross_entropy(
             targets before the main exchange).
         weight (Tensor, optional): the full :math:`(C,)` class weights, the same on every rank.
         ignore_index, reduction, label_smoothing, z_loss: as :func:`xent.cross_entropy`.
+        return_stats: ``'lse'``, ``'logprob'``, ``'z_loss'`` (or a sequence of them), as
+            :func:`xent.cross_entropy` (global values, the same on every rank; the others, which would need
+            a second exchange, raise NotImplementedError). Returns ``(loss, stats)`` then.
 
     Forward runs one all-gather (two with ``vocab_start=None``) of 4-5 float64 numbers per row and rank;
     backward needs no communication. Differing targets across ranks, blocks that do not tile the
@@ -240,6 +252,7 @@ def vocab_parallel_cross_entropy(
     opts = vocab_parallel_options(
         local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "local_logits"
     )
+    statistics = _check_statistics(return_stats, fn)
     if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
         raise ValueError(
             f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without "
@@ -251,7 +264,10 @@ def vocab_parallel_cross_entropy(
         raise NotImplementedError(f"{fn} under torch.func transforms")
     if how == TRACED:  # torch.compile / export: the custom op, opaque to the tracer, collectives inside
         group_name = (group if group is not None else dist.group.WORLD).group_name
-        loss, _ = _TracedVocabParallelCrossEntropy.apply(
+        # with no gradient to take, the op itself: dynamo (torch 2.13) fails tracing this autograd.Function
+        # when no input requires grad
+        apply = _TracedVocabParallelCrossEntropy.apply if need_grad else torch.ops.xent.vocab_parallel_cross_entropy
+        loss, _, lse, z_target = apply(
             local_logits,
             target,
             weight,
@@ -263,11 +279,40 @@ def vocab_parallel_cross_entropy(
             opts.z_loss,
             need_grad,
         )
+    else:
+        layout = Layout(group, vocab_start)
+        if not need_grad:
+            loss, _, lse, z_target = _logits_forward(local_logits, target, weight, layout, opts, need_grad=False)
+        else:
+            loss, lse, z_target = _VocabParallelCrossEntropy.apply(local_logits, target, weight, layout, opts)
+    if return_stats is None:
         return loss
-    layout = Layout(group, vocab_start)
-    if not need_grad:
-        return _logits_forward(local_logits, target, weight, layout, opts, need_grad=False)[0]
-    return _VocabParallelCrossEntropy.apply(local_logits, target, weight, layout, opts)
+    cd = torch.float64 if local_logits.dtype == torch.float64 else torch.float32
+    return loss, _statistics(statistics, lse, z_target, target, opts, cd)
+
+
+def _check_statistics(return_stats, fn: str) -> tuple:
+    """The statistics a vocab-parallel loss gives from its one exchange: those of the global lse and target
+    logit. Entropy and argmax would need each block's share gathered as well."""
+    statistics = check_statistics(return_stats, fn)
+    other = [name for name in statistics if name not in _STATISTICS]
+    if other:
+        raise NotImplementedError(
+            f"{fn}: return_stats={other[0]!r} is not supported by the vocab-parallel losses (only "
+            f"{', '.join(map(repr, _STATISTICS))})"
+        )
+    return statistics
+
+
+_STATISTICS = ("lse", "logprob", "z_loss")
+
+
+def _statistics(statistics: tuple, lse: Tensor, z_target: Tensor, target: Tensor, opts: Options, cd) -> TokenStatistics:
+    """The per-token statistics from the global lse and target logits (rows.token_statistics' formulas)."""
+    stats = rows.RowStats(lse, torch.ones_like(lse), z_target, None)  # lse = shift + log 1
+    valid = target.reshape(-1).long() != opts.ignore_index
+    values = rows.token_statistics_of_rows(stats, statistics, valid, None, opts.z_loss, cd)
+    return TokenStatistics.of(values, tuple(target.shape))
 
 
 def _vocab_parallel_loss(
@@ -285,7 +330,7 @@ def _vocab_parallel_loss(
     local_statistics(block) -> RowStats), the one exchange, and the merged per-row losses.
 
     The checks that must raise on every rank alike read the small gathered header back to the host once.
-    Returns (block, targets, lse, loss_rows, shards) for the gradient pass.
+    Returns (block, targets, lse, loss_rows, shards) for the gradient pass, and the rows' target logits.
     """
     rank, _ = _group_info(group)
     flat = target.reshape(-1).long()  # uint8 compares as int64, as torch
@@ -313,7 +358,7 @@ def _vocab_parallel_loss(
             f"[0, {shards.num_classes - 1}] or ignore_index.)"
         )
     targets = rows.IndexTargets.from_options(flat, weight, opts, shards.num_classes, cd)
-    return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd), shards
+    return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd), shards, z_target
 
 
 def _logits_forward(
@@ -331,7 +376,7 @@ def _logits_forward(
         _block_pass(x, stats, block, cd, smoothing)
         return stats
 
-    block, targets, lse, loss_rows, _ = _vocab_parallel_loss(
+    block, targets, lse, loss_rows, _, z_target = _vocab_parallel_loss(
         target, weight, local_size, group, vocab_start, opts, cd, "vocab_parallel_cross_entropy", local_statistics
     )
     loss = targets.reduce(loss_rows)
@@ -348,7 +393,7 @@ def _logits_forward(
             grad=grad,
             coefficients=targets.coefficients(targets.scale(), lse, block),
         )
-    return loss, grad
+    return loss, grad, lse, z_target
 
 
 def _block_pass(
@@ -387,13 +432,14 @@ def _block_pass(
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, target, weight, layout: Layout, opts: Options):
-        loss, grad = _logits_forward(local_logits, target, weight, layout, opts, need_grad=True)
+        loss, grad, lse, z_target = _logits_forward(local_logits, target, weight, layout, opts, need_grad=True)
         ctx.layout, ctx.opts, ctx.shape = layout, opts, local_logits.shape
         save_for_handover(ctx, [grad], (local_logits, target, weight))
-        return loss
+        ctx.mark_non_differentiable(lse, z_target)
+        return loss, lse, z_target
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_lse, _grad_target_logit):
         if torch.is_grad_enabled():
             raise RuntimeError("vocab_parallel_cross_entropy does not support double backward (create_graph=True)")
         (grad,) = take_handover(ctx)
@@ -415,14 +461,15 @@ def _vocab_parallel_op(
     label_smoothing: float,
     z_loss: float,
     need_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """The loss and, with need_grad, this rank's (rows, C_local) gradient for a unit upstream gradient."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loss and, with need_grad, this rank's (rows, C_local) gradient for a unit upstream gradient; the
+    rows' global lse and target logits (float64, for the per-token statistics)."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     layout = Layout(_resolve_process_group(group_name), vocab_start)
     opts = Options(reduction, ignore_index, label_smoothing, z_loss, None)
-    loss, grad = _logits_forward(local_logits, target, weight, layout, opts, need_grad)
-    return loss.clone(), grad if grad is not None else local_logits.new_empty(0)
+    loss, grad, lse, z_target = _logits_forward(local_logits, target, weight, layout, opts, need_grad)
+    return loss.clone(), grad if grad is not None else local_logits.new_empty(0), lse, z_target
 
 
 @_vocab_parallel_op.register_fake
@@ -431,7 +478,8 @@ def _(
 ):
     rows, size = math.prod(local_logits.shape[:-1]), local_logits.shape[-1]
     loss = local_logits.new_empty(() if reduction != "none" else target.shape)
-    return loss, local_logits.new_empty((rows, size) if need_grad else (0,))
+    per_row = local_logits.new_empty(rows, dtype=torch.float64)
+    return loss, local_logits.new_empty((rows, size) if need_grad else (0,)), per_row, per_row.clone()
 
 
 class _TracedVocabParallelCrossEntropy(torch.autograd.Function):
@@ -445,11 +493,11 @@ class _TracedVocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.reduction, ctx.shape = inputs[5], inputs[0].shape
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(output[1])
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_of_buffer):
+    def backward(ctx, grad_loss, _grad_of_buffer, _grad_lse, _grad_target_logit):
         (grad,) = ctx.saved_tensors
         torch.ops.xent.scale_grad_(grad, grad_loss, ctx.reduction)
         return grad.view(ctx.shape), None, None, None, None, None, None, None, None, None
@@ -473,7 +521,8 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     memory_budget: int | None = None,
-) -> Tensor:
+    return_stats: str | Sequence[str] | None = None,
+) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Linear cross-entropy with the head's rows split across the ranks of `group`.
 
     ``input`` :math:`(..., H)` is replicated (the same on every rank); ``local_linear_weight``
@@ -481,11 +530,12 @@ def vocab_parallel_linear_cross_entropy(
     local logits are never materialized in full: forward runs the linear cross-entropy's chunk loop for
     this block's statistics, one all-gather (two with ``vocab_start=None``), and backward recomputes the
     chunks for the gradients (one more matmul than the single-process path) and all-reduces the input
-    gradient, so every rank holds the full gradient of ``input``. Options as
+    gradient, so every rank holds the full gradient of ``input``. Options (``return_stats`` too) as
     :func:`vocab_parallel_cross_entropy`.
     """
     fn = "vocab_parallel_linear_cross_entropy"
     opts = vocab_parallel_options(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input")
+    statistics = _check_statistics(return_stats, fn)
     check_tensor(local_linear_weight, "local_linear_weight", fn)
     check_tensor(linear_bias, "linear_bias", fn, optional=True)
     check_linear(input, local_linear_weight, linear_bias)
@@ -513,7 +563,11 @@ def vocab_parallel_linear_cross_entropy(
         raise NotImplementedError(f"{fn} under torch.func transforms")
     if how == TRACED:  # torch.compile / export: custom ops, collectives inside
         group_name = (group if group is not None else dist.group.WORLD).group_name
-        loss, _, _ = _TracedVocabParallelLinear.apply(
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, local_linear_weight, linear_bias)
+        )
+        apply = _TracedVocabParallelLinear.apply if wants_grad else torch.ops.xent.vocab_parallel_linear_cross_entropy
+        loss, lse, _, z_target = apply(
             x2,
             local_linear_weight,
             linear_bias,
@@ -527,15 +581,20 @@ def vocab_parallel_linear_cross_entropy(
             opts.z_loss,
             -1 if memory_budget is None else memory_budget,
         )
-        return loss.reshape(problem.output_shape) if opts.reduction == "none" else loss
-    return _VocabParallelLinear.apply(
-        input, local_linear_weight, linear_bias, target, weight, Layout(group, vocab_start), problem
-    )
+        loss = loss.reshape(problem.output_shape) if opts.reduction == "none" else loss
+    else:
+        loss, lse, z_target = _VocabParallelLinear.apply(
+            input, local_linear_weight, linear_bias, target, weight, Layout(group, vocab_start), problem
+        )
+    if return_stats is None:
+        return loss
+    return loss, _statistics(statistics, lse, z_target, target, opts, problem.compute_dtype)
 
 
 def _linear_forward(p: LinearProblem, layout: Layout):
-    """(loss, lse, block, targets, shards): this rank's block's statistics and the one exchange."""
-    block, targets, lse, loss_rows, shards = _vocab_parallel_loss(
+    """(loss, lse, block, targets, shards, target logits): this rank's block's statistics and the one
+    exchange."""
+    block, targets, lse, loss_rows, shards, z_target = _vocab_parallel_loss(
         p.target,
         p.weight,
         p.linear_weight.shape[0],
@@ -548,7 +607,7 @@ def _linear_forward(p: LinearProblem, layout: Layout):
     )
     loss = targets.reduce(loss_rows)
     loss = (loss.reshape(p.output_shape) if p.options.reduction == "none" else loss).to(p.output_dtype)
-    return loss, lse, block, targets, shards
+    return loss, lse, block, targets, shards, z_target
 
 
 def _linear_backward(p: LinearProblem, group, block, targets, lse, grad_loss, want):
@@ -565,14 +624,16 @@ def _linear_backward(p: LinearProblem, group, block, targets, lse, grad_loss, wa
 class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, local_linear_weight, linear_bias, target, weight, layout: Layout, p: LinearProblem):
-        loss, lse, block, targets, _ = _linear_forward(p, layout)
+        loss, lse, block, targets, _, z_target = _linear_forward(p, layout)
         ctx.layout, ctx.problem, ctx.input_shape = layout, p, input.shape
         ctx.lse, ctx.targets, ctx.block = lse, targets, block
         ctx.save_for_backward(input, local_linear_weight, linear_bias)
-        return loss
+        lse_out = lse.clone()
+        ctx.mark_non_differentiable(lse_out, z_target)
+        return loss, lse_out, z_target
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_lse, _grad_target_logit):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "vocab_parallel_linear_cross_entropy does not support double backward (create_graph=True)"
@@ -620,8 +681,9 @@ def _vocab_parallel_linear_op(
     label_smoothing: float,
     z_loss: float,
     memory_budget: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss of the (R, H) rows, their global lse, and [this rank's first class, C] on the CPU)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss of the (R, H) rows, their global lse, [this rank's first class, C] on the CPU, and the rows'
+    target logits (float64, for the per-token statistics))."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     p = _op_problem(
@@ -636,8 +698,9 @@ def _vocab_parallel_linear_op(
         z_loss,
         memory_budget,
     )
-    loss, lse, _, _, shards = _linear_forward(p, Layout(_resolve_process_group(group_name), vocab_start))
-    return loss.clone(), lse.clone(), torch.tensor([shards.start, shards.num_classes], dtype=torch.int64)
+    loss, lse, _, _, shards, z_target = _linear_forward(p, Layout(_resolve_process_group(group_name), vocab_start))
+    meta = torch.tensor([shards.start, shards.num_classes], dtype=torch.int64)
+    return loss.clone(), lse.clone(), meta, z_target
 
 
 @_vocab_parallel_linear_op.register_fake
@@ -657,7 +720,7 @@ def _(
 ):
     loss = input.new_empty(() if reduction != "none" else (input.shape[0],))
     lse = input.new_empty((input.shape[0],), dtype=torch.float64)
-    return loss, lse, torch.empty(2, dtype=torch.int64, device="cpu")
+    return loss, lse, torch.empty(2, dtype=torch.int64, device="cpu"), lse.clone()
 
 
 @torch.library.custom_op("xent::vocab_parallel_linear_cross_entropy_backward", mutates_args=())
@@ -744,11 +807,11 @@ class _TracedVocabParallelLinear(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         ctx.group_name, ctx.options = inputs[5], inputs[7:]
         ctx.want = (inputs[1].requires_grad, inputs[2] is not None and inputs[2].requires_grad)
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(*inputs[:5], output[1], output[2])
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_meta):
+    def backward(ctx, grad_loss, _grad_lse, _grad_meta, _grad_target_logit):
         input, w, b, target, weight, lse, meta = ctx.saved_tensors
         gi, gw, gb = torch.ops.xent.vocab_parallel_linear_cross_entropy_backward(
             input, w, b, target, weight, lse, meta, grad_loss, ctx.group_name, *ctx.options, *ctx.want

@@ -104,6 +104,14 @@ def _logits(rank, world, sizes):
         (g_local,) = torch.autograd.grad(ours, local, up)
         (g_full,) = torch.autograd.grad(expected, full, up)
         _close(g_local, g_full[..., start : start + size], f"grad {options} lead={lead} reverse={reverse}")
+        # the per-token statistics of the one exchange: the single-process ones, on every rank
+        names = ("lse", "logprob", "z_loss")
+        local_stats = vocab_parallel_cross_entropy(
+            local.detach(), target, vocab_start=start if given_start else None, return_stats=names, **kw
+        )[1]
+        full_stats = xent.cross_entropy(full.detach().reshape(-1, c), target.reshape(-1), return_stats=names, **kw)[1]
+        for name in names:
+            _close(getattr(local_stats, name), getattr(full_stats, name).reshape(lead), f"stats {name} {options}")
     # float32 logits, the default chunking, many rows
     gen = torch.Generator().manual_seed(5)
     c = sum(sizes)
@@ -161,6 +169,13 @@ def _linear(rank, world, sizes):
             _close(grads[1], ref[1][start : start + size], f"linear grad weight {options}")
             if bias:
                 _close(grads[2], ref[2][start : start + size], f"linear grad bias {options}")
+            names = ("logprob", "lse")
+            _, local_stats = vocab_parallel_linear_cross_entropy(
+                xi, wi, target, linear_bias=bi, memory_budget=3 * 8 * max(1, size), return_stats=names, **kw
+            )
+            _, full_stats = xent.linear_cross_entropy(x, w_full, target, linear_bias=b_full, return_stats=names, **kw)
+            for name in names:
+                _close(getattr(local_stats, name), getattr(full_stats, name), f"linear stats {name} {options}")
 
 
 def _expect(exc_type, fragment, fn):
@@ -494,6 +509,14 @@ def _compiled(rank, world, sizes):
             results.append((loss.detach(), grad))
         _close(results[1][0], results[0][0], f"compiled loss {kw}")
         _close(results[1][1], results[0][1], f"compiled grad {kw}")
+    # statistics through the compiled op
+    stats = [
+        fn(local.clone(), y, z_loss=1e-3, return_stats=("lse", "logprob", "z_loss"))[1]
+        for fn in (vocab_parallel_cross_entropy, torch.compile(vocab_parallel_cross_entropy, fullgraph=True))
+    ]
+    for a, b in zip(stats[1], stats[0]):
+        if a is not None:
+            _close(a, b, "compiled statistics")
     # the linear path too: forward op (exchange inside), backward op (all-reduce inside)
     hidden = torch.randn(6, 5, dtype=torch.float64)
     head = torch.randn(c, 5, dtype=torch.float64)
@@ -510,3 +533,11 @@ def _compiled(rank, world, sizes):
             results.append((loss.detach(), *grads))
         for a, b in zip(results[1], results[0]):
             _close(a, b, f"compiled linear {kw}")
+    stats = [
+        fn(hidden.clone(), local_head.clone(), y, return_stats="logprob")[1].logprob
+        for fn in (
+            vocab_parallel_linear_cross_entropy,
+            torch.compile(vocab_parallel_linear_cross_entropy, fullgraph=True),
+        )
+    ]
+    _close(stats[1], stats[0], "compiled linear statistics")

@@ -242,18 +242,26 @@ INDEX_TARGET_STATISTICS = ("logprob", "correct")
 def token_statistics(
     stats: RowStats, statistics: tuple, targets: IndexTargets | None, z_loss: float, dtype: torch.dtype
 ) -> dict[str, Tensor]:
+    """token_statistics_of_rows for a batch's IndexTargets (None for probability targets)."""
+    valid, index = (targets.valid, targets.index) if targets is not None else (None, None)
+    return token_statistics_of_rows(stats, statistics, valid, index, z_loss, dtype)
+
+
+def token_statistics_of_rows(
+    stats: RowStats, statistics: tuple, valid: Tensor | None, index: Tensor | None, z_loss: float, dtype: torch.dtype
+) -> dict[str, Tensor]:
     """The requested statistics of every row, from one pass's RowStats (all classes in one block):
 
         lse      log sum_c exp(z_c)                   entropy  -sum_c p_c log p_c = log s - <e, z - shift> / s
         logprob  z_y - lse (0 on ignored rows)        z_loss   z_loss * lse**2 (0 on ignored rows)
         argmax   the first column of the largest z    correct  argmax == y (False on ignored rows)
 
-    (z after softcap, when there is one), floats in `dtype`. `targets` is None for probability targets."""
+    (z after softcap, when there is one), floats in `dtype`. `valid` marks the rows whose target counts and
+    `index` holds their class; both None for probability targets."""
     out = {}
     if not statistics:
         return out
     lse = stats.lse()
-    valid = targets.valid if targets is not None else None
     for name in statistics:
         if name == "lse":
             value = lse
@@ -269,7 +277,7 @@ def token_statistics(
             out[name] = stats.argmax
             continue
         else:  # correct
-            out[name] = valid & (stats.argmax == targets.index)
+            out[name] = valid & (stats.argmax == index)
             continue
         out[name] = value.to(dtype)
     return out
