@@ -24,7 +24,6 @@ The last column checks that each implementation computes the naive loss. Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import math
@@ -141,19 +140,7 @@ def peak_growth_here(cfg: dict, impl: str) -> int:
     allocator kept from the previous one (xent's workspaces would not show at all); the first includes
     one-time allocations (BLAS buffers, lazy initialisation, ~10 MB here) that every implementation pays."""
     step, grads = make_step(cfg, impl)
-    if cfg["device"].startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        gc.collect()
-        bench._reset_peak()
-        base = bench._status_bytes("VmRSS")
-        step()
-        peak = bench._status_bytes("VmHWM") - base
+    peak, _ = bench.peak_growth_of(step, cfg["device"])
     return peak - sum(g.numel() * g.element_size() for g in grads() if g is not None)
 
 

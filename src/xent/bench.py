@@ -203,6 +203,25 @@ def _reset_peak() -> bool:
         return False
 
 
+def peak_growth_of(step: Callable[[], object], device: str) -> tuple[int, bool]:
+    """(peak memory growth in bytes while step() runs, whether the measurement's baseline was exact).
+
+    CUDA: max_memory_allocated. CPU: the resident-set high-water mark, reset first where the kernel
+    allows it (without a reset, VmHWM may still hold an earlier, higher peak and the growth reads low)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, True
+    gc.collect()
+    exact = _reset_peak()
+    base = _status_bytes("VmRSS")
+    step()
+    return _status_bytes("VmHWM") - base, exact
+
+
 def peak_growth_here(w: Workload, impl: str, warm: bool = True) -> dict:
     """Peak memory growth of one forward + backward, measured in *this* process (call it in a fresh one).
 
@@ -214,20 +233,7 @@ def peak_growth_here(w: Workload, impl: str, warm: bool = True) -> dict:
     if warm:
         step()
         step.release()
-    if w.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        gc.collect()
-        # Without a reset, VmHWM may still hold an earlier, higher peak and the growth reads low.
-        exact = _reset_peak()
-        base = _status_bytes("VmRSS")
-        step()
-        peak = _status_bytes("VmHWM") - base
+    peak, exact = peak_growth_of(step, w.device)
     grad_bytes = sum(g.numel() * g.element_size() for g in grads() if g is not None)
     return {
         "impl": impl,

@@ -732,10 +732,13 @@ def _(
     want_weight,
     want_bias,
 ):
-    def grad_like(t, wanted):
-        return t.new_empty(t.shape) if wanted and t is not None else input.new_empty(0)
+    return _grads_like(input, linear_weight, linear_bias, (want_input, want_weight, want_bias))
 
-    return grad_like(input, want_input), grad_like(linear_weight, want_weight), grad_like(linear_bias, want_bias)
+
+def _grads_like(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, want: tuple) -> tuple:
+    """The fake gradients of a linear backward op: each wanted one shaped as its parameter, else empty."""
+    params = (input, linear_weight, linear_bias)
+    return tuple(t.new_empty(t.shape) if w and t is not None else input.new_empty(0) for t, w in zip(params, want))
 
 
 def _aliases(out: Tensor, *inputs: Tensor | None) -> bool:
@@ -837,10 +840,7 @@ def _(
     want_weight,
     want_bias,
 ):
-    def grad_like(t, wanted):
-        return t.new_empty(t.shape) if wanted and t is not None else input.new_empty(0)
-
-    return grad_like(input, want_input), grad_like(linear_weight, want_weight), grad_like(linear_bias, want_bias)
+    return _grads_like(input, linear_weight, linear_bias, (want_input, want_weight, want_bias))
 
 
 def _token_upstreams(grad_logprob, grad_entropy, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
