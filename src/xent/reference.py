@@ -129,17 +129,18 @@ def token_statistics(
         lse = log sum_c exp(z_c)            logprob = lp[y] (0 where y is ignored)
         entropy = -sum_c p_c lp_c           z_loss = z_loss * lse^2 (0 where y is ignored)
         argmax = the first c of max z       correct = argmax == y (False where y is ignored)
+        (the argmax of the logits before the cap: the cap is monotone, and fp32 saturates it to ties)
 
     For probability targets (target.shape == input.shape) every row counts; logprob and correct need
     class indices."""
     class_dim = 0 if input.dim() == 1 else 1
-    z = input.to(dtype).movedim(class_dim, -1)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    raw = input.to(dtype).movedim(class_dim, -1)
+    z = softcap * torch.tanh(raw / softcap) if softcap is not None else raw
     lse = logsumexp(z)
     indices = input.shape != target.shape
-    valid = target != ignore_index if indices else torch.ones(lse.shape, dtype=torch.bool, device=z.device)
-    safe = torch.where(valid, target, 0).long() if indices else None
+    # uint8 targets compare as int64: -100 must not wrap to class 156
+    valid = target.long() != ignore_index if indices else torch.ones(lse.shape, dtype=torch.bool, device=z.device)
+    safe = torch.where(valid, target.long(), 0) if indices else None
     out = {}
     for name in statistics:
         if name == "lse":
@@ -153,9 +154,9 @@ def token_statistics(
             out[name] = -torch.where(p > 0, p * lp, 0).sum(-1)  # 0 log 0 = 0; no classes: 0
         elif name == "z_loss":
             out[name] = torch.where(valid, z_loss * lse * lse, 0)
-        elif name == "argmax":
-            out[name] = z.argmax(-1) if z.shape[-1] else torch.full(lse.shape, -1, device=z.device)
+        elif name == "argmax":  # of the raw logits (the cap is monotone)
+            out[name] = raw.argmax(-1) if z.shape[-1] else torch.full(lse.shape, -1, device=z.device)
         elif name == "correct":
-            top = z.argmax(-1) if z.shape[-1] else torch.full(lse.shape, -1, device=z.device)
+            top = raw.argmax(-1) if z.shape[-1] else torch.full(lse.shape, -1, device=z.device)
             out[name] = valid & (top == safe)
     return out

@@ -17,13 +17,13 @@ and no gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from . import ops
 from ._validate import ThroughLogits, cross_entropy_problem, linear_cross_entropy_problem
-from .functional import cross_entropy
 from .linear import linear_cross_entropy
 
 
@@ -102,14 +102,14 @@ def token_logprobs_from_logits(
     logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`token_logprobs` for logits already at hand, shape :math:`(..., V)`: xent's fused
-    cross-entropy per token. A temperature other than 1 divides a copy of the logits."""
+    cross-entropy per token (float32 results for half-precision logits, as token_logprobs). A temperature
+    other than 1 divides a copy of the logits."""
     t = _check_temperature(temperature)
     flat = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     flat = flat / t if t != 1.0 else flat
     flat_target = target.reshape(-1)
-    if not return_entropy:
-        return -cross_entropy(flat, flat_target, reduction="none", ignore_index=ignore_index).reshape(target.shape)
-    cross_entropy_problem(  # the checks (a class-index target per row, in range, on the logits' device)
+    # the checks (a class-index target per row, in range, on the logits' device)
+    problem = cross_entropy_problem(
         flat,
         flat_target,
         None,
@@ -118,6 +118,9 @@ def token_logprobs_from_logits(
         label_smoothing=0.0,
         fn="token_logprobs_from_logits",
     )
+    if not return_entropy:  # the per-row loss in the compute dtype (not rounded to bf16 first)
+        loss, _ = ops.cross_entropy(replace(problem, output_dtype=problem.compute_dtype), flat, flat_target, None)
+        return -loss.reshape(target.shape)
     logprobs, entropy = ops.token_logprobs_from_logits(flat, flat_target, ignore_index)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)
 

@@ -36,6 +36,16 @@ def backend(name: str):
             os.environ["XENT_BACKEND"] = before
 
 
+def _same_or_last_bits(names, backend_name: str, device, dtype):
+    """The check that statistics leave the loss and its gradient alone: bit for bit, except where the
+    portable kernel on CPU (which skips the max shift when it can) takes the shifted pass for the entropy:
+    then the last bits may differ."""
+    on_cpu_torch = torch.device(device).type == "cpu" and (backend_name == "torch" or dtype == torch.float64)
+    if "entropy" in names and on_cpu_torch:
+        return lambda a, b: assert_close(a, b, dtype if dtype != torch.float16 else torch.float32)
+    return lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def _runs_here(backend_name: str, device) -> bool:
     """With a GPU the Triton backend takes CUDA tensors only (the interpreter serves CPU-only machines)."""
     return not (backend_name == "triton" and torch.device(device).type == "cpu" and torch.cuda.is_available())
@@ -102,12 +112,13 @@ def test_cross_entropy_statistics_match_their_definitions(
         xb = x.clone().requires_grad_()
         plain = xent.cross_entropy(xb, y, **kw)
         # asking for statistics changes nothing in the loss or its gradient
-        assert torch.equal(loss, plain) or (loss.isnan() == plain.isnan()).all()
+        same = _same_or_last_bits(names, backend_name, device, dtype)
+        same(loss, plain)
         if loss.numel():
             up = torch.ones_like(loss)
             (ga,) = torch.autograd.grad(loss, xa, up)
             (gb,) = torch.autograd.grad(plain, xb, up)
-            assert torch.equal(ga.nan_to_num(), gb.nan_to_num())
+            same(ga, gb)
 
         expected = reference.token_statistics(x, y, tuple(names), -100, z_loss, softcap)
         _check_statistics(stats, expected, tuple(target_shape), dtype, msg=f"{backend_name} {device} {dtype}")
@@ -223,13 +234,12 @@ def test_linear_cross_entropy_statistics(
         loss, stats = xent.linear_cross_entropy(ha, wa, y, return_stats=names, **kw)
         hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
         plain = xent.linear_cross_entropy(hb, wb, y, **kw)
-        assert torch.equal(loss.nan_to_num(), plain.nan_to_num())
+        same = _same_or_last_bits(names, backend_name, device, dtype)
+        same(loss, plain)
         if n:
             up = torch.ones_like(loss)
-            assert all(
-                torch.equal(a, b_)
-                for a, b_ in zip(torch.autograd.grad(loss, (ha, wa), up), torch.autograd.grad(plain, (hb, wb), up))
-            )
+            for a, b_ in zip(torch.autograd.grad(loss, (ha, wa), up), torch.autograd.grad(plain, (hb, wb), up)):
+                same(a, b_)
         # the reference sees the logits as the head computes them (rounded to bf16 for a bf16 head)
         logits = torch.nn.functional.linear(h, w, b)
         expected = reference.token_statistics(logits, y, tuple(names), -100, 0.01, softcap)

@@ -52,7 +52,7 @@ def valid_rows(p: DistillProblem) -> Tensor:
     """(R,) bool: the tokens that count (target != ignore_index; all of them without a target)."""
     if p.target is None:
         return torch.ones(p.input.shape[0], dtype=torch.bool, device=p.input.device)
-    return p.target != p.ignore_index
+    return p.target.long() != p.ignore_index  # uint8 compares as int64: -100 must not wrap to 156
 
 
 def reduction_scale(p: DistillProblem, valid: Tensor) -> Tensor:
@@ -175,14 +175,15 @@ class Head:
         self.weight, self.temperature = weight, temperature
         if bias is not None and finite:
             bias = bias.clamp(min=torch.finfo(bias.dtype).min * min(1.0, temperature))
+        self.raw_bias = bias  # for a GEMM in another dtype than the workspace's, which divides its output
         if bias is not None and temperature != 1.0 and bias.dtype in (torch.float32, torch.float64):
             bias = bias / temperature
         self.bias = bias
 
     def logits_into_(self, out: Tensor, x: Tensor) -> None:
         t, w, b = self.temperature, self.weight, self.bias
-        if x.dtype != out.dtype:  # half precision: the GEMM in that dtype, the division on the fp32 copy
-            divide_into_(out, F.linear(x, w, b), t)
+        if x.dtype != out.dtype:  # another dtype (half precision): the GEMM in it, the division on the copy
+            divide_into_(out, F.linear(x, w, self.raw_bias), t)
             return
         x = x / t if t != 1.0 else x
         if b is None:
@@ -220,7 +221,8 @@ def divide_into_(out: Tensor, logits: Tensor, temperature: float) -> None:
 def kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Tensor | None):
     """KL(p_t || p_s) per row."""
     p_t = torch.exp(log_p_t, out=scratch)
-    rows = log_p_t.sub_(log_p_s).mul_(p_t).sum(1)  # 0 where p_t = 0: log p_t is finite (see Head)
+    # 0 where p_t = 0, its limit (a -inf student logit there would make it 0 * inf)
+    rows = log_p_t.sub_(log_p_s).mul_(p_t).masked_fill_(p_t == 0, 0).sum(1)
     if coef is None:
         return rows, None
     return rows, log_p_s.exp_().sub_(p_t).mul_(coef)
@@ -229,11 +231,12 @@ def kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Tensor | No
 def reverse_kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Tensor | None):
     """KL(p_s || p_t) per row (infinite where the teacher has no mass and the student has some)."""
     p_s = torch.exp(log_p_s, out=scratch)
+    student_none = p_s == 0  # those terms are 0, their limit (-inf logits on both sides: 0 * NaN)
     log_ratio = torch.sub(log_p_s, log_p_t, out=log_p_t)
-    rows = torch.mul(log_ratio, p_s, out=log_p_s).sum(1)
+    rows = torch.mul(log_ratio, p_s, out=log_p_s).masked_fill_(student_none, 0).sum(1)
     if coef is None:
         return rows, None
-    return rows, log_ratio.sub_(rows.unsqueeze(1)).mul_(p_s).mul_(coef)
+    return rows, log_ratio.sub_(rows.unsqueeze(1)).mul_(p_s).mul_(coef).masked_fill_(student_none, 0)
 
 
 def jsd_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, log_mix: Tensor, beta: float, coef: Tensor | None):
@@ -245,16 +248,19 @@ def jsd_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, log_mix: Tensor,
     torch.add(log_p_t, math.log(beta) - offset, out=log_mix)
     torch.logaddexp(log_p_s, log_mix, out=log_mix)
 
+    # terms of weight 0 are 0, their limit (-inf logits on both sides make log p - log m NaN there)
     p_t = torch.exp(log_p_t, out=scratch)
-    teacher_kl = log_p_t.sub_(log_mix).mul_(p_t).sum(1) - offset
+    teacher_kl = log_p_t.sub_(log_mix).mul_(p_t).masked_fill_(p_t == 0, 0).sum(1) - offset
     p_s = torch.exp(log_p_s, out=scratch)
+    student_none = p_s == 0
     log_ratio = log_p_s.sub_(log_mix)  # log p_s - log m + log(1 - beta)
-    student_kl_shifted = torch.mul(log_ratio, p_s, out=log_p_t).sum(1)
+    student_kl_shifted = torch.mul(log_ratio, p_s, out=log_p_t).masked_fill_(student_none, 0).sum(1)
     rows = beta * teacher_kl + (1 - beta) * (student_kl_shifted - offset)
     if coef is None:
         return rows, None
     # d/ds = (1 - beta) p_s (log p_s - log m - KL(p_s || m)): the shifts cancel
-    return rows, log_ratio.sub_(student_kl_shifted.unsqueeze(1)).mul_(p_s).mul_((1 - beta) * coef)
+    grad = log_ratio.sub_(student_kl_shifted.unsqueeze(1)).mul_(p_s).mul_((1 - beta) * coef)
+    return rows, grad.masked_fill_(student_none, 0)
 
 
 def topk_kl_rows(log_p_s: Tensor, indices: Tensor, logprobs: Tensor, counted: Tensor, coef: Tensor | None):

@@ -208,26 +208,36 @@ class RowStats:
         dense: Tensor | None = None,
         dense_is_ones: bool = False,
         unshifted: bool = False,
+        take_argmax: bool = True,
     ) -> Tensor | None:
         """Fill rows r0:r1 from one chunk: load() puts its logits in `workspace` (and returns the softcap
-        chain, or None); then target logits, exp_rows_ and the dense dot. Returns the chain."""
+        chain, or None); then target logits, exp_rows_ and the dense dot. Returns the chain.
+
+        take_argmax=False: load() fills the argmax itself (of the logits before the cap: tanh is monotone
+        but saturates to ties in fp32)."""
         chain = load()
         src = workspace if source is None else source
         if target is not None and self.target_logit is not None:
             torch.gather(src, 1, target, out=self.target_logit[r0:r1].unsqueeze(1))
-        if self.argmax is not None:  # torch.max's indices: the first maximum, and faster than argmax on CPU
-            self.argmax[r0:r1] = torch.max(src, 1).indices
+        if self.argmax is not None and take_argmax:
+            self.argmax_(src, r0, r1)
         extra = (
             dict(dense=dense, dense_is_ones=dense_is_ones, dense_out=self.dense_rel[r0:r1])
             if self.dense_rel is not None
             else {}
         )
+        # the entropy needs the max shift: without it sum e log e and s^2 overflow for logits above ~44
+        unshifted = unshifted and self.entropy_rel is None
         if not exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, unshifted=unshifted, **extra):
             chain = load()  # some row over/underflowed exp(z): redo the chunk with the max shift
             exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, **extra)
         if self.entropy_rel is not None:  # the workspace holds e = exp(z - shift): sum e * log e
             torch.sum(e_log_e(workspace), 1, out=self.entropy_rel[r0:r1])
         return chain
+
+    def argmax_(self, logits: Tensor, r0: int, r1: int) -> None:
+        """torch.max's indices: the first maximum, as torch.argmax, and faster than it on CPU."""
+        self.argmax[r0:r1] = torch.max(logits, 1).indices
 
     def lse(self) -> Tensor:
         return log_sum_exp(self.shift, self.sumexp)
@@ -317,7 +327,11 @@ def torch_chunk(
         if source is not None:
             return None
         load()
-        return softcap_(workspace, softcap, chain_out) if softcap is not None else None
+        if softcap is None:
+            return None
+        if stats.argmax is not None:
+            stats.argmax_(workspace, r0, r1)
+        return softcap_(workspace, softcap, chain_out)
 
     chain = stats.chunk_(
         workspace,
@@ -329,6 +343,7 @@ def torch_chunk(
         dense=dense,
         dense_is_ones=dense_is_ones,
         unshifted=unshifted,
+        take_argmax=softcap is None or source is not None,
     )
     if coefficients is not None:
         entropy_rel = stats.entropy_rel[r0:r1] if coefficients.entropy is not None else None
@@ -449,7 +464,7 @@ class ChunkCoefficients:
         xlogy_coef = None
         if entropy is not None:
             xlogy_coef = -entropy / sumexp
-            softmax = softmax + entropy * entropy_rel / (sumexp * sumexp)
+            softmax = softmax + entropy * (entropy_rel / sumexp) / sumexp  # not s * s: it may overflow
         return softmax, target, dense, xlogy_coef
 
 

@@ -191,7 +191,8 @@ def _row(
             if SOFTCAP:
                 zt = softcap * _tanh(zt / softcap)
             zt = tl.where(inside, zt, 0.0)
-        m = -float("inf")
+        m = -float("inf")  # the running max (-inf while every logit so far is -inf)
+        shift = 0.0  # what the sums below are relative to: the running max, or 0 while it is -inf
         s = 0.0
         d = 0.0
         u_seen = 0.0
@@ -202,30 +203,35 @@ def _row(
             idx = start + cols
             mask = idx < n_cols
             z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
+            if STORE_ARGMAX:  # of the raw logits: the cap is monotone, and saturates to ties in fp32
+                # strictly greater: an earlier block keeps a tie (torch.argmax's first index)
+                raw_max = tl.max(z, 0)
+                best_col = tl.where(raw_max > best, start + tl.argmax(z, 0), best_col)
+                best = tl.maximum(best, raw_max)
             if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
                 z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
-            block_max = tl.max(z, 0)
-            if STORE_ARGMAX:  # strictly greater: an earlier block keeps a tie (torch.argmax's first index)
-                best_col = tl.where(block_max > best, start + tl.argmax(z, 0), best_col)
-                best = tl.maximum(best, block_max)
-            m_new = tl.maximum(m, block_max)
-            base = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
-            e = tl.exp(z - base)
-            if STORE_ENTROPY:
-                # re-base the sum so far: e' = e exp(m - base), z - base = (z - m) + (m - base)
-                moved = tl.where(m == -float("inf"), 0.0, m - base)
-                h = tl.exp(m - base) * (h + s * moved) + tl.sum(e * tl.where(e > 0.0, z - base, 0.0), 0)
-            s = s * tl.exp(m - base) + tl.sum(e, 0)
+            m_new = tl.maximum(m, tl.max(z, 0))
+            new_shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
+            # the sums so far, re-based from `shift` to `new_shift`: exp(shift - new_shift) <= 1, and 0 when
+            # nothing has been summed yet (then shift = 0 may lie above new_shift, and exp() overflow)
+            alpha = tl.where(m == -float("inf"), 0.0, tl.exp(shift - new_shift))
+            moved = shift - new_shift
+            e = tl.exp(z - new_shift)
+            if STORE_ENTROPY:  # e' = e alpha, z - new_shift = (z - shift) + moved; alpha * s first (0 * -inf)
+                h = alpha * h + (alpha * s) * moved + tl.sum(e * tl.where(e > 0.0, z - new_shift, 0.0), 0)
+            s = s * alpha + tl.sum(e, 0)
             if DENSE_MODE != 0:
                 if DENSE_MODE == 1:
                     u = tl.where(mask, 1.0, 0.0)
                 else:
                     u = tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
                 # <u, z - shift> relative to the running shift: re-base the blocks seen so far
-                d += u_seen * tl.where(m == -float("inf"), 0.0, m - base)
-                d += tl.sum(u * tl.where(mask, z - base, 0.0), 0)
+                d += u_seen * moved
+                d += tl.sum(u * tl.where(mask, z - new_shift, 0.0), 0)
                 u_seen += tl.sum(u, 0)
-            m = base
+            m = m_new
+            shift = new_shift
+        m = shift
         tl.store(SHIFT + row, m)
         tl.store(SUMEXP + row, s)
         if STORE_ARGMAX:
