@@ -37,7 +37,7 @@ LAYERS = [  # top to bottom
         "xent.bench",
     },
     {"xent._validate", "xent._validate_distill"},
-    {"xent.ops", "xent.ops_distill"},
+    {"xent.ops", "xent.ops_distill", "xent.ops_rl"},
     {"xent.kernels", "xent.kernels.portable", "xent.kernels.linear", "xent.kernels.distill", "xent.kernels.driver"},
     {"xent.kernels.backends", "xent.kernels.triton_rows"},
     {"xent.kernels.rows"},

@@ -7,8 +7,8 @@ bias, not the logits: (h W^T + b) / T = (h / T) W^T + b / T, which costs O(token
 O(tokens x vocabulary). The log-probabilities alone are xent's fused linear cross-entropy per token
 (logprob = -cross-entropy, 'none' reduction). With the entropy, both come from one fused pass over the
 chunks of logits (the row kernel takes the entropy while it streams each row), and backward runs one
-more pass with both upstream gradients folded into each row's gradient (ops.py, "Token
-log-probabilities"): the logits are never materialized and the gradient is exact, on every backend.
+more pass with both upstream gradients folded into each row's gradient (ops_rl.py): the logits are
+never materialized and the gradient is exact, on every backend.
 
 Ignored tokens (target == ignore_index, e.g. the prompt or padding) get log-probability 0, entropy 0
 and no gradient.
@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, ops_rl
 from ._validate import ThroughLogits, cross_entropy_problem, linear_cross_entropy_problem
 from .linear import linear_cross_entropy
 
@@ -94,7 +94,7 @@ def token_logprobs(
     if isinstance(described, ThroughLogits):
         raise ValueError("token_logprobs: target must hold token ids (class indices) and linear_weight must be (V, H)")
     problem, scaled_input, linear_weight, scaled_bias = described
-    logprobs, entropy = ops.linear_token_logprobs(problem, scaled_input, linear_weight, scaled_bias)
+    logprobs, entropy = ops_rl.linear_token_logprobs(problem, scaled_input, linear_weight, scaled_bias)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)
 
 
@@ -121,7 +121,7 @@ def token_logprobs_from_logits(
     if not return_entropy:  # the per-row loss in the compute dtype (not rounded to bf16 first)
         loss, _ = ops.cross_entropy(replace(problem, output_dtype=problem.compute_dtype), flat, flat_target, None)
         return -loss.reshape(target.shape)
-    logprobs, entropy = ops.token_logprobs_from_logits(flat, flat_target, ignore_index)
+    logprobs, entropy = ops_rl.token_logprobs_from_logits(flat, flat_target, ignore_index)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)
 
 
