@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .problems import TokenStatistics
+
 # ----------------------------------------------------------------------------------------------------
 # The workloads: each builds its tensors once and returns a step() doing forward + backward.
 
@@ -113,7 +115,7 @@ def make_step(w: Workload, impl: str, seed: int = 0) -> tuple[Callable[[], torch
     return step, lambda: [p.grad for p in params]
 
 
-STATISTICS = ("lse", "logprob", "entropy", "z_loss", "argmax", "correct")
+STATISTICS = TokenStatistics._fields  # every statistic of return_stats=
 STATS_IMPLS = ("xent-stats", "naive-stats")  # ce workloads: the loss and every statistic of return_stats
 RL_IMPLS = ("xent-rl", "naive-rl")  # linear workloads: token log-probabilities and entropies
 

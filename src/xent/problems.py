@@ -83,7 +83,7 @@ class Problem:
     input_shape: torch.Size
     output_shape: tuple  # shape of the reduction='none' result
     output_dtype: torch.dtype
-    statistics: tuple = ()  # per-token statistics to return besides the loss (kernels/rows.py STATISTICS)
+    statistics: tuple = ()  # per-token statistics to return besides the loss (TokenStatistics' field names)
 
     @property
     def num_classes(self) -> int:
@@ -115,7 +115,7 @@ class LinearProblem:
     output_dtype: torch.dtype  # of the returned loss (the input's unless asked otherwise)
     chunk_size: int = 0  # tokens per chunk; 0: sized from memory_budget (kernels/linear.py)
     memory_budget: int | None = None  # bytes of one chunk's logits; None: the default
-    statistics: tuple = ()  # per-token statistics to return besides the loss (kernels/rows.py STATISTICS)
+    statistics: tuple = ()  # per-token statistics to return besides the loss (TokenStatistics' field names)
 
     @property
     def compute_dtype(self) -> torch.dtype:

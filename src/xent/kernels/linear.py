@@ -96,8 +96,15 @@ def linear_pass(
     want_input, want_weight, want_bias = want if need_grad else (False, False, False)
 
     smoothing = p.options.label_smoothing > 0
-    statistics = p.statistics + (("entropy",) if entropy_scale is not None else ())
-    stats = rows.RowStats.for_statistics(num_rows, statistics, target=True, dense=smoothing, dtype=cd, device=dev)
+    stats = rows.RowStats.for_statistics(
+        num_rows,
+        p.statistics,
+        target=True,
+        dense=smoothing,
+        dtype=cd,
+        device=dev,
+        entropy_gradient=entropy_scale is not None,
+    )
     if not vocab:  # no classes in this head (or this rank's block): sum exp = 0, lse = -inf, no chunk runs
         rows.classless_stats(stats)
     # a head without classes (or a rank holding none) writes no chunk: its input gradient is zero

@@ -81,9 +81,14 @@ def cross_entropy_forward(
 
     block_of_classes = targets.block() if targets is not None else None
     entropy = entropy_upstream.reshape(-1).to(cd) if entropy_upstream is not None else None
-    statistics = problem.statistics + (("entropy",) if entropy is not None else ())
     stats = rows.RowStats.for_statistics(
-        num_rows, statistics, target=targets is not None, dense=bool(terms.b), dtype=cd, device=dev
+        num_rows,
+        problem.statistics,
+        target=targets is not None,
+        dense=bool(terms.b),
+        dtype=cd,
+        device=dev,
+        entropy_gradient=entropy is not None,
     )
     coefficients = rows.ChunkCoefficients(terms, scale, dense_mass, entropy=entropy) if need_grad else None
     # exp(z) without the max shift saves two passes, but deciding per chunk needs a host sync: CPU only.

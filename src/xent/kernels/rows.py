@@ -126,7 +126,7 @@ def gradient_(
     holds e log e (the entropy term's, taken before this call).
     """
     workspace.mul_(softmax_coef.unsqueeze(1))
-    if xlogy is not None:
+    if xlogy_coef is not None:
         workspace.addcmul_(xlogy_coef.unsqueeze(1), xlogy)
     if target is not None:
         workspace.scatter_add_(1, target, target_coef.neg().unsqueeze(1))
@@ -175,8 +175,19 @@ class RowStats:
         )
 
     @classmethod
-    def for_statistics(cls, num_rows: int, statistics: tuple, *, target: bool, dense: bool, dtype, device) -> RowStats:
-        """The statistics a pass fills to answer `statistics` (names from STATISTICS) besides the loss."""
+    def for_statistics(
+        cls,
+        num_rows: int,
+        statistics: tuple,
+        *,
+        target: bool,
+        dense: bool,
+        dtype,
+        device,
+        entropy_gradient: bool = False,
+    ) -> RowStats:
+        """The statistics a pass fills to answer `statistics` (TokenStatistics' names) besides the loss;
+        entropy_gradient: the pass's gradient has an entropy term, which needs the rows' entropies."""
         return cls.empty(
             num_rows,
             target=target,
@@ -184,7 +195,7 @@ class RowStats:
             dtype=dtype,
             device=device,
             argmax=bool({"argmax", "correct"} & set(statistics)),
-            entropy="entropy" in statistics,
+            entropy="entropy" in statistics or entropy_gradient,
         )
 
     def rows(self, r0: int, r1: int) -> RowStats:
@@ -209,9 +220,10 @@ class RowStats:
         dense_is_ones: bool = False,
         unshifted: bool = False,
         take_argmax: bool = True,
-    ) -> Tensor | None:
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Fill rows r0:r1 from one chunk: load() puts its logits in `workspace` (and returns the softcap
-        chain, or None); then target logits, exp_rows_ and the dense dot. Returns the chain.
+        chain, or None); then target logits, exp_rows_ and the dense dot. Returns the chain, and with the
+        entropy the chunk's e log e (which an entropy term of the gradient reuses).
 
         take_argmax=False: load() fills the argmax itself (of the logits before the cap: tanh is monotone
         but saturates to ties in fp32)."""
@@ -231,9 +243,11 @@ class RowStats:
         if not exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, unshifted=unshifted, **extra):
             chain = load()  # some row over/underflowed exp(z): redo the chunk with the max shift
             exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, **extra)
+        xlogy = None
         if self.entropy_rel is not None:  # the workspace holds e = exp(z - shift): sum e * log e
-            torch.sum(e_log_e(workspace), 1, out=self.entropy_rel[r0:r1])
-        return chain
+            xlogy = e_log_e(workspace)
+            torch.sum(xlogy, 1, out=self.entropy_rel[r0:r1])
+        return chain, xlogy
 
     def argmax_(self, logits: Tensor, r0: int, r1: int) -> None:
         """torch.max's indices: the first maximum, as torch.argmax, and faster than it on CPU."""
@@ -243,10 +257,8 @@ class RowStats:
         return log_sum_exp(self.shift, self.sumexp)
 
 
-# The per-token statistics a loss returns on request (return_stats=), computed from its own pass.
-STATISTICS = ("lse", "logprob", "entropy", "z_loss", "argmax", "correct")
+# The floating-point ones among the per-token statistics of return_stats= (problems.TokenStatistics).
 FLOAT_STATISTICS = ("lse", "logprob", "entropy", "z_loss")
-INDEX_TARGET_STATISTICS = ("logprob", "correct")
 
 
 def token_statistics(
@@ -333,7 +345,7 @@ def torch_chunk(
             stats.argmax_(workspace, r0, r1)
         return softcap_(workspace, softcap, chain_out)
 
-    chain = stats.chunk_(
+    chain, xlogy = stats.chunk_(
         workspace,
         r0,
         r1,
@@ -350,9 +362,7 @@ def torch_chunk(
         softmax_coef, target_coef, dense_coef, xlogy_coef = coefficients(
             r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1], entropy_rel
         )
-        # e log e, taken before the workspace's e turns into the gradient
-        xlogy = e_log_e(workspace) if xlogy_coef is not None else None
-        gradient_(
+        gradient_(  # the entropy term's e log e was taken with the statistics, before e turns into the gradient
             workspace,
             softmax_coef,
             target=target,

@@ -100,189 +100,115 @@ def _rows_kernel(
     # A grid smaller than the rows makes each program loop over rows (fewer rows in flight, so that the
     # gradient loop's second read of a row still finds it in L2); a grid of one program per row loops once.
     for row_i in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        _row(
-            Z,
-            stride_z,
-            OUT,
-            stride_out,
-            TARGET,
-            DENSE,
-            stride_dense,
-            SHIFT,
-            SUMEXP,
-            TARGET_LOGIT,
-            DENSE_REL,
-            ARGMAX,
-            ENTROPY_REL,
-            LSE,
-            C_SOFTMAX,
-            C_ZLOSS,
-            C_TARGET,
-            C_DENSE,
-            C_ENTROPY,
-            n_cols,
-            softcap,
-            tl.cast(row_i, tl.int64),
-            BLOCK,
-            STATS,
-            GRAD,
-            HAS_TARGET,
-            STORE_TARGET,
-            STORE_DENSE,
-            DENSE_MODE,
-            SOFTCAP,
-            ZLOSS,
-            STORE_ARGMAX,
-            STORE_ENTROPY,
-            ENTROPY_GRAD,
-        )
-
-
-@triton.jit
-def _row(
-    Z,
-    stride_z,
-    OUT,
-    stride_out,
-    TARGET,
-    DENSE,
-    stride_dense,
-    SHIFT,
-    SUMEXP,
-    TARGET_LOGIT,
-    DENSE_REL,
-    ARGMAX,
-    ENTROPY_REL,
-    LSE,
-    C_SOFTMAX,
-    C_ZLOSS,
-    C_TARGET,
-    C_DENSE,
-    C_ENTROPY,
-    n_cols,
-    softcap,
-    row,
-    BLOCK: tl.constexpr,
-    STATS: tl.constexpr,
-    GRAD: tl.constexpr,
-    HAS_TARGET: tl.constexpr,
-    STORE_TARGET: tl.constexpr,
-    STORE_DENSE: tl.constexpr,
-    DENSE_MODE: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    ZLOSS: tl.constexpr,
-    STORE_ARGMAX: tl.constexpr,
-    STORE_ENTROPY: tl.constexpr,
-    ENTROPY_GRAD: tl.constexpr,
-):
-    z_row = Z + row * stride_z
-    dense_row = DENSE + row * stride_dense
-    cols = tl.arange(0, BLOCK)
-    if HAS_TARGET:
-        target = tl.load(TARGET + row)
-
-    if STATS:
-        if STORE_TARGET:
-            # One load before the row is streamed (no reduction per block; and before any gradient store,
-            # which may overwrite the logits in place, as linear CE does). A target outside this row's
-            # columns (an ignored row, another rank's class) contributes 0.
-            inside = (target >= 0) & (target < n_cols)
-            zt = tl.load(z_row + tl.where(inside, target, 0)).to(tl.float32)
-            if SOFTCAP:
-                zt = softcap * _tanh(zt / softcap)
-            zt = tl.where(inside, zt, 0.0)
-        m = -float("inf")  # the running max (-inf while every logit so far is -inf)
-        shift = 0.0  # what the sums below are relative to: the running max, or 0 while it is -inf
-        s = 0.0
-        d = 0.0
-        u_seen = 0.0
-        h = 0.0  # sum e * (z - shift), for the entropy
-        best = -float("inf")
-        best_col = 0
-        for start in range(0, n_cols, BLOCK):
-            idx = start + cols
-            mask = idx < n_cols
-            z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
-            if STORE_ARGMAX:  # of the raw logits: the cap is monotone, and saturates to ties in fp32
-                # strictly greater: an earlier block keeps a tie (torch.argmax's first index)
-                raw_max = tl.max(z, 0)
-                best_col = tl.where(raw_max > best, start + tl.argmax(z, 0), best_col)
-                best = tl.maximum(best, raw_max)
-            if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
-                z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
-            m_new = tl.maximum(m, tl.max(z, 0))
-            new_shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
-            # the sums so far, re-based from `shift` to `new_shift`: exp(shift - new_shift) <= 1, and 0 when
-            # nothing has been summed yet (then shift = 0 may lie above new_shift, and exp() overflow)
-            alpha = tl.where(m == -float("inf"), 0.0, tl.exp(shift - new_shift))
-            moved = shift - new_shift
-            e = tl.exp(z - new_shift)
-            if STORE_ENTROPY:  # e' = e alpha, z - new_shift = (z - shift) + moved; alpha * s first (0 * -inf)
-                h = alpha * h + (alpha * s) * moved + tl.sum(e * tl.where(e > 0.0, z - new_shift, 0.0), 0)
-            s = s * alpha + tl.sum(e, 0)
-            if DENSE_MODE != 0:
-                if DENSE_MODE == 1:
-                    u = tl.where(mask, 1.0, 0.0)
-                else:
-                    u = tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
-                # <u, z - shift> relative to the running shift: re-base the blocks seen so far
-                d += u_seen * moved
-                d += tl.sum(u * tl.where(mask, z - new_shift, 0.0), 0)
-                u_seen += tl.sum(u, 0)
-            m = m_new
-            shift = new_shift
-        m = shift
-        tl.store(SHIFT + row, m)
-        tl.store(SUMEXP + row, s)
-        if STORE_ARGMAX:
-            tl.store(ARGMAX + row, best_col.to(tl.int64))
-        if STORE_ENTROPY:
-            tl.store(ENTROPY_REL + row, h)
-        if STORE_DENSE:
-            tl.store(DENSE_REL + row, d)
-        if STORE_TARGET:
-            tl.store(TARGET_LOGIT + row, zt)  # already capped with the rest of the row
-        log_s = tl.log(s)
-        lse = m + log_s
-    else:
-        lse = tl.load(LSE + row).to(tl.float32)
-        m = lse
-        log_s = 0.0
-
-    if GRAD:
-        c_softmax = tl.load(C_SOFTMAX + row)
-        if ZLOSS:
-            c_softmax += tl.load(C_ZLOSS + row) * lse
+        row = tl.cast(row_i, tl.int64)
+        z_row = Z + row * stride_z
+        dense_row = DENSE + row * stride_dense
+        cols = tl.arange(0, BLOCK)
         if HAS_TARGET:
-            c_target = tl.load(C_TARGET + row)
-        if DENSE_MODE != 0:
-            c_dense = tl.load(C_DENSE + row)
-        if ENTROPY_GRAD:  # -c p (log p + H), log p + H = (z - m) - h / s (the entropy's own statistics)
-            c_entropy = tl.load(C_ENTROPY + row)
-            h_over_s = h / s
-        out_row = OUT + row * stride_out
-        for start in range(0, n_cols, BLOCK):
-            idx = start + cols
-            mask = idx < n_cols
-            z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
-            if SOFTCAP:
-                th = _tanh(z / softcap)
-                z = softcap * th
-            # exp((z - m) - log s), not exp(z - lse): lse rounded to fp32 would cost absolute precision
-            # in proportion to the largest logit.
-            p = tl.exp((z - m) - log_s)
-            g = c_softmax * p
-            if ENTROPY_GRAD:
-                g -= c_entropy * p * tl.where(p > 0.0, (z - m) - h_over_s, 0.0)
+            target = tl.load(TARGET + row)
+
+        if STATS:
+            if STORE_TARGET:
+                # One load before the row is streamed (no reduction per block; and before any gradient store,
+                # which may overwrite the logits in place, as linear CE does). A target outside this row's
+                # columns (an ignored row, another rank's class) contributes 0.
+                inside = (target >= 0) & (target < n_cols)
+                zt = tl.load(z_row + tl.where(inside, target, 0)).to(tl.float32)
+                if SOFTCAP:
+                    zt = softcap * _tanh(zt / softcap)
+                zt = tl.where(inside, zt, 0.0)
+            m = -float("inf")  # the running max (-inf while every logit so far is -inf)
+            shift = 0.0  # what the sums below are relative to: the running max, or 0 while it is -inf
+            s = 0.0
+            d = 0.0
+            u_seen = 0.0
+            h = 0.0  # sum e * (z - shift), for the entropy
+            best = -float("inf")
+            best_col = 0
+            for start in range(0, n_cols, BLOCK):
+                idx = start + cols
+                mask = idx < n_cols
+                z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
+                if STORE_ARGMAX:  # of the raw logits: the cap is monotone, and saturates to ties in fp32
+                    # strictly greater: an earlier block keeps a tie (torch.argmax's first index)
+                    raw_max = tl.max(z, 0)
+                    best_col = tl.where(raw_max > best, start + tl.argmax(z, 0), best_col)
+                    best = tl.maximum(best, raw_max)
+                if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
+                    z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
+                m_new = tl.maximum(m, tl.max(z, 0))
+                new_shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
+                # the sums so far, re-based from `shift` to `new_shift`: exp(shift - new_shift) <= 1, and 0 when
+                # nothing has been summed yet (then shift = 0 may lie above new_shift, and exp() overflow)
+                alpha = tl.where(m == -float("inf"), 0.0, tl.exp(shift - new_shift))
+                moved = shift - new_shift
+                e = tl.exp(z - new_shift)
+                if STORE_ENTROPY:  # e' = e alpha, z - new_shift = (z - shift) + moved; alpha * s first (0 * -inf)
+                    h = alpha * h + (alpha * s) * moved + tl.sum(e * tl.where(e > 0.0, z - new_shift, 0.0), 0)
+                s = s * alpha + tl.sum(e, 0)
+                if DENSE_MODE != 0:
+                    if DENSE_MODE == 1:
+                        u = tl.where(mask, 1.0, 0.0)
+                    else:
+                        u = tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
+                    # <u, z - shift> relative to the running shift: re-base the blocks seen so far
+                    d += u_seen * moved
+                    d += tl.sum(u * tl.where(mask, z - new_shift, 0.0), 0)
+                    u_seen += tl.sum(u, 0)
+                m = m_new
+                shift = new_shift
+            m = shift
+            tl.store(SHIFT + row, m)
+            tl.store(SUMEXP + row, s)
+            if STORE_ARGMAX:
+                tl.store(ARGMAX + row, best_col.to(tl.int64))
+            if STORE_ENTROPY:
+                tl.store(ENTROPY_REL + row, h)
+            if STORE_DENSE:
+                tl.store(DENSE_REL + row, d)
+            if STORE_TARGET:
+                tl.store(TARGET_LOGIT + row, zt)  # already capped with the rest of the row
+            log_s = tl.log(s)
+            lse = m + log_s
+        else:
+            lse = tl.load(LSE + row).to(tl.float32)
+            m = lse
+            log_s = 0.0
+
+        if GRAD:
+            c_softmax = tl.load(C_SOFTMAX + row)
+            if ZLOSS:
+                c_softmax += tl.load(C_ZLOSS + row) * lse
             if HAS_TARGET:
-                g -= tl.where(idx == target, c_target, 0.0)
-            if DENSE_MODE == 1:
-                g -= c_dense
-            elif DENSE_MODE != 0:
-                g -= c_dense * tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
-            if SOFTCAP:
-                g *= 1.0 - th * th
-            tl.store(out_row + idx, _downcast(g, OUT.dtype.element_ty), mask=mask)
+                c_target = tl.load(C_TARGET + row)
+            if DENSE_MODE != 0:
+                c_dense = tl.load(C_DENSE + row)
+            if ENTROPY_GRAD:  # -c p (log p + H), log p + H = (z - m) - h / s (the entropy's own statistics)
+                c_entropy = tl.load(C_ENTROPY + row)
+                h_over_s = h / s
+            out_row = OUT + row * stride_out
+            for start in range(0, n_cols, BLOCK):
+                idx = start + cols
+                mask = idx < n_cols
+                z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
+                if SOFTCAP:
+                    th = _tanh(z / softcap)
+                    z = softcap * th
+                # exp((z - m) - log s), not exp(z - lse): lse rounded to fp32 would cost absolute precision
+                # in proportion to the largest logit.
+                p = tl.exp((z - m) - log_s)
+                g = c_softmax * p
+                if ENTROPY_GRAD:
+                    g -= c_entropy * p * tl.where(p > 0.0, (z - m) - h_over_s, 0.0)
+                if HAS_TARGET:
+                    g -= tl.where(idx == target, c_target, 0.0)
+                if DENSE_MODE == 1:
+                    g -= c_dense
+                elif DENSE_MODE != 0:
+                    g -= c_dense * tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
+                if SOFTCAP:
+                    g *= 1.0 - th * th
+                tl.store(out_row + idx, _downcast(g, OUT.dtype.element_ty), mask=mask)
 
 
 def _on_device(t: Tensor):
@@ -458,9 +384,14 @@ def cross_entropy_forward(
     targets = rows.IndexTargets.from_options(problem.target, problem.weight, opts, c, torch.float32)
     smoothing = bool(targets.terms.b)
     entropy = entropy_upstream.reshape(-1).float() if entropy_upstream is not None else None
-    statistics = problem.statistics + (("entropy",) if entropy is not None else ())
     stats = rows.RowStats.for_statistics(
-        n, statistics, target=True, dense=smoothing, dtype=torch.float32, device=x.device
+        n,
+        problem.statistics,
+        target=True,
+        dense=smoothing,
+        dtype=torch.float32,
+        device=x.device,
+        entropy_gradient=entropy is not None,
     )
     grad = torch.empty((n, c, 1), dtype=x.dtype, device=x.device) if need_grad else None
     rows_(
