@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import sys
 import traceback
 
 import torch
@@ -38,10 +39,30 @@ def run(rank: int, world: int, rendezvous: str, sizes: list[int], scenario: str,
         outcome = "ok"
     except Exception:  # noqa: BLE001 - reported to the parent test through the result file
         outcome = traceback.format_exc()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(outcome)
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    _shut_down(outcome == "ok")
+
+
+def _shut_down(in_step: bool) -> None:
+    """Leave without tearing the interpreter down around gloo.
+
+    A rank that has passed waits for the others (so none closes its connections while a peer is still in
+    a collective), then destroys the process group and leaves through os._exit. Interpreter finalisation
+    would free tensors that gloo's worker threads (and un-waited DTensor collectives) still hold, and that
+    can abort the process with "terminate called without an active exception" (SIGABRT) after every check
+    has passed, which is what one CI run saw. The outcome is already in the result file, so the exit
+    status carries nothing else. A failed rank skips the barrier: its peers may be stuck in a collective it
+    never joined, and the barrier would pair with that.
+    """
+    try:
+        if in_step:
+            dist.barrier()
         dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _layout(rank, sizes, reverse: bool):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 DEADLINE_S = 240
 
@@ -36,6 +37,9 @@ def _spawn(world: int, sizes: list[int], scenario: str, tmp_path) -> None:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
                 pytest.fail(f"{scenario}: ranks did not finish within {DEADLINE_S} s (hang)")
+    except ProcessException as crash:
+        # A rank died (a signal or an exception outside its checks): say what each rank had reported.
+        pytest.fail(f"{scenario}: {crash}\n{_outcomes(world, tmp_path)}")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -45,6 +49,14 @@ def _spawn(world: int, sizes: list[int], scenario: str, tmp_path) -> None:
         assert path.exists(), f"rank {rank} wrote no result"
         outcome = path.read_text()
         assert outcome == "ok", f"rank {rank} of {world} ({scenario}):\n{outcome}"
+
+
+def _outcomes(world: int, tmp_path) -> str:
+    lines = []
+    for rank in range(world):
+        path = tmp_path / f"rank{rank}.txt"
+        lines.append(f"rank {rank}: " + (path.read_text() if path.exists() else "no result written"))
+    return "\n".join(lines)
 
 
 # Uneven shards, including a rank that holds a single class, and one that holds none (3 ranks, 2 classes
