@@ -14,13 +14,17 @@ so label smoothing uses the global number of classes and the global weights (Meg
 vocabulary size, which is wrong), and results equal the single-process loss. The gradient of the logits
 is local: exp(z - lse) times the row coefficients, minus the target term on the owning rank. The logits
 path needs no communication in backward; the linear path all-reduces the input gradient.
+
+Per-token statistics ride on the same exchange: the entropy adds each block's <e, z - shift> (merged by
+rows.merge_block_entropy), the argmax each block's largest logit and its global column (the first column
+among the blocks that reach the maximum, rows.merge_block_argmax).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -114,29 +118,70 @@ def _check_same_targets(identity: list[list[float]], fn: str) -> None:
         )
 
 
-def _shards_from_sizes(target: Tensor, local_size: int, group, fn: str) -> Shards:
-    """vocab_start=None: gather every rank's block size (and target identity) first; blocks in rank order."""
+def _shards_from_sizes(target: Tensor, local_size: int, group, fn: str, extra: tuple[str, ...]) -> Shards:
+    """vocab_start=None: gather every rank's block size (and target identity, and which statistics widen
+    the main exchange) first; blocks in rank order."""
     rank, _ = _group_info(group)
-    size = torch.tensor([float(local_size)], dtype=torch.float64).to(target.device, non_blocking=True)
-    table = _all_gather(torch.cat([_identity(target), size]), group).tolist()  # host: the starts are needed now
+    size = torch.tensor([float(local_size), _EXTRA_CODES[extra]], dtype=torch.float64)
+    table = _all_gather(torch.cat([_identity(target), size.to(target.device, non_blocking=True)]), group).tolist()
     _check_same_targets([row[:4] for row in table], fn)
+    codes = [row[5] for row in table]
+    if any(code != codes[0] for code in codes):
+        names = {code: list(names) for names, code in _EXTRA_CODES.items()}
+        raise ValueError(
+            f"{fn}: every rank must ask for the same return_stats; per rank, the ones beyond lse, logprob and "
+            f"z_loss: {[names[code] for code in codes]}"
+        )
     sizes = tuple(int(row[4]) for row in table)
     return Shards(rank, tuple(sum(sizes[:k]) for k in range(len(sizes))), sizes)
 
 
+# The statistics that need more than the global lse and target logit, each a share per block in the main
+# exchange: the entropy (one number per row and rank), the argmax (the block's largest logit and its
+# column). Their code goes into vocab_start=None's first gather, so that ranks asking differently raise.
+_EXTRA_CODES = {(): 0.0, ("entropy",): 1.0, ("argmax",): 2.0, ("entropy", "argmax"): 3.0}
+
+
+def _extra_statistics(statistics: tuple) -> tuple[str, ...]:
+    """Which of the exchange's optional shares `statistics` needs ('correct' is the argmax's)."""
+    return tuple(
+        name
+        for name, needed in (
+            ("entropy", "entropy" in statistics),
+            ("argmax", bool({"argmax", "correct"} & set(statistics))),
+        )
+        if needed
+    )
+
+
 def _exchange_statistics(
-    stats: rows.RowStats, block: rows.ClassBlock, target: Tensor, start: int, local_size: int, group, opts: Options
+    stats: rows.RowStats,
+    block: rows.ClassBlock,
+    target: Tensor,
+    start: int,
+    local_size: int,
+    group,
+    opts: Options,
+    block_max: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """The one collective of the forward pass: every rank's header and per-row statistics.
 
     Returns the (world, _HEADER) header and shift, sumexp, target logit, owned, dense_rel, each (world, rows),
-    all float64 and still on the device. The payload's size never depends on the options (the smoothing
-    term's slot is sent as zeros without smoothing), so ranks that disagree on them still complete the
-    collective and then all raise the same error, instead of aborting in a size mismatch.
+    and the list of the requested extra shares (world, rows): entropy_rel with stats.entropy_rel, the
+    block's largest logit (`block_max`) and its global column with stats.argmax. All float64, still on
+    the device. The payload's size never depends on the options (the smoothing term's slot is sent as
+    zeros without smoothing), so ranks that disagree on them still complete the collective and then all
+    raise the same error, instead of aborting in a size mismatch; it does depend on the extra statistics.
     """
     num_rows = stats.shift.numel()
     dense_rel = stats.dense_rel if stats.dense_rel is not None else torch.zeros_like(stats.shift)
     parts = [stats.shift, stats.sumexp, torch.where(block.owned, stats.target_logit, 0), block.owned, dense_rel]
+    if stats.entropy_rel is not None:
+        parts.append(stats.entropy_rel)
+    if stats.argmax is not None:
+        has_classes = stats.argmax >= 0
+        parts.append(torch.where(has_classes, block_max.double(), -math.inf))
+        parts.append(torch.where(has_classes, (stats.argmax + start).double(), math.inf))
     weight_sum = (
         block.class_weight.double().sum().reshape(1)
         if block.class_weight is not None
@@ -156,8 +201,8 @@ def _exchange_statistics(
     mine = torch.cat([_identity(target), place, weight_sum, options] + [p.double() for p in parts])
     table = _all_gather(mine, group)
     header, bodies = table[:, :_HEADER], table[:, _HEADER:].reshape(table.shape[0], len(parts), num_rows)
-    *bodies, gathered_dense = bodies.unbind(1)
-    return (header, *bodies, gathered_dense if stats.dense_rel is not None else None)
+    shift, sumexp, target_logit, owned, gathered_dense, *extras = bodies.unbind(1)
+    return header, shift, sumexp, target_logit, owned, gathered_dense if stats.dense_rel is not None else None, extras
 
 
 def _check_same_options(table: list[list[float]], fn: str) -> None:
@@ -185,16 +230,24 @@ def _check_tiling(shards: Shards, fn: str) -> None:
         end = start + size
 
 
-def _merge(header: Tensor, shift, sumexp, target_logit, owned, dense_rel, valid: Tensor, eps: float):
+def _merge(
+    header: Tensor, shift, sumexp, target_logit, owned, dense_rel, extras: list, extra: tuple, valid: Tensor, eps: float
+):
     """Global lse, target logit and smoothing term per row from the gathered statistics (on the device),
-    and the rows whose target no rank (or two) owns."""
+    the rows whose target no rank (or two) owns, and the `extra` statistics' merged rows (entropy, argmax
+    as float64)."""
     lse = rows.merge_blocks(shift, sumexp)
     dense_ce = None
     if eps > 0:
         mass, sizes = header[:, _WEIGHT_SUM].unsqueeze(1), header[:, _SIZE].unsqueeze(1)
         # a block without classes contributes nothing (its lse is -inf)
         dense_ce = torch.where(sizes > 0, rows.dense_cross_entropy(lse, shift, mass, dense_rel), 0).sum(0)
-    return lse, target_logit.sum(0), dense_ce, valid & (owned.sum(0) != 1)
+    merged = []
+    if "entropy" in extra:
+        merged.append(rows.merge_block_entropy(lse, shift, sumexp, extras.pop(0)))
+    if "argmax" in extra:
+        merged.append(rows.merge_block_argmax(*extras).double())
+    return lse, target_logit.sum(0), dense_ce, valid & (owned.sum(0) != 1), merged
 
 
 def _block(flat: Tensor, valid: Tensor, weight: Tensor | None, cd: torch.dtype, start: int, size: int):
@@ -238,11 +291,12 @@ def vocab_parallel_cross_entropy(
             targets before the main exchange).
         weight (Tensor, optional): the full :math:`(C,)` class weights, the same on every rank.
         ignore_index, reduction, label_smoothing, z_loss: as :func:`xent.cross_entropy`.
-        return_stats: ``'lse'``, ``'logprob'``, ``'z_loss'`` (or a sequence of them), as
-            :func:`xent.cross_entropy` (global values, the same on every rank; the others, which would need
-            a second exchange, raise NotImplementedError). Returns ``(loss, stats)`` then.
+        return_stats: names of per-token statistics, as :func:`xent.cross_entropy`: global values, the
+            same on every rank, merged in the one exchange (every rank must ask for the same ones).
+            Returns ``(loss, stats)`` then.
 
-    Forward runs one all-gather (two with ``vocab_start=None``) of 4-5 float64 numbers per row and rank;
+    Forward runs one all-gather (two with ``vocab_start=None``) of 5 float64 numbers per row and rank (one
+    more for the entropy, two more for the argmax);
     backward needs no communication. Differing targets across ranks, blocks that do not tile the
     vocabulary, out-of-range targets and a wrong weight size raise on every rank alike; ranks with
     different *numbers* of targets are caught only with ``vocab_start=None`` (the collective itself would
@@ -252,7 +306,7 @@ def vocab_parallel_cross_entropy(
     opts = vocab_parallel_options(
         local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "local_logits"
     )
-    statistics = _check_statistics(return_stats, fn)
+    statistics = check_statistics(return_stats, fn)
     if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
         raise ValueError(
             f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without "
@@ -267,7 +321,7 @@ def vocab_parallel_cross_entropy(
         # with no gradient to take, the op itself: dynamo (torch 2.13) fails tracing this autograd.Function
         # when no input requires grad
         apply = _TracedVocabParallelCrossEntropy.apply if need_grad else torch.ops.xent.vocab_parallel_cross_entropy
-        loss, _, lse, z_target = apply(
+        loss, _, per_row = apply(
             local_logits,
             target,
             weight,
@@ -278,40 +332,33 @@ def vocab_parallel_cross_entropy(
             opts.label_smoothing,
             opts.z_loss,
             need_grad,
+            ",".join(statistics),
         )
     else:
         layout = Layout(group, vocab_start)
         if not need_grad:
-            loss, _, lse, z_target = _logits_forward(local_logits, target, weight, layout, opts, need_grad=False)
+            loss, _, per_row = _logits_forward(local_logits, target, weight, layout, opts, False, statistics)
         else:
-            loss, lse, z_target = _VocabParallelCrossEntropy.apply(local_logits, target, weight, layout, opts)
+            loss, per_row = _VocabParallelCrossEntropy.apply(local_logits, target, weight, layout, opts, statistics)
     if return_stats is None:
         return loss
     cd = torch.float64 if local_logits.dtype == torch.float64 else torch.float32
-    return loss, _statistics(statistics, lse, z_target, target, opts, cd)
+    return loss, _statistics(statistics, per_row, target, opts, cd)
 
 
-def _check_statistics(return_stats, fn: str) -> tuple:
-    """The statistics a vocab-parallel loss gives from its one exchange: those of the global lse and target
-    logit. Entropy and argmax would need each block's share gathered as well."""
-    statistics = check_statistics(return_stats, fn)
-    other = [name for name in statistics if name not in _STATISTICS]
-    if other:
-        raise NotImplementedError(
-            f"{fn}: return_stats={other[0]!r} is not supported by the vocab-parallel losses (only "
-            f"{', '.join(map(repr, _STATISTICS))})"
-        )
-    return statistics
-
-
-_STATISTICS = ("lse", "logprob", "z_loss")
-
-
-def _statistics(statistics: tuple, lse: Tensor, z_target: Tensor, target: Tensor, opts: Options, cd) -> TokenStatistics:
-    """The per-token statistics from the global lse and target logits (rows.token_statistics' formulas)."""
-    stats = rows.RowStats(lse, torch.ones_like(lse), z_target, None)  # lse = shift + log 1
-    valid = target.reshape(-1).long() != opts.ignore_index
-    values = rows.token_statistics_of_rows(stats, statistics, valid, None, opts.z_loss, cd)
+def _statistics(statistics: tuple, per_row: Tensor, target: Tensor, opts: Options, cd) -> TokenStatistics:
+    """The per-token statistics from the merged rows (_vocab_parallel_loss' per_row: global lse, target
+    logit, then entropy and argmax where asked), by rows.token_statistics_of_rows' formulas."""
+    lse, z_target, *merged = per_row.unbind(0)
+    extra = _extra_statistics(statistics)
+    entropy = merged[extra.index("entropy")] if "entropy" in extra else None
+    argmax = merged[extra.index("argmax")].long() if "argmax" in extra else None
+    # shift = lse and sumexp = 1 give lse = shift + log 1, and entropy = log 1 - entropy_rel / 1
+    stats = rows.RowStats(
+        lse, torch.ones_like(lse), z_target, None, argmax, entropy.neg() if entropy is not None else None
+    )
+    flat = target.reshape(-1).long()  # uint8 compares as int64, as torch
+    values = rows.token_statistics_of_rows(stats, statistics, flat != opts.ignore_index, flat, opts.z_loss, cd)
     return TokenStatistics.of(values, tuple(target.shape))
 
 
@@ -324,26 +371,33 @@ def _vocab_parallel_loss(
     opts: Options,
     cd: torch.dtype,
     fn: str,
+    statistics: tuple,
     local_statistics,
+    block_max,
 ):
     """The forward of both vocab-parallel losses: this rank's block of classes, its statistics (from
-    local_statistics(block) -> RowStats), the one exchange, and the merged per-row losses.
+    local_statistics(block) -> RowStats, with what `statistics` needs), the one exchange, and the merged
+    per-row losses. block_max(stats) gives the block's largest logit per row (for the argmax).
 
     The checks that must raise on every rank alike read the small gathered header back to the host once.
-    Returns (block, targets, lse, loss_rows, shards) for the gradient pass, and the rows' target logits.
+    Returns (block, targets, lse, loss_rows, shards) for the gradient pass, and per_row: float64
+    (2 + k, rows) holding the rows' global lse, target logit, then their entropy and argmax where
+    `statistics` needs them (_statistics reads it).
     """
     rank, _ = _group_info(group)
     flat = target.reshape(-1).long()  # uint8 compares as int64, as torch
     valid = flat != opts.ignore_index
+    extra = _extra_statistics(statistics)
     shards = None
     if vocab_start is None:
-        shards = _shards_from_sizes(target, local_size, group, fn)
+        shards = _shards_from_sizes(target, local_size, group, fn, extra)
         _check_weight_size(weight, shards)
     start = shards.start if shards is not None else as_index(vocab_start, "vocab_start", fn)
     block = _block(flat, valid, weight, cd, start, local_size)
     stats = local_statistics(block)
-    header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group, opts)
-    lse, z_target, dense_ce, unowned = _merge(header, *gathered, valid, opts.label_smoothing)
+    local_max = block_max(stats) if stats.argmax is not None else None
+    header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group, opts, local_max)
+    lse, z_target, dense_ce, unowned, merged = _merge(header, *gathered, extra, valid, opts.label_smoothing)
     host = torch.cat([header.reshape(-1), unowned.any().double().reshape(1)]).tolist()
     table = [host[k * _HEADER : (k + 1) * _HEADER] for k in range(header.shape[0])]
     _check_same_targets([row[:_SIZE] for row in table], fn)
@@ -358,12 +412,20 @@ def _vocab_parallel_loss(
             f"[0, {shards.num_classes - 1}] or ignore_index.)"
         )
     targets = rows.IndexTargets.from_options(flat, weight, opts, shards.num_classes, cd)
-    return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd), shards, z_target
+    per_row = torch.stack([lse, z_target, *merged])
+    return block, targets, lse, targets.row_losses(lse, z_target, dense_ce).to(cd), shards, per_row
 
 
 def _logits_forward(
-    local_logits: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, opts: Options, need_grad: bool
+    local_logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    layout: Layout,
+    opts: Options,
+    need_grad: bool,
+    statistics: tuple = (),
 ):
+    """(loss, this rank's gradient for a unit upstream gradient or None, per_row (_vocab_parallel_loss))."""
     group, vocab_start = layout.group, layout.vocab_start
     x = local_logits.reshape(math.prod(local_logits.shape[:-1]), local_logits.shape[-1])  # not -1: C_local may be 0
     num_rows, local_size = x.shape
@@ -372,12 +434,27 @@ def _logits_forward(
 
     # Pass 1: this block's statistics; 2: after the exchange, the gradient (global lse) in place.
     def local_statistics(block):
-        stats = rows.RowStats.empty(num_rows, target=True, dense=smoothing, dtype=cd, device=x.device)
+        stats = rows.RowStats.for_statistics(
+            num_rows, statistics, target=True, dense=smoothing, dtype=cd, device=x.device
+        )
         _block_pass(x, stats, block, cd, smoothing)
         return stats
 
-    block, targets, lse, loss_rows, _, z_target = _vocab_parallel_loss(
-        target, weight, local_size, group, vocab_start, opts, cd, "vocab_parallel_cross_entropy", local_statistics
+    def block_max(stats):  # the logit the pass found largest, read back exactly
+        return x.gather(1, stats.argmax.clamp_min(0).unsqueeze(1)).squeeze(1) if local_size else stats.shift
+
+    block, targets, lse, loss_rows, _, per_row = _vocab_parallel_loss(
+        target,
+        weight,
+        local_size,
+        group,
+        vocab_start,
+        opts,
+        cd,
+        "vocab_parallel_cross_entropy",
+        statistics,
+        local_statistics,
+        block_max,
     )
     loss = targets.reduce(loss_rows)
     loss = (loss.reshape(target.shape) if opts.reduction == "none" else loss).to(local_logits.dtype)
@@ -393,7 +470,7 @@ def _logits_forward(
             grad=grad,
             coefficients=targets.coefficients(targets.scale(), lse, block),
         )
-    return loss, grad, lse, z_target
+    return loss, grad, per_row
 
 
 def _block_pass(
@@ -431,22 +508,22 @@ def _block_pass(
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local_logits, target, weight, layout: Layout, opts: Options):
-        loss, grad, lse, z_target = _logits_forward(local_logits, target, weight, layout, opts, need_grad=True)
+    def forward(ctx, local_logits, target, weight, layout: Layout, opts: Options, statistics: tuple):
+        loss, grad, per_row = _logits_forward(local_logits, target, weight, layout, opts, True, statistics)
         ctx.layout, ctx.opts, ctx.shape = layout, opts, local_logits.shape
         save_for_handover(ctx, [grad], (local_logits, target, weight))
-        ctx.mark_non_differentiable(lse, z_target)
-        return loss, lse, z_target
+        ctx.mark_non_differentiable(per_row)
+        return loss, per_row
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_target_logit):
+    def backward(ctx, grad_loss, _grad_per_row):
         if torch.is_grad_enabled():
             raise RuntimeError("vocab_parallel_cross_entropy does not support double backward (create_graph=True)")
         (grad,) = take_handover(ctx)
         if grad is None:  # a second backward (retain_graph=True): recompute, collectively, on every rank
             grad = _logits_forward(*saved_inputs(ctx), ctx.layout, ctx.opts, need_grad=True)[1]
         scale_input_grad_(grad.data, grad_loss, ctx.opts.reduction)
-        return grad.view(ctx.shape), None, None, None, None
+        return grad.view(ctx.shape), None, None, None, None, None
 
 
 @torch.library.custom_op("xent::vocab_parallel_cross_entropy", mutates_args=())
@@ -461,25 +538,49 @@ def _vocab_parallel_op(
     label_smoothing: float,
     z_loss: float,
     need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    statistics: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The loss and, with need_grad, this rank's (rows, C_local) gradient for a unit upstream gradient; the
-    rows' global lse and target logits (float64, for the per-token statistics)."""
+    merged rows (_vocab_parallel_loss' per_row, for the per-token `statistics`, comma-separated names)."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     layout = Layout(_resolve_process_group(group_name), vocab_start)
     opts = Options(reduction, ignore_index, label_smoothing, z_loss, None)
-    loss, grad, lse, z_target = _logits_forward(local_logits, target, weight, layout, opts, need_grad)
-    return loss.clone(), grad if grad is not None else local_logits.new_empty(0), lse, z_target
+    loss, grad, per_row = _logits_forward(
+        local_logits, target, weight, layout, opts, need_grad, _statistics_of(statistics)
+    )
+    return loss.clone(), grad if grad is not None else local_logits.new_empty(0), per_row
 
 
 @_vocab_parallel_op.register_fake
 def _(
-    local_logits, target, weight, group_name, vocab_start, reduction, ignore_index, label_smoothing, z_loss, need_grad
+    local_logits,
+    target,
+    weight,
+    group_name,
+    vocab_start,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    need_grad,
+    statistics,
 ):
     rows, size = math.prod(local_logits.shape[:-1]), local_logits.shape[-1]
     loss = local_logits.new_empty(() if reduction != "none" else target.shape)
-    per_row = local_logits.new_empty(rows, dtype=torch.float64)
-    return loss, local_logits.new_empty((rows, size) if need_grad else (0,)), per_row, per_row.clone()
+    grad = local_logits.new_empty((rows, size) if need_grad else (0,))
+    return loss, grad, _per_row_like(statistics, rows, local_logits)
+
+
+def _statistics_of(names: str) -> tuple:
+    """The ops' comma-separated statistics as a tuple of names."""
+    return tuple(names.split(",")) if names else ()
+
+
+def _per_row_like(statistics: str, num_rows: int, like: Tensor) -> Tensor:
+    """The shape and dtype of _vocab_parallel_loss' per_row for the ops' `statistics` (their fakes)."""
+    k = 2 + len(_extra_statistics(_statistics_of(statistics)))
+    return like.new_empty((k, num_rows), dtype=torch.float64)
 
 
 class _TracedVocabParallelCrossEntropy(torch.autograd.Function):
@@ -497,10 +598,10 @@ class _TracedVocabParallelCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(output[1])
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_of_buffer, _grad_lse, _grad_target_logit):
+    def backward(ctx, grad_loss, _grad_of_buffer, _grad_per_row):
         (grad,) = ctx.saved_tensors
         torch.ops.xent.scale_grad_(grad, grad_loss, ctx.reduction)
-        return grad.view(ctx.shape), None, None, None, None, None, None, None, None, None
+        return grad.view(ctx.shape), None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -535,7 +636,7 @@ def vocab_parallel_linear_cross_entropy(
     """
     fn = "vocab_parallel_linear_cross_entropy"
     opts = vocab_parallel_options(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input")
-    statistics = _check_statistics(return_stats, fn)
+    statistics = check_statistics(return_stats, fn)
     check_tensor(local_linear_weight, "local_linear_weight", fn)
     check_tensor(linear_bias, "linear_bias", fn, optional=True)
     check_linear(input, local_linear_weight, linear_bias)
@@ -557,6 +658,7 @@ def vocab_parallel_linear_cross_entropy(
         tuple(target.shape),
         input.dtype,
         memory_budget=memory_budget,
+        statistics=statistics,
     )
     how = route(input, local_linear_weight, linear_bias, target, weight)
     if how == FUNC:
@@ -567,7 +669,7 @@ def vocab_parallel_linear_cross_entropy(
             t is not None and t.requires_grad for t in (input, local_linear_weight, linear_bias)
         )
         apply = _TracedVocabParallelLinear.apply if wants_grad else torch.ops.xent.vocab_parallel_linear_cross_entropy
-        loss, lse, _, z_target = apply(
+        loss, per_row, _ = apply(
             x2,
             local_linear_weight,
             linear_bias,
@@ -580,21 +682,21 @@ def vocab_parallel_linear_cross_entropy(
             opts.label_smoothing,
             opts.z_loss,
             -1 if memory_budget is None else memory_budget,
+            ",".join(statistics),
         )
         loss = loss.reshape(problem.output_shape) if opts.reduction == "none" else loss
     else:
-        loss, lse, z_target = _VocabParallelLinear.apply(
+        loss, per_row = _VocabParallelLinear.apply(
             input, local_linear_weight, linear_bias, target, weight, Layout(group, vocab_start), problem
         )
     if return_stats is None:
         return loss
-    return loss, _statistics(statistics, lse, z_target, target, opts, problem.compute_dtype)
+    return loss, _statistics(statistics, per_row, target, opts, problem.compute_dtype)
 
 
 def _linear_forward(p: LinearProblem, layout: Layout):
-    """(loss, lse, block, targets, shards, target logits): this rank's block's statistics and the one
-    exchange."""
-    block, targets, lse, loss_rows, shards, z_target = _vocab_parallel_loss(
+    """(loss, lse, block, targets, shards, per_row): this rank's block's statistics and the one exchange."""
+    block, targets, lse, loss_rows, shards, per_row = _vocab_parallel_loss(
         p.target,
         p.weight,
         p.linear_weight.shape[0],
@@ -603,11 +705,27 @@ def _linear_forward(p: LinearProblem, layout: Layout):
         p.options,
         p.compute_dtype,
         "vocab_parallel_linear_cross_entropy",
+        p.statistics,
         lambda block: linear_pass(p, block)[0],
+        lambda stats: _linear_logit_at(p, stats.argmax),
     )
     loss = targets.reduce(loss_rows)
     loss = (loss.reshape(p.output_shape) if p.options.reduction == "none" else loss).to(p.output_dtype)
-    return loss, lse, block, targets, shards, z_target
+    return loss, lse, block, targets, shards, per_row
+
+
+def _linear_logit_at(p: LinearProblem, column: Tensor) -> Tensor:
+    """Each row's logit at `column` of this rank's head (its largest, for the argmax across blocks), one
+    dot product per row in the compute dtype. The pass compared the logits as its GEMM rounded them; this
+    recomputation can round differently, so blocks whose maxima differ by less than that rounding may
+    resolve either way (README: limitations)."""
+    if not p.linear_weight.shape[0]:
+        return torch.full(column.shape, -math.inf, dtype=p.compute_dtype, device=column.device)
+    cd, index = p.compute_dtype, column.clamp_min(0)
+    logit = (p.input.to(cd) * p.linear_weight.index_select(0, index).to(cd)).sum(1)
+    if p.linear_bias is not None:
+        logit = logit + p.linear_bias.index_select(0, index).to(cd)
+    return logit
 
 
 def _linear_backward(p: LinearProblem, group, block, targets, lse, grad_loss, want):
@@ -624,16 +742,15 @@ def _linear_backward(p: LinearProblem, group, block, targets, lse, grad_loss, wa
 class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, local_linear_weight, linear_bias, target, weight, layout: Layout, p: LinearProblem):
-        loss, lse, block, targets, _, z_target = _linear_forward(p, layout)
+        loss, lse, block, targets, _, per_row = _linear_forward(p, layout)
         ctx.layout, ctx.problem, ctx.input_shape = layout, p, input.shape
         ctx.lse, ctx.targets, ctx.block = lse, targets, block
         ctx.save_for_backward(input, local_linear_weight, linear_bias)
-        lse_out = lse.clone()
-        ctx.mark_non_differentiable(lse_out, z_target)
-        return loss, lse_out, z_target
+        ctx.mark_non_differentiable(per_row)
+        return loss, per_row
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_target_logit):
+    def backward(ctx, grad_loss, _grad_per_row):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "vocab_parallel_linear_cross_entropy does not support double backward (create_graph=True)"
@@ -646,11 +763,21 @@ class _VocabParallelLinear(torch.autograd.Function):
 
 
 def _op_problem(
-    input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing, z_loss, memory_budget
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    memory_budget,
+    statistics: str = "",
 ) -> LinearProblem:
     """The linear ops' problem (ops.linear_problem_from_args) for a vocab-parallel head: no softcap, the
-    input's dtype for the loss, chunks sized from the budget."""
-    return linear_problem_from_args(
+    input's dtype for the loss, chunks sized from the budget, the ops' `statistics`."""
+    problem = linear_problem_from_args(
         input,
         linear_weight,
         linear_bias,
@@ -665,6 +792,7 @@ def _op_problem(
         0,
         memory_budget,
     )
+    return replace(problem, statistics=_statistics_of(statistics))
 
 
 @torch.library.custom_op("xent::vocab_parallel_linear_cross_entropy", mutates_args=())
@@ -681,9 +809,10 @@ def _vocab_parallel_linear_op(
     label_smoothing: float,
     z_loss: float,
     memory_budget: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss of the (R, H) rows, their global lse, [this rank's first class, C] on the CPU, and the rows'
-    target logits (float64, for the per-token statistics))."""
+    statistics: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss of the (R, H) rows, the merged rows (_vocab_parallel_loss' per_row: global lse first, which
+    the backward op takes), [this rank's first class, C] on the CPU)."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     p = _op_problem(
@@ -697,10 +826,11 @@ def _vocab_parallel_linear_op(
         label_smoothing,
         z_loss,
         memory_budget,
+        statistics,
     )
-    loss, lse, _, _, shards, z_target = _linear_forward(p, Layout(_resolve_process_group(group_name), vocab_start))
+    loss, _, _, _, shards, per_row = _linear_forward(p, Layout(_resolve_process_group(group_name), vocab_start))
     meta = torch.tensor([shards.start, shards.num_classes], dtype=torch.int64)
-    return loss.clone(), lse.clone(), meta, z_target
+    return loss.clone(), per_row, meta
 
 
 @_vocab_parallel_linear_op.register_fake
@@ -717,10 +847,11 @@ def _(
     label_smoothing,
     z_loss,
     memory_budget,
+    statistics,
 ):
     loss = input.new_empty(() if reduction != "none" else (input.shape[0],))
-    lse = input.new_empty((input.shape[0],), dtype=torch.float64)
-    return loss, lse, torch.empty(2, dtype=torch.int64, device="cpu"), lse.clone()
+    per_row = _per_row_like(statistics, input.shape[0], input)
+    return loss, per_row, torch.empty(2, dtype=torch.int64, device="cpu")
 
 
 @torch.library.custom_op("xent::vocab_parallel_linear_cross_entropy_backward", mutates_args=())
@@ -805,15 +936,15 @@ class _TracedVocabParallelLinear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.group_name, ctx.options = inputs[5], inputs[7:]
+        ctx.group_name, ctx.options = inputs[5], inputs[7:12]  # not the statistics: backward needs none
         ctx.want = (inputs[1].requires_grad, inputs[2] is not None and inputs[2].requires_grad)
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(*inputs[:5], output[1], output[2])
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_meta, _grad_target_logit):
-        input, w, b, target, weight, lse, meta = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_per_row, _grad_meta):
+        input, w, b, target, weight, per_row, meta = ctx.saved_tensors
         gi, gw, gb = torch.ops.xent.vocab_parallel_linear_cross_entropy_backward(
-            input, w, b, target, weight, lse, meta, grad_loss, ctx.group_name, *ctx.options, *ctx.want
+            input, w, b, target, weight, per_row[0], meta, grad_loss, ctx.group_name, *ctx.options, *ctx.want
         )
-        return (gi, gw if ctx.want[0] else None, gb if ctx.want[1] else None) + (None,) * 9
+        return (gi, gw if ctx.want[0] else None, gb if ctx.want[1] else None) + (None,) * 10

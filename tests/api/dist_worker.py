@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import os
 import sys
 import traceback
@@ -13,11 +14,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import xent
+from xent.bench import STATISTICS
 from xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 
 def _close(a, b, what, rtol=1e-9, atol=1e-11):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _same_statistics(ours, expected, what, shape=None, rtol=1e-9, atol=1e-11):
+    """Every statistic `ours` holds equals `expected`'s (reshaped to `shape`): floats within tolerance,
+    argmax and correct exactly."""
+    for name in STATISTICS:
+        a, b = getattr(ours, name), getattr(expected, name)
+        assert (a is None) == (b is None), (what, name)
+        if a is None:
+            continue
+        b = b.reshape(shape) if shape is not None else b
+        if a.dtype.is_floating_point:
+            _close(a, b, f"{what}: {name}", rtol=rtol, atol=atol)
+        else:
+            assert a.dtype == b.dtype and torch.equal(a, b), (what, name, a, b)
 
 
 def run(rank: int, world: int, rendezvous: str, sizes: list[int], scenario: str, result_dir: str) -> None:
@@ -125,14 +142,45 @@ def _logits(rank, world, sizes):
         (g_local,) = torch.autograd.grad(ours, local, up)
         (g_full,) = torch.autograd.grad(expected, full, up)
         _close(g_local, g_full[..., start : start + size], f"grad {options} lead={lead} reverse={reverse}")
-        # the per-token statistics of the one exchange: the single-process ones, on every rank
-        names = ("lse", "logprob", "z_loss")
+        # the per-token statistics from the one exchange: the single-process ones, on every rank; one row
+        # whose largest logit is tied across the blocks (the first column wins), one all -inf but for its
+        # last class, one with a -inf block
+        names = STATISTICS if opt_i % 2 else ("correct", "entropy")
+        z = full.detach().clone()
+        rows = z.view(-1, c)
+        rows[0] = 1.0
+        rows[1, :-1] = -math.inf
+        rows[2, : c // 2] = -math.inf
+        local_z = z[..., start : start + size]
         local_stats = vocab_parallel_cross_entropy(
-            local.detach(), target, vocab_start=start if given_start else None, return_stats=names, **kw
+            local_z, target, vocab_start=start if given_start else None, return_stats=names, **kw
         )[1]
-        full_stats = xent.cross_entropy(full.detach().reshape(-1, c), target.reshape(-1), return_stats=names, **kw)[1]
-        for name in names:
-            _close(getattr(local_stats, name), getattr(full_stats, name).reshape(lead), f"stats {name} {options}")
+        full_stats = xent.cross_entropy(rows, target.reshape(-1), return_stats=names, **kw)[1]
+        _same_statistics(local_stats, full_stats, f"stats {options}", lead)
+    # a vocabulary masked with -inf (padding at its end, and one row's first half): some ranks' blocks hold
+    # no mass for some rows; loss and gradient as torch's (a block's NaN sum exp(-inf - -inf) once made the
+    # merged lse NaN)
+    gen = torch.Generator().manual_seed(11)
+    c = sum(sizes)
+    target = torch.tensor([0, c // 2, 1, 2, -100])
+    start, size = sum(sizes[:rank]), sizes[rank]
+    for dtype, tol in ((torch.float64, {}), (torch.float32, dict(rtol=1e-5, atol=1e-6))):  # fp32: Triton's too
+        full = torch.randn(5, c, generator=gen, dtype=dtype)
+        full[:, c - c // 3 :] = -math.inf
+        full[1, : c // 2] = -math.inf
+        for kw in (dict(), dict(reduction="none", weight=torch.rand(c, generator=gen, dtype=dtype))):
+            local = full[:, start : start + size].clone().requires_grad_()
+            ref_full = full.clone().requires_grad_()
+            ours = vocab_parallel_cross_entropy(local, target, **kw)
+            expected = F.cross_entropy(ref_full, target, **kw)
+            _close(ours, expected, f"masked vocabulary {dtype} {kw}", **tol)
+            up = torch.ones_like(expected) * 1.5
+            (g,) = torch.autograd.grad(ours, local, up)
+            (ge,) = torch.autograd.grad(expected, ref_full, up)
+            _close(g, ge[:, start : start + size], f"masked vocabulary grad {dtype} {kw}", **tol)
+            stats = vocab_parallel_cross_entropy(local.detach(), target, return_stats=STATISTICS, **kw)[1]
+            expected_stats = xent.cross_entropy(full, target, return_stats=STATISTICS, **kw)[1]
+            _same_statistics(stats, expected_stats, f"masked vocabulary stats {dtype}", **tol)
     # float32 logits, the default chunking, many rows
     gen = torch.Generator().manual_seed(5)
     c = sum(sizes)
@@ -190,13 +238,12 @@ def _linear(rank, world, sizes):
             _close(grads[1], ref[1][start : start + size], f"linear grad weight {options}")
             if bias:
                 _close(grads[2], ref[2][start : start + size], f"linear grad bias {options}")
-            names = ("logprob", "lse")
+            names = STATISTICS if given_start else ("argmax", "logprob", "entropy")
             _, local_stats = vocab_parallel_linear_cross_entropy(
                 xi, wi, target, linear_bias=bi, memory_budget=3 * 8 * max(1, size), return_stats=names, **kw
             )
             _, full_stats = xent.linear_cross_entropy(x, w_full, target, linear_bias=b_full, return_stats=names, **kw)
-            for name in names:
-                _close(getattr(local_stats, name), getattr(full_stats, name), f"linear stats {name} {options}")
+            _same_statistics(local_stats, full_stats, f"linear stats {options}")
 
 
 def _expect(exc_type, fragment, fn):
@@ -260,6 +307,14 @@ def _errors(rank, world, sizes):
                 f"every rank must pass the same {name}",
                 lambda vs=vs, options=options: vocab_parallel_cross_entropy(local, good, vocab_start=vs, **options),
             )
+    # statistics that widen the exchange, asked for on some ranks only: caught by vocab_start=None's first
+    # gather (with vocab_start the payloads' sizes would differ, as with differing numbers of targets)
+    asked = [None, "entropy", ("argmax", "lse")][rank % 3] if world > 2 else [None, "correct"][rank]
+    _expect(
+        ValueError,
+        "every rank must ask for the same return_stats",
+        lambda: vocab_parallel_cross_entropy(local, good, return_stats=asked),
+    )
     # still usable afterwards
     loss = vocab_parallel_cross_entropy(local, good, vocab_start=start)
     assert torch.isfinite(loss)
@@ -532,12 +587,19 @@ def _compiled(rank, world, sizes):
         _close(results[1][1], results[0][1], f"compiled grad {kw}")
     # statistics through the compiled op
     stats = [
-        fn(local.clone(), y, z_loss=1e-3, return_stats=("lse", "logprob", "z_loss"))[1]
+        fn(local.clone(), y, z_loss=1e-3, return_stats=STATISTICS)[1]
         for fn in (vocab_parallel_cross_entropy, torch.compile(vocab_parallel_cross_entropy, fullgraph=True))
     ]
-    for a, b in zip(stats[1], stats[0]):
-        if a is not None:
-            _close(a, b, "compiled statistics")
+    _same_statistics(stats[1], stats[0], "compiled statistics")
+    expected = xent.cross_entropy(full, y, z_loss=1e-3, return_stats=STATISTICS)[1]
+    _same_statistics(stats[1], expected, "compiled statistics vs single-process")
+    # with a gradient: the autograd function around the op
+    x = local.clone().requires_grad_()
+    loss, compiled_stats = torch.compile(vocab_parallel_cross_entropy, fullgraph=True)(
+        x * 1.0, y, return_stats=("entropy", "correct")
+    )
+    loss.backward()
+    _same_statistics(compiled_stats, xent.cross_entropy(full, y, return_stats=("entropy", "correct"))[1], "with grad")
     # the linear path too: forward op (exchange inside), backward op (all-reduce inside)
     hidden = torch.randn(6, 5, dtype=torch.float64)
     head = torch.randn(c, 5, dtype=torch.float64)
@@ -555,10 +617,12 @@ def _compiled(rank, world, sizes):
         for a, b in zip(results[1], results[0]):
             _close(a, b, f"compiled linear {kw}")
     stats = [
-        fn(hidden.clone(), local_head.clone(), y, return_stats="logprob")[1].logprob
+        fn(hidden.clone(), local_head.clone().requires_grad_(), y, return_stats=STATISTICS)
         for fn in (
             vocab_parallel_linear_cross_entropy,
             torch.compile(vocab_parallel_linear_cross_entropy, fullgraph=True),
         )
     ]
-    _close(stats[1], stats[0], "compiled linear statistics")
+    _same_statistics(stats[1][1], stats[0][1], "compiled linear statistics")
+    _same_statistics(stats[1][1], xent.linear_cross_entropy(hidden, head, y, return_stats=STATISTICS)[1], "linear")
+    _close(stats[1][0], stats[0][0], "compiled linear loss with statistics")

@@ -74,6 +74,9 @@ def exp_rows_(
         low = torch.finfo(workspace.dtype).tiny * 1e12
         return bool(((sumexp >= low) & (sumexp < math.inf)).all())
     torch.amax(src, 1, keepdim=True, out=shift.unsqueeze(1))
+    # a row whose logits are all -inf (here: a rank's block of a masked vocabulary) sums nothing: shift 0
+    # gives exp(-inf) = 0 instead of exp(-inf - -inf) = NaN, as the Triton kernel does
+    shift.masked_fill_(shift == -math.inf, 0.0)
     torch.sub(src, shift.unsqueeze(1), out=workspace)
     if dense_is_ones:
         torch.sum(workspace, 1, out=dense_out)
@@ -104,6 +107,31 @@ def merge_blocks(shift: Tensor, sumexp: Tensor) -> Tensor:
     top = block_lse.amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     return top + torch.exp(block_lse - top).sum(0).log()
+
+
+def merge_block_entropy(lse: Tensor, shift: Tensor, sumexp: Tensor, entropy_rel: Tensor) -> Tensor:
+    """Entropy (float64) of rows whose classes are split in K blocks, from each block's (K, rows) shift,
+    sumexp and entropy_rel = sum_c exp(z_c - shift) (z_c - shift), and the rows' global lse:
+
+        H = sum_c p_c (lse - z_c) = sum_k exp(shift_k - lse) [ sumexp_k (lse - shift_k) - entropy_rel_k ]
+
+    A block without mass (no classes, or all -inf) adds nothing; rows without any (lse = -inf) get 0, as
+    token_statistics_of_rows gives them."""
+    shift, sumexp, entropy_rel = shift.double(), sumexp.double(), entropy_rel.double()
+    has_mass = (sumexp > 0) & torch.isfinite(lse)
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    share = torch.exp(shift - safe_lse) * (sumexp * (safe_lse - shift) - entropy_rel)
+    return torch.where(has_mass, share, 0).sum(0)
+
+
+def merge_block_argmax(block_max: Tensor, index: Tensor) -> Tensor:
+    """The first column of each row's largest logit over K blocks: block_max (K, rows) is each block's
+    largest logit (-inf for a block without classes) and index (K, rows) its global column (inf without
+    classes). The smallest column among the blocks that reach the rows' maximum; -1 when no block has
+    classes (as classless_stats)."""
+    top = block_max.amax(0)
+    column = torch.where(block_max == top, index, torch.full_like(index, math.inf)).amin(0)
+    return torch.where(torch.isfinite(column), column, -1).long()
 
 
 def gradient_(
