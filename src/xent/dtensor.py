@@ -60,13 +60,27 @@ def _replicated_local(t: Tensor | None, mesh, fn: str, name: str) -> Tensor | No
 
 
 def cross_entropy(local_loss, input, target, weight, *, reduction: str, fn: str = "cross_entropy", **options):
-    """`local_loss(input, target, weight=..., reduction=..., **options)` is the plain-tensor loss."""
+    """`local_loss(input, target, weight=..., reduction=..., **options)` is the plain-tensor loss.
+
+    With options' `return_stats`, (loss, TokenStatistics of DTensors): laid out like the loss with
+    reduction='none' (replicated for logits sharded on their classes, whose statistics every rank merges
+    from the one exchange; split like the rows otherwise)."""
     mesh, placement = _mesh_and_placement(input, fn)
     class_dim = 0 if input.dim() == 1 else 1
     weight_local = _replicated_local(weight, mesh, fn, "weight")
     if placement.is_shard() and placement.dim % max(input.dim(), 1) == class_dim:
         return _class_sharded(input, target, weight_local, mesh, class_dim, reduction, fn, options)
     return _row_parallel(local_loss, input, target, weight_local, mesh, placement, class_dim, reduction, fn, options)
+
+
+def _with_statistics(loss, stats, mesh, placements):
+    """(loss, stats) with every statistic a DTensor of `placements`; the loss alone without stats."""
+    if stats is None:
+        return loss
+    wrapped = {
+        n: DTensor.from_local(t, mesh, placements, run_check=False) for n, t in stats._asdict().items() if t is not None
+    }
+    return loss, type(stats)(**wrapped)
 
 
 def _class_sharded(input, target, weight, mesh, class_dim, reduction, fn, options):
@@ -78,7 +92,7 @@ def _class_sharded(input, target, weight, mesh, class_dim, reduction, fn, option
         raise NotImplementedError(f"{fn}: softcap with logits sharded on the class dimension")
     target_local = _replicated_local(target, mesh, fn, "target (with logits sharded on the class dimension)")
     local = input.to_local().movedim(class_dim, -1)  # vocab_parallel_cross_entropy: classes last
-    loss = distributed.vocab_parallel_cross_entropy(
+    out = distributed.vocab_parallel_cross_entropy(
         local,
         target_local,
         group=mesh.get_group(),
@@ -87,8 +101,10 @@ def _class_sharded(input, target, weight, mesh, class_dim, reduction, fn, option
         ignore_index=options.get("ignore_index", -100),
         label_smoothing=options.get("label_smoothing", 0.0),
         z_loss=options.get("z_loss", 0.0),
+        return_stats=options.get("return_stats"),
     )
-    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+    loss, stats = out if isinstance(out, tuple) else (out, None)
+    return _with_statistics(DTensor.from_local(loss, mesh, [Replicate()], run_check=False), stats, mesh, [Replicate()])
 
 
 def _row_parallel(local_loss, input, target, weight, mesh, placement, class_dim, reduction, fn, options):
@@ -106,19 +122,26 @@ def _row_parallel(local_loss, input, target, weight, mesh, placement, class_dim,
         target_local = target
     else:
         raise ValueError(f"{fn}: with logits split on their rows ({input.placements}), pass target as a DTensor")
+    with_stats = options.get("return_stats") is not None
     if placement.is_replicate():  # every rank computes the same loss
-        loss = local_loss(local, target_local, weight=weight, reduction=reduction, **options)
-        return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
-    rows = local_loss(local, target_local, weight=weight, reduction="none", **options)
+        out = local_loss(local, target_local, weight=weight, reduction=reduction, **options)
+        loss, stats = out if with_stats else (out, None)
+        return _with_statistics(
+            DTensor.from_local(loss, mesh, [Replicate()], run_check=False), stats, mesh, [Replicate()]
+        )
+    out = local_loss(local, target_local, weight=weight, reduction="none", **options)
+    rows, stats = out if with_stats else (out, None)
+    out_dim = placement.dim if placement.dim < class_dim or input.dim() == 1 else placement.dim - 1
     if reduction == "none":
-        out_dim = placement.dim if placement.dim < class_dim or input.dim() == 1 else placement.dim - 1
-        return DTensor.from_local(rows, mesh, [Shard(out_dim)], run_check=False)
+        return _with_statistics(
+            DTensor.from_local(rows, mesh, [Shard(out_dim)], run_check=False), stats, mesh, [Shard(out_dim)]
+        )
     total = DTensor.from_local(rows.sum(), mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
-    if reduction == "sum":
-        return total
-    count = _mean_denominator(local, target_local, weight, probabilities, class_dim, options).to(total.dtype)
-    count = DTensor.from_local(count, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
-    return total / count
+    if reduction != "sum":
+        count = _mean_denominator(local, target_local, weight, probabilities, class_dim, options).to(total.dtype)
+        count = DTensor.from_local(count, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
+        total = total / count
+    return _with_statistics(total, stats, mesh, [Shard(out_dim)])
 
 
 def _target_placement(placement, class_dim, probabilities):
@@ -145,7 +168,9 @@ def _mean_denominator(local, target, weight, probabilities, class_dim, options) 
 
 
 def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, weight, options: dict):
-    """linear_cross_entropy with DTensor hidden states or head; `plain_loss` is the plain-tensor loss."""
+    """linear_cross_entropy with DTensor hidden states or head; `plain_loss` is the plain-tensor loss. With
+    options' `return_stats`, (loss, TokenStatistics): replicated DTensors for a head sharded on its classes,
+    plain tensors (the input's rows) where plain hidden states meet a gathered head."""
     fn = "linear_cross_entropy"
     if not is_dtensor(linear_weight):
         raise NotImplementedError(
@@ -170,7 +195,7 @@ def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, 
         if not is_dtensor(linear_bias) or linear_bias.placements != linear_weight.placements:
             raise ValueError(f"{fn}: linear_bias must be sharded like linear_weight (Shard(0))")
         bias = linear_bias.to_local()
-    loss = distributed.vocab_parallel_linear_cross_entropy(
+    out = distributed.vocab_parallel_linear_cross_entropy(
         hidden,
         linear_weight.to_local(),
         _replicated_local(target, mesh, fn, "target"),
@@ -179,7 +204,8 @@ def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, 
         weight=_replicated_local(weight, mesh, fn, "weight"),
         **options,
     )
-    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+    loss, stats = out if options.get("return_stats") is not None else (out, None)
+    return _with_statistics(DTensor.from_local(loss, mesh, [Replicate()], run_check=False), stats, mesh, [Replicate()])
 
 
 def _gathered(param: Tensor, mesh) -> Tensor:

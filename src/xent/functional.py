@@ -83,8 +83,6 @@ def cross_entropy(
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
     if dtensor.is_dtensor(input, target, weight):  # tensor or data parallel layouts: xent/dtensor.py
-        if return_stats is not None:
-            raise NotImplementedError("cross_entropy(): return_stats is not supported for DTensor inputs")
         return dtensor.cross_entropy(
             cross_entropy,
             input,
@@ -95,6 +93,7 @@ def cross_entropy(
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
+            return_stats=return_stats,
         )
     problem = cross_entropy_problem(
         input,

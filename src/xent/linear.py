@@ -89,8 +89,6 @@ def linear_cross_entropy(
         >>> loss.backward()
     """
     if dtensor.is_dtensor(input, linear_weight, linear_bias):  # tensor parallel heads: xent/dtensor.py
-        if return_stats is not None:
-            raise NotImplementedError("linear_cross_entropy: return_stats with a DTensor head")
         if softcap is not None:
             raise NotImplementedError("linear_cross_entropy: softcap with a DTensor head")
         return dtensor.linear_cross_entropy(
@@ -106,6 +104,7 @@ def linear_cross_entropy(
                 label_smoothing=label_smoothing,
                 z_loss=z_loss,
                 memory_budget=memory_budget,
+                return_stats=return_stats,
             ),
         )
     described = linear_cross_entropy_problem(

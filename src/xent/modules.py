@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -38,11 +39,15 @@ class CrossEntropyLoss(_WeightedLoss):
           probabilities of the input's shape.
         - Output: scalar, or the target's batch shape for ``reduction='none'``.
 
+    ``forward(input, target, *, return_stats=None)``: with ``return_stats`` (per-token statistics, as
+    :func:`xent.cross_entropy`), ``(loss, xent.TokenStatistics)``.
+
     Examples::
 
         >>> loss_fn = xent.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1)
         >>> loss = loss_fn(torch.randn(4, 3, requires_grad=True), torch.tensor([0, 2, 1, 1]))
         >>> loss.backward()
+        >>> loss, stats = loss_fn(torch.randn(4, 3), torch.tensor([0, 2, 1, 1]), return_stats="correct")
     """
 
     __constants__ = ["ignore_index", "reduction", "label_smoothing"]
@@ -65,7 +70,7 @@ class CrossEntropyLoss(_WeightedLoss):
         self.z_loss = z_loss
         self.softcap = softcap
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, return_stats: str | Sequence[str] | None = None):
         return F.cross_entropy(
             input,
             target,
@@ -75,6 +80,7 @@ class CrossEntropyLoss(_WeightedLoss):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            return_stats=return_stats,
         )
 
     def extra_repr(self) -> str:
@@ -136,6 +142,9 @@ class LinearCrossEntropyLoss(_WeightedLoss):
     Shape:
         - Input: :math:`(..., H)`; target: :math:`(...)` class indices; output: scalar or target's shape.
 
+    ``forward(input, target, *, return_stats=None)``: with ``return_stats`` (per-token statistics, as
+    :func:`xent.linear_cross_entropy`), ``(loss, xent.TokenStatistics)``.
+
     Examples::
 
         >>> head = xent.LinearCrossEntropyLoss(64, 32000, label_smoothing=0.1)
@@ -168,7 +177,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.z_loss, self.softcap, self.options, self.memory_budget = z_loss, softcap, options, memory_budget
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, return_stats: str | Sequence[str] | None = None):
         shape = (self.num_classes, *self.out_features)
         w = self.linear.weight.reshape(*shape, self.in_features)
         b = self.linear.bias.reshape(shape) if self.linear.bias is not None else None
@@ -185,6 +194,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             softcap=self.softcap,
             options=self.options,
             memory_budget=self.memory_budget,
+            return_stats=return_stats,
         )
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import xent
+from xent import TokenStatistics
 from xent.bench import STATISTICS
 from xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
@@ -389,6 +390,14 @@ def _dtensor(rank, world, sizes):
             (grad,) = torch.autograd.grad(loss, dx, distribute_tensor(up, mesh, loss.placements))
             assert grad.placements == dx.placements, (grad.placements, dx.placements)
             _close(grad.full_tensor(), ref_grad, f"dtensor grad {placement} {kw}")
+            # per-token statistics: DTensors laid out like the 'none' loss, the single-process values
+            stats_loss, stats = xent.cross_entropy(dx.detach(), target, return_stats=STATISTICS, **kw)
+            _close(stats_loss.full_tensor(), ref, f"dtensor loss with statistics {placement} {kw}")
+            rows_layout = xent.cross_entropy(dx.detach(), target, **{**kw, "reduction": "none"}).placements
+            for name in STATISTICS:
+                assert getattr(stats, name).placements == rows_layout, (name, placement, rows_layout)
+            full_stats = TokenStatistics(*(t.full_tensor() for t in stats))
+            _same_statistics(full_stats, xent.cross_entropy(x, y, return_stats=STATISTICS, **kw)[1], f"{placement}")
         module = xent.CrossEntropyLoss(**{k: v for k, v in kw.items() if k != "z_loss"})
         dx = distribute_tensor(x, mesh, [Shard(1)])
         plain = xent.CrossEntropyLoss(**{k: v for k, v in kw.items() if k != "z_loss"})(x, y)
@@ -422,6 +431,10 @@ def _dtensor(rank, world, sizes):
         for got, want, p in zip(torch.autograd.grad(loss, params), ref_grads, params):
             assert got.placements == p.placements
             _close(got.full_tensor(), want, f"tp linear grad {kw}")
+        _, stats = xent.linear_cross_entropy(params[0], params[1], y, linear_bias=params[2], return_stats=STATISTICS)
+        assert all(t.placements == (Replicate(),) for t in stats)
+        expected = xent.linear_cross_entropy(hidden, head, y, linear_bias=bias, return_stats=STATISTICS)[1]
+        _same_statistics(TokenStatistics(*(t.full_tensor() for t in stats)), expected, "tp linear statistics")
     # layouts that cannot work are refused on every rank
     dx = distribute_tensor(x, mesh, [Shard(0)])
     _expect(ValueError, "pass target as a DTensor", lambda: xent.cross_entropy(dx, y[: dx.to_local().shape[0]]))
@@ -435,6 +448,11 @@ def _dtensor(rank, world, sizes):
     sharded_head = distribute_tensor(head, mesh, [Shard(0)]).requires_grad_()
     loss = xent.linear_cross_entropy(hidden, sharded_head, y)
     _close(loss, xent.linear_cross_entropy(hidden, head, y), "gathered head loss")
+    _same_statistics(
+        xent.linear_cross_entropy(hidden, sharded_head.detach(), y, return_stats=STATISTICS)[1],
+        xent.linear_cross_entropy(hidden, head, y, return_stats=STATISTICS)[1],
+        "gathered head statistics",
+    )
     (grad,) = torch.autograd.grad(loss, sharded_head)
     _close(
         grad.full_tensor(),

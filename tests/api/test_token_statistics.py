@@ -134,6 +134,28 @@ def test_statistics_come_back_in_the_order_of_the_fields_and_a_single_name_works
     assert xent.cross_entropy(x, y, return_stats=None).shape == ()
 
 
+def test_the_modules_forward_statistics(device):
+    """CrossEntropyLoss and LinearCrossEntropyLoss take return_stats= in forward: their functional's values
+    with the module's options; without it the module returns the loss alone, as torch's."""
+    x = torch.randn(5, 11, dtype=torch.float64, device=device)
+    y = torch.tensor([1, 2, -100, 3, 10], device=device)
+    module = xent.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, reduction="sum")
+    loss, stats = module(x, y, return_stats=NAMES)
+    want_loss, want = xent.cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3, reduction="sum", return_stats=NAMES)
+    assert torch.equal(loss, want_loss) and all(torch.equal(a, b) for a, b in zip(stats, want))
+    assert torch.equal(module(x, y), want_loss)
+    head = xent.LinearCrossEntropyLoss(4, 11, bias=True, dtype=torch.float64, device=device, ignore_index=3)
+    h = torch.randn(5, 4, dtype=torch.float64, device=device)
+    y = torch.tensor([1, 2, 3, 3, 10], device=device)
+    loss, stats = head(h, y, return_stats=("logprob", "correct"))
+    want_loss, want = xent.linear_cross_entropy(
+        h, head.linear.weight, y, linear_bias=head.linear.bias, ignore_index=3, return_stats=("logprob", "correct")
+    )
+    assert not stats.correct[2] and stats.logprob[3] == 0
+    assert torch.equal(loss, want_loss) and torch.equal(stats.logprob, want.logprob)
+    assert torch.equal(stats.correct, want.correct) and stats.lse is None
+
+
 def test_ignored_rows_and_rows_without_classes():
     x = torch.tensor([[1.0, 5.0, 5.0], [0.0, 0.0, 9.0]])
     y = torch.tensor([1, -100])
