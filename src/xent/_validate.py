@@ -428,6 +428,14 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
 
 
+def check_temperature(temperature) -> float:
+    """A sampling temperature: a positive finite number (ValueError otherwise)."""
+    t = float(temperature)
+    if not t > 0 or math.isinf(t):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return t
+
+
 def vocab_parallel_options(
     local_logits: Tensor,
     target: Tensor,

@@ -35,6 +35,7 @@ from ._validate import (
     as_index,
     check_linear,
     check_statistics,
+    check_temperature,
     check_tensor,
     check_weight_shape,
     vocab_parallel_options,
@@ -50,7 +51,17 @@ from .problems import FUNC, TRACED, LinearProblem, Options, TokenStatistics, rou
 _NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)
 # ... and the options every rank must have passed alike (checked after the exchange, on every rank)
 _OPTIONS = ("label_smoothing", "z_loss", "ignore_index", "reduction", "class weights")
-_HEADER = 7 + len(_OPTIONS)
+# ... and which function the rank is in: torch.compile may order two vocab-parallel calls in one graph
+# differently on different ranks (inductor's peak-memory reordering sees rank-dependent block sizes), and
+# a collective paired across different calls must raise, not mix their numbers
+_CALL = 7 + len(_OPTIONS)
+_HEADER = _CALL + 1
+_CALL_CODES = {
+    "vocab_parallel_cross_entropy": 1.0,
+    "vocab_parallel_linear_cross_entropy": 2.0,
+    "vocab_parallel_token_logprobs": 3.0,
+    "vocab_parallel_linear_token_logprobs": 4.0,
+}
 _REDUCTION_CODES = {"none": 0.0, "mean": 1.0, "sum": 2.0}
 
 
@@ -108,6 +119,19 @@ def _identity(target: Tensor) -> Tensor:
     return torch.cat([meta.to(flat.device, non_blocking=True), checksum])
 
 
+def _check_same_call(codes: list[float], fn: str) -> None:
+    """Every rank's share of a collective must come from the same function (see _CALL)."""
+    if any(code != codes[0] for code in codes):
+        names = {code: name for name, code in _CALL_CODES.items()}
+        raise RuntimeError(
+            f"{fn}: the ranks reached this collective from different calls (per rank: "
+            f"{[names.get(code, code) for code in codes]}): every rank must make its vocab-parallel calls in the "
+            f"same order. Under torch.compile, inductor can reorder two such calls in one graph differently on "
+            f"ranks whose blocks differ in size: compile them apart, or set "
+            f"torch._inductor.config.reorder_for_peak_memory = False"
+        )
+
+
 def _check_same_targets(identity: list[list[float]], fn: str) -> None:
     """identity: every rank's _identity, on the host; raise on every rank alike when they differ."""
     if any(row != identity[0] for row in identity):
@@ -122,8 +146,9 @@ def _shards_from_sizes(target: Tensor, local_size: int, group, fn: str, extra: t
     """vocab_start=None: gather every rank's block size (and target identity, and which statistics widen
     the main exchange) first; blocks in rank order."""
     rank, _ = _group_info(group)
-    size = torch.tensor([float(local_size), _EXTRA_CODES[extra]], dtype=torch.float64)
+    size = torch.tensor([float(local_size), _EXTRA_CODES[extra], _CALL_CODES[fn]], dtype=torch.float64)
     table = _all_gather(torch.cat([_identity(target), size.to(target.device, non_blocking=True)]), group).tolist()
+    _check_same_call([row[6] for row in table], fn)
     _check_same_targets([row[:4] for row in table], fn)
     codes = [row[5] for row in table]
     if any(code != codes[0] for code in codes):
@@ -163,8 +188,10 @@ def _exchange_statistics(
     group,
     opts: Options,
     block_max: Tensor | None,
+    fn: str,
 ) -> tuple[Tensor, ...]:
-    """The one collective of the forward pass: every rank's header and per-row statistics.
+    """The one collective of the forward pass: every rank's header (with the call it comes from, `fn`) and
+    per-row statistics.
 
     Returns the (world, _HEADER) header and shift, sumexp, target logit, owned, dense_rel, each (world, rows),
     and the list of the requested extra shares (world, rows): entropy_rel with stats.entropy_rel, the
@@ -195,6 +222,7 @@ def _exchange_statistics(
             float(opts.ignore_index),
             _REDUCTION_CODES[opts.reduction],
             float(block.class_weight is not None),
+            _CALL_CODES[fn],
         ],
         dtype=torch.float64,
     ).to(target.device, non_blocking=True)
@@ -337,7 +365,7 @@ def vocab_parallel_cross_entropy(
     else:
         layout = Layout(group, vocab_start)
         if not need_grad:
-            loss, _, per_row = _logits_forward(local_logits, target, weight, layout, opts, False, statistics)
+            loss, _, per_row, _ = _logits_forward(local_logits, target, weight, layout, opts, False, statistics)
         else:
             loss, per_row = _VocabParallelCrossEntropy.apply(local_logits, target, weight, layout, opts, statistics)
     if return_stats is None:
@@ -396,10 +424,11 @@ def _vocab_parallel_loss(
     block = _block(flat, valid, weight, cd, start, local_size)
     stats = local_statistics(block)
     local_max = block_max(stats) if stats.argmax is not None else None
-    header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group, opts, local_max)
+    header, *gathered = _exchange_statistics(stats, block, target, start, local_size, group, opts, local_max, fn)
     lse, z_target, dense_ce, unowned, merged = _merge(header, *gathered, extra, valid, opts.label_smoothing)
     host = torch.cat([header.reshape(-1), unowned.any().double().reshape(1)]).tolist()
     table = [host[k * _HEADER : (k + 1) * _HEADER] for k in range(header.shape[0])]
+    _check_same_call([row[_CALL] for row in table], fn)
     _check_same_targets([row[:_SIZE] for row in table], fn)
     _check_same_options(table, fn)
     shards = Shards(rank, tuple(int(row[_START]) for row in table), tuple(int(row[_SIZE]) for row in table))
@@ -424,8 +453,10 @@ def _logits_forward(
     opts: Options,
     need_grad: bool,
     statistics: tuple = (),
+    fn: str = "vocab_parallel_cross_entropy",
 ):
-    """(loss, this rank's gradient for a unit upstream gradient or None, per_row (_vocab_parallel_loss))."""
+    """(loss, this rank's gradient for a unit upstream gradient or None, per_row (_vocab_parallel_loss),
+    shards); `fn` names the caller in errors (and in the exchange's header)."""
     group, vocab_start = layout.group, layout.vocab_start
     x = local_logits.reshape(math.prod(local_logits.shape[:-1]), local_logits.shape[-1])  # not -1: C_local may be 0
     num_rows, local_size = x.shape
@@ -443,7 +474,7 @@ def _logits_forward(
     def block_max(stats):  # the logit the pass found largest, read back exactly
         return x.gather(1, stats.argmax.clamp_min(0).unsqueeze(1)).squeeze(1) if local_size else stats.shift
 
-    block, targets, lse, loss_rows, _, per_row = _vocab_parallel_loss(
+    block, targets, lse, loss_rows, shards, per_row = _vocab_parallel_loss(
         target,
         weight,
         local_size,
@@ -451,26 +482,30 @@ def _logits_forward(
         vocab_start,
         opts,
         cd,
-        "vocab_parallel_cross_entropy",
+        fn,
         statistics,
         local_statistics,
         block_max,
     )
     loss = targets.reduce(loss_rows)
     loss = (loss.reshape(target.shape) if opts.reduction == "none" else loss).to(local_logits.dtype)
-    grad = None
-    if need_grad:
-        grad = torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
-        _block_pass(
-            x,
-            rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device),
-            block,
-            cd,
-            smoothing,
-            grad=grad,
-            coefficients=targets.coefficients(targets.scale(), lse, block),
-        )
-    return loss, grad, per_row
+    grad = (
+        _logits_gradient(x, block, targets.coefficients(targets.scale(), lse, block), cd, smoothing)
+        if need_grad
+        else None
+    )
+    return loss, grad, per_row, shards
+
+
+def _logits_gradient(x: Tensor, block: rows.ClassBlock, coefficients: rows.ChunkCoefficients, cd, smoothing: bool):
+    """This rank's (rows, C_local) gradient, in x's dtype: one pass of the row kernel over the block with the
+    rows' global coefficients (their statistics are recomputed as scratch; the entropy term's needs e log e)."""
+    num_rows, local_size = x.shape
+    grad = torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
+    entropy = coefficients.entropy is not None
+    scratch = rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device, entropy=entropy)
+    _block_pass(x, scratch, block, cd, smoothing, grad=grad, coefficients=coefficients)
+    return grad
 
 
 def _block_pass(
@@ -509,7 +544,7 @@ def _block_pass(
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, target, weight, layout: Layout, opts: Options, statistics: tuple):
-        loss, grad, per_row = _logits_forward(local_logits, target, weight, layout, opts, True, statistics)
+        loss, grad, per_row, _ = _logits_forward(local_logits, target, weight, layout, opts, True, statistics)
         ctx.layout, ctx.opts, ctx.shape = layout, opts, local_logits.shape
         save_for_handover(ctx, [grad], (local_logits, target, weight))
         ctx.mark_non_differentiable(per_row)
@@ -546,7 +581,7 @@ def _vocab_parallel_op(
 
     layout = Layout(_resolve_process_group(group_name), vocab_start)
     opts = Options(reduction, ignore_index, label_smoothing, z_loss, None)
-    loss, grad, per_row = _logits_forward(
+    loss, grad, per_row, _ = _logits_forward(
         local_logits, target, weight, layout, opts, need_grad, _statistics_of(statistics)
     )
     return loss.clone(), grad if grad is not None else local_logits.new_empty(0), per_row
@@ -694,7 +729,7 @@ def vocab_parallel_linear_cross_entropy(
     return loss, _statistics(statistics, per_row, target, opts, problem.compute_dtype)
 
 
-def _linear_forward(p: LinearProblem, layout: Layout):
+def _linear_forward(p: LinearProblem, layout: Layout, fn: str = "vocab_parallel_linear_cross_entropy"):
     """(loss, lse, block, targets, shards, per_row): this rank's block's statistics and the one exchange."""
     block, targets, lse, loss_rows, shards, per_row = _vocab_parallel_loss(
         p.target,
@@ -704,7 +739,7 @@ def _linear_forward(p: LinearProblem, layout: Layout):
         layout.vocab_start,
         p.options,
         p.compute_dtype,
-        "vocab_parallel_linear_cross_entropy",
+        fn,
         p.statistics,
         lambda block: linear_pass(p, block)[0],
         lambda stats: _linear_logit_at(p, stats.argmax),
@@ -728,11 +763,22 @@ def _linear_logit_at(p: LinearProblem, column: Tensor) -> Tensor:
     return logit
 
 
-def _linear_backward(p: LinearProblem, group, block, targets, lse, grad_loss, want):
-    """The gradients, recomputing the chunks with the global lse; the input's is all-reduced, so every
-    rank runs this (even one whose input does not require grad)."""
-    upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)
-    _, gi, gw, gb = linear_pass(p, block, targets, targets.scale(upstream), (True, *want[1:]), lse=lse)
+def _linear_backward(
+    p: LinearProblem, group, block, targets, lse, scale, want, entropy_scale=None, entropy_value=None
+) -> tuple:
+    """The gradients of sum_i scale_i loss_i (+ entropy_scale_i H_i, H the rows' global `entropy_value`),
+    recomputing the chunks with the global lse; the input's is all-reduced, so every rank runs this (even
+    one whose input does not require grad)."""
+    _, gi, gw, gb = linear_pass(
+        p,
+        block,
+        targets,
+        scale,
+        (True, *want[1:]),
+        lse=lse,
+        entropy_scale=entropy_scale,
+        entropy_value=entropy_value,
+    )
     dist.all_reduce(gi, group=group)
     gw = gw.to(p.linear_weight.dtype) if gw is not None else None
     gb = gb.to(p.linear_bias.dtype) if gb is not None else None
@@ -756,8 +802,10 @@ class _VocabParallelLinear(torch.autograd.Function):
                 "vocab_parallel_linear_cross_entropy does not support double backward (create_graph=True)"
             )
         _ = ctx.saved_tensors  # raises if an input was modified in place since forward
+        p = ctx.problem
+        upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)
         gi, gw, gb = _linear_backward(
-            ctx.problem, ctx.layout.group, ctx.block, ctx.targets, ctx.lse, grad_loss, ctx.needs_input_grad[:3]
+            p, ctx.layout.group, ctx.block, ctx.targets, ctx.lse, ctx.targets.scale(upstream), ctx.needs_input_grad[:3]
         )
         return (gi.view(ctx.input_shape) if ctx.needs_input_grad[0] else None), gw, gb, None, None, None, None
 
@@ -892,8 +940,15 @@ def _vocab_parallel_linear_backward_op(
     flat = target.reshape(-1).long()
     block = _block(flat, flat != ignore_index, weight, p.compute_dtype, start, linear_weight.shape[0])
     targets = rows.IndexTargets.from_options(flat, weight, p.options, num_classes, p.compute_dtype)
+    upstream = upstream if reduction == "none" else upstream.expand(p.output_shape)
     grads = _linear_backward(
-        p, _resolve_process_group(group_name), block, targets, lse, upstream, (True, want_weight, want_bias)
+        p,
+        _resolve_process_group(group_name),
+        block,
+        targets,
+        lse,
+        targets.scale(upstream),
+        (True, want_weight, want_bias),
     )
     return tuple(g if g is not None else input.new_empty(0) for g in grads)
 
@@ -948,3 +1003,369 @@ class _TracedVocabParallelLinear(torch.autograd.Function):
             input, w, b, target, weight, per_row[0], meta, grad_loss, ctx.group_name, *ctx.options, *ctx.want
         )
         return (gi, gw if ctx.want[0] else None, gb if ctx.want[1] else None) + (None,) * 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token log-probabilities and entropies (RL) over a vocabulary split across ranks
+
+
+def vocab_parallel_token_logprobs(
+    local_logits: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r""":func:`xent.token_logprobs_from_logits` for logits whose classes are split across the ranks of
+    `group`: each token's log-probability under ``softmax(full_logits / T)`` (and with ``return_entropy``
+    its entropy), both differentiable, without gathering the logits.
+
+    Args:
+        local_logits (Tensor): this rank's logits, shape :math:`(..., C_{local})`.
+        target (Tensor): the chosen token ids (global), shape :math:`(...)`, the same on every rank.
+        group, vocab_start: as :func:`vocab_parallel_cross_entropy`.
+        temperature (float): T > 0 (a copy of the logits is divided when T != 1).
+        ignore_index (int): tokens to skip: log-probability 0, entropy 0, no gradient.
+        return_entropy (bool): also return the entropies.
+
+    Returns:
+        the log-probabilities, shape :math:`(...)`, float32 (float64 for float64 logits), the same on every
+        rank, and with ``return_entropy`` the entropies. Forward runs the loss's one exchange (one more
+        float64 per token and rank for the entropy); backward needs no communication: each rank's gradient
+        is the full gradient's block, one pass of the row kernel over its logits.
+    """
+    fn = "vocab_parallel_token_logprobs"
+    t = check_temperature(temperature)
+    vocab_parallel_options(local_logits, target, None, "none", ignore_index, 0.0, 0.0, fn, "local_logits")
+    if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
+        raise ValueError(
+            f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without its class "
+            f"dimension), got {list(target.shape)}"
+        )
+    if route(local_logits, target) == FUNC:
+        raise NotImplementedError(f"{fn} under torch.func transforms")
+    flat = local_logits.reshape(math.prod(local_logits.shape[:-1]), local_logits.shape[-1])
+    flat = flat / t if t != 1.0 else flat
+    logprobs, entropy, _, _ = torch.ops.xent.vocab_parallel_token_logprobs(
+        flat, target.reshape(-1), _group_name(group), vocab_start, int(ignore_index), bool(return_entropy)
+    )
+    if not return_entropy:
+        return logprobs.reshape(target.shape)
+    return logprobs.reshape(target.shape), entropy.reshape(target.shape)
+
+
+def vocab_parallel_linear_token_logprobs(
+    input: Tensor,
+    local_linear_weight: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    linear_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    memory_budget: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r""":func:`xent.token_logprobs` with the head's rows split across the ranks of `group` (tensor-parallel
+    RL): ``input`` :math:`(..., H)` replicated, ``local_linear_weight`` :math:`(C_{local}, H)` and
+    ``linear_bias`` this rank's rows. Log-probabilities (and entropies) of the full head, differentiable
+    with respect to the input and this rank's rows, never materializing even the local logits.
+
+    Forward runs the chunk loop for this block's statistics and the one exchange; backward recomputes the
+    chunks with the global lse and entropy (both upstream gradients folded into each row's gradient) and
+    all-reduces the input's gradient, so every rank holds the full gradient of ``input``. Returns as
+    :func:`vocab_parallel_token_logprobs`; ``memory_budget`` as :func:`xent.linear_cross_entropy`.
+    """
+    fn = "vocab_parallel_linear_token_logprobs"
+    t = check_temperature(temperature)
+    vocab_parallel_options(input, target, None, "none", ignore_index, 0.0, 0.0, fn, "input")
+    check_tensor(local_linear_weight, "local_linear_weight", fn)
+    check_tensor(linear_bias, "linear_bias", fn, optional=True)
+    check_linear(input, local_linear_weight, linear_bias)
+    if local_linear_weight.dim() != 2:
+        raise RuntimeError(f"{fn}: local_linear_weight must be (C_local, H), got {list(local_linear_weight.shape)}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden dimension), "
+            f"got {list(target.shape)}"
+        )
+    if route(input, local_linear_weight, linear_bias, target) == FUNC:
+        raise NotImplementedError(f"{fn} under torch.func transforms")
+    # (h W^T + b) / T = (h / T) W^T + b / T: O(tokens x hidden), not O(tokens x vocabulary)
+    x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
+    x2 = x2 / t if t != 1.0 else x2
+    bias = linear_bias / t if linear_bias is not None and t != 1.0 else linear_bias
+    logprobs, entropy, _, _ = torch.ops.xent.vocab_parallel_linear_token_logprobs(
+        x2,
+        local_linear_weight,
+        bias,
+        target.reshape(-1),
+        _group_name(group),
+        vocab_start,
+        int(ignore_index),
+        -1 if memory_budget is None else int(memory_budget),
+        bool(return_entropy),
+    )
+    if not return_entropy:
+        return logprobs.reshape(target.shape)
+    return logprobs.reshape(target.shape), entropy.reshape(target.shape)
+
+
+def _group_name(group) -> str:
+    _group_info(group)  # a clear error without a process group
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+def _rl_options(ignore_index: int) -> Options:
+    """A token's log-probability is minus its cross-entropy with reduction='none' and no other term."""
+    return Options("none", ignore_index, 0.0, 0.0, None)
+
+
+def _token_outputs(per_row: Tensor, target: Tensor, ignore_index: int, with_entropy: bool, cd):
+    """(log-probabilities, entropies or an empty tensor) from the merged rows: z_y - lse, and H; 0 on
+    ignored tokens."""
+    valid = target.long() != ignore_index
+    lse, z_target = per_row[0], per_row[1]
+    logprobs = torch.where(valid, z_target - lse, 0).to(cd)
+    entropy = torch.where(valid, per_row[2], 0).to(cd) if with_entropy else per_row.new_empty(0, dtype=cd)
+    return logprobs, entropy
+
+
+def _token_gradient_coefficients(targets: rows.IndexTargets, per_row, block, grad_logprobs, grad_entropy, cd):
+    """The row kernel's coefficients for d(sum_i g_i logprob_i + c_i H_i)/dz: the cross-entropy's with
+    scale -g (logprob = -loss), plus the entropy term with the rows' global lse and H. Ignored rows: 0,
+    whatever their upstream gradients (inf or NaN included)."""
+    entropy = None
+    if grad_entropy is not None:
+        entropy = torch.where(targets.valid, grad_entropy.reshape(-1).to(cd), 0)
+    entropy_value = per_row[2].to(cd) if entropy is not None else None
+    scale = targets.scale(grad_logprobs.neg())
+    return targets.coefficients(scale, per_row[0], block, entropy, entropy_value)
+
+
+@torch.library.custom_op("xent::vocab_parallel_token_logprobs", mutates_args=())
+def _vocab_parallel_token_logprobs_op(
+    logits: Tensor,
+    target: Tensor,
+    group_name: str,
+    vocab_start: Optional[int],
+    ignore_index: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(log-probabilities, entropies (empty without), the merged rows (global lse, target logit[, H]) and
+    [this rank's first class, C] on the CPU, both for backward) of the (R, C_local) logits."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    layout = Layout(_resolve_process_group(group_name), vocab_start)
+    statistics = ("entropy",) if with_entropy else ()
+    _, _, per_row, shards = _logits_forward(
+        logits, target, None, layout, _rl_options(ignore_index), False, statistics, "vocab_parallel_token_logprobs"
+    )
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logprobs, entropy = _token_outputs(per_row, target, ignore_index, with_entropy, cd)
+    return logprobs, entropy, per_row, torch.tensor([shards.start, shards.num_classes], dtype=torch.int64)
+
+
+@_vocab_parallel_token_logprobs_op.register_fake
+def _(logits, target, group_name, vocab_start, ignore_index, with_entropy):
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows_ = logits.shape[0]
+    entropy = logits.new_empty(rows_ if with_entropy else 0, dtype=cd)
+    per_row = logits.new_empty((3 if with_entropy else 2, rows_), dtype=torch.float64)
+    return logits.new_empty(rows_, dtype=cd), entropy, per_row, torch.empty(2, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("xent::vocab_parallel_token_logprobs_backward", mutates_args=())
+def _vocab_parallel_token_logprobs_backward_op(
+    logits: Tensor,
+    target: Tensor,
+    per_row: Tensor,
+    meta: Tensor,
+    grad_logprobs: Tensor,
+    grad_entropy: Optional[Tensor],
+    ignore_index: int,
+) -> Tensor:
+    """This rank's (R, C_local) gradient (no communication: the global lse and H are in per_row)."""
+    start, num_classes = (int(v) for v in meta.tolist())  # a CPU tensor: no device synchronisation
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    flat = target.long()
+    block = _block(flat, flat != ignore_index, None, cd, start, logits.shape[1])
+    targets = rows.IndexTargets.from_options(flat, None, _rl_options(ignore_index), num_classes, cd)
+    coefficients = _token_gradient_coefficients(targets, per_row, block, grad_logprobs, grad_entropy, cd)
+    if not logits.numel():
+        return torch.zeros_like(logits)
+    return _logits_gradient(logits, block, coefficients, cd, False)
+
+
+@_vocab_parallel_token_logprobs_backward_op.register_fake
+def _(logits, target, per_row, meta, grad_logprobs, grad_entropy, ignore_index):
+    return torch.empty_like(logits)
+
+
+def _token_logprobs_setup(ctx, inputs, output) -> None:
+    ctx.ignore_index, ctx.with_entropy = inputs[4], inputs[5]
+    ctx.save_for_backward(inputs[0], inputs[1], output[2], output[3])
+
+
+def _token_logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_per_row, _grad_meta):
+    logits, target, per_row, meta = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros(logits.shape[0], dtype=per_row.dtype, device=logits.device)
+    if not ctx.with_entropy:
+        grad_entropy = None
+    elif grad_entropy is None:
+        grad_entropy = torch.zeros(logits.shape[0], dtype=per_row.dtype, device=logits.device)
+    grad = torch.ops.xent.vocab_parallel_token_logprobs_backward(
+        logits, target, per_row, meta, grad_logprobs, grad_entropy, ctx.ignore_index
+    )
+    return grad, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "xent::vocab_parallel_token_logprobs", _token_logprobs_backward, setup_context=_token_logprobs_setup
+)
+
+
+@torch.library.custom_op("xent::vocab_parallel_linear_token_logprobs", mutates_args=())
+def _vocab_parallel_linear_token_logprobs_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    group_name: str,
+    vocab_start: Optional[int],
+    ignore_index: int,
+    memory_budget: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """As xent::vocab_parallel_token_logprobs, from the (R, H) rows and this rank's rows of the head."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    p = _rl_problem(input, linear_weight, linear_bias, target, ignore_index, memory_budget, with_entropy)
+    layout = Layout(_resolve_process_group(group_name), vocab_start)
+    _, _, _, _, shards, per_row = _linear_forward(p, layout, "vocab_parallel_linear_token_logprobs")
+    logprobs, entropy = _token_outputs(per_row, target, ignore_index, with_entropy, p.compute_dtype)
+    return logprobs, entropy, per_row, torch.tensor([shards.start, shards.num_classes], dtype=torch.int64)
+
+
+@_vocab_parallel_linear_token_logprobs_op.register_fake
+def _(input, linear_weight, linear_bias, target, group_name, vocab_start, ignore_index, memory_budget, with_entropy):
+    cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
+    rows_ = input.shape[0]
+    entropy = input.new_empty(rows_ if with_entropy else 0, dtype=cd)
+    per_row = input.new_empty((3 if with_entropy else 2, rows_), dtype=torch.float64)
+    return input.new_empty(rows_, dtype=cd), entropy, per_row, torch.empty(2, dtype=torch.int64, device="cpu")
+
+
+def _rl_problem(input, linear_weight, linear_bias, target, ignore_index, memory_budget, with_entropy):
+    """The linear problem of the RL ops: 'none' reduction, no other term, the entropy on request; the
+    per-token outputs in the compute dtype."""
+    p = _op_problem(input, linear_weight, linear_bias, target, None, "none", ignore_index, 0.0, 0.0, memory_budget, "")
+    cd = p.compute_dtype
+    return replace(p, output_dtype=cd, statistics=("entropy",) if with_entropy else ())
+
+
+@torch.library.custom_op("xent::vocab_parallel_linear_token_logprobs_backward", mutates_args=())
+def _vocab_parallel_linear_token_logprobs_backward_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    per_row: Tensor,
+    meta: Tensor,
+    grad_logprobs: Tensor,
+    grad_entropy: Optional[Tensor],
+    group_name: str,
+    ignore_index: int,
+    memory_budget: int,
+    want_weight: bool,
+    want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients (the input's all-reduced; empty tensors for those not wanted)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    with_entropy = grad_entropy is not None
+    p = _rl_problem(input, linear_weight, linear_bias, target, ignore_index, memory_budget, with_entropy)
+    start, num_classes = (int(v) for v in meta.tolist())  # a CPU tensor: no device synchronisation
+    cd = p.compute_dtype
+    flat = target.long()
+    block = _block(flat, flat != ignore_index, None, cd, start, linear_weight.shape[0])
+    targets = rows.IndexTargets.from_options(flat, None, p.options, num_classes, cd)
+    coefficients = _token_gradient_coefficients(targets, per_row, block, grad_logprobs, grad_entropy, cd)
+    grads = _linear_backward(
+        p,
+        _resolve_process_group(group_name),
+        block,
+        targets,
+        per_row[0],
+        coefficients.scale,
+        (True, want_weight, want_bias),
+        coefficients.entropy,
+        coefficients.entropy_value,
+    )
+    return tuple(g if g is not None else input.new_empty(0) for g in grads)
+
+
+@_vocab_parallel_linear_token_logprobs_backward_op.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    per_row,
+    meta,
+    grad_logprobs,
+    grad_entropy,
+    group_name,
+    ignore_index,
+    memory_budget,
+    want_weight,
+    want_bias,
+):
+    return (
+        input.new_empty(input.shape),
+        linear_weight.new_empty(linear_weight.shape) if want_weight else input.new_empty(0),
+        linear_bias.new_empty(linear_bias.shape) if want_bias and linear_bias is not None else input.new_empty(0),
+    )
+
+
+def _linear_token_logprobs_setup(ctx, inputs, output) -> None:
+    ctx.group_name, ctx.vocab_start, ctx.ignore_index, ctx.memory_budget, ctx.with_entropy = inputs[4:9]
+    ctx.want = (inputs[1].requires_grad, inputs[2] is not None and inputs[2].requires_grad)
+    ctx.save_for_backward(*inputs[:4], output[2], output[3])
+
+
+def _linear_token_logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_per_row, _grad_meta):
+    input, w, b, target, per_row, meta = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros(input.shape[0], dtype=per_row.dtype, device=input.device)
+    if not ctx.with_entropy:
+        grad_entropy = None
+    elif grad_entropy is None:
+        grad_entropy = torch.zeros(input.shape[0], dtype=per_row.dtype, device=input.device)
+    gi, gw, gb = torch.ops.xent.vocab_parallel_linear_token_logprobs_backward(
+        input,
+        w,
+        b,
+        target,
+        per_row,
+        meta,
+        grad_logprobs,
+        grad_entropy,
+        ctx.group_name,
+        ctx.ignore_index,
+        ctx.memory_budget,
+        *ctx.want,
+    )
+    return (gi, gw if ctx.want[0] else None, gb if ctx.want[1] else None) + (None,) * 6
+
+
+torch.library.register_autograd(
+    "xent::vocab_parallel_linear_token_logprobs",
+    _linear_token_logprobs_backward,
+    setup_context=_linear_token_logprobs_setup,
+)

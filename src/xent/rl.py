@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import ops, ops_rl
-from ._validate import ThroughLogits, cross_entropy_problem, linear_cross_entropy_problem
+from ._validate import ThroughLogits, check_temperature, cross_entropy_problem, linear_cross_entropy_problem
 from .linear import linear_cross_entropy
 
 
@@ -60,7 +60,7 @@ def token_logprobs(
         >>> logp, entropy = xent.token_logprobs(hidden, head, tokens, temperature=0.7, return_entropy=True)
         >>> (-(logp * torch.randn(2, 16)).sum() - 0.01 * entropy.sum()).backward()   # a policy-gradient step
     """
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     scaled_input = input / t if t != 1.0 else input
     scaled_bias = linear_bias / t if linear_bias is not None and t != 1.0 else linear_bias
     out_dtype = torch.float32 if input.dtype != torch.float64 else torch.float64
@@ -104,7 +104,7 @@ def token_logprobs_from_logits(
     """:func:`token_logprobs` for logits already at hand, shape :math:`(..., V)`: xent's fused
     cross-entropy per token (float32 results for half-precision logits, as token_logprobs). A temperature
     other than 1 divides a copy of the logits."""
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     flat = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     flat = flat / t if t != 1.0 else flat
     flat_target = target.reshape(-1)
@@ -123,10 +123,3 @@ def token_logprobs_from_logits(
         return -loss.reshape(target.shape)
     logprobs, entropy = ops_rl.token_logprobs_from_logits(flat, flat_target, ignore_index)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)
-
-
-def _check_temperature(temperature) -> float:
-    t = float(temperature)
-    if not t > 0 or math.isinf(t):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    return t

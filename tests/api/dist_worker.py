@@ -16,7 +16,12 @@ import torch.nn.functional as F
 import xent
 from xent import TokenStatistics
 from xent.bench import STATISTICS
-from xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from xent.distributed import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+    vocab_parallel_linear_token_logprobs,
+    vocab_parallel_token_logprobs,
+)
 
 
 def _close(a, b, what, rtol=1e-9, atol=1e-11):
@@ -53,6 +58,7 @@ def run(rank: int, world: int, rendezvous: str, sizes: list[int], scenario: str,
             "hf": _hf,
             "ddp": _ddp,
             "compiled": _compiled,
+            "rl": _rl,
         }[scenario](rank, world, sizes)
         outcome = "ok"
     except Exception:  # noqa: BLE001 - reported to the parent test through the result file
@@ -316,6 +322,17 @@ def _errors(rank, world, sizes):
         "every rank must ask for the same return_stats",
         lambda: vocab_parallel_cross_entropy(local, good, return_stats=asked),
     )
+    # calls made in different orders on different ranks (as inductor may order two calls in one compiled
+    # graph): the collectives pair a logits call with a linear one; every rank raises instead of mixing
+    hidden = torch.randn(4, 3, dtype=torch.float64)
+    head = torch.randn(size, 3, dtype=torch.float64)
+    calls = [
+        lambda vs: vocab_parallel_cross_entropy(local, good, vocab_start=vs),
+        lambda vs: vocab_parallel_linear_cross_entropy(hidden, head, good, vocab_start=vs),
+    ]
+    for vs in (None, start):
+        for call in calls if rank % 2 == 0 else calls[::-1]:
+            _expect(RuntimeError, "reached this collective from different calls", lambda call=call, vs=vs: call(vs))
     # still usable afterwards
     loss = vocab_parallel_cross_entropy(local, good, vocab_start=start)
     assert torch.isfinite(loss)
@@ -618,6 +635,21 @@ def _compiled(rank, world, sizes):
     )
     loss.backward()
     _same_statistics(compiled_stats, xent.cross_entropy(full, y, return_stats=("entropy", "correct"))[1], "with grad")
+    # the ops' schemas and fakes (their autograd is an autograd.Function around them: inputs without grad)
+    from torch.library import opcheck
+
+    group_name = dist.group.WORLD.group_name
+    options = ("mean", -100, 0.1, 1e-3)
+    opcheck(
+        torch.ops.xent.vocab_parallel_cross_entropy.default,
+        (local.clone(), y, None, group_name, None, *options, True, "entropy,argmax"),
+    )
+    opcheck(
+        torch.ops.xent.vocab_parallel_linear_cross_entropy.default,
+        (torch.randn(6, 5, dtype=torch.float64), torch.randn(size, 5, dtype=torch.float64), None, y, None, group_name)
+        + (None, *options, -1, "lse,entropy"),
+    )
+    torch.manual_seed(1)  # the same random numbers on every rank after opcheck, whatever it drew
     # the linear path too: forward op (exchange inside), backward op (all-reduce inside)
     hidden = torch.randn(6, 5, dtype=torch.float64)
     head = torch.randn(c, 5, dtype=torch.float64)
@@ -644,3 +676,139 @@ def _compiled(rank, world, sizes):
     _same_statistics(stats[1][1], stats[0][1], "compiled linear statistics")
     _same_statistics(stats[1][1], xent.linear_cross_entropy(hidden, head, y, return_stats=STATISTICS)[1], "linear")
     _close(stats[1][0], stats[0][0], "compiled linear loss with statistics")
+
+
+def _rl(rank, world, sizes):
+    """Token log-probabilities and entropies over a split vocabulary: equal to the single-process
+    xent.token_logprobs[_from_logits], forward and backward (both upstream gradients), eager and compiled."""
+    c = sum(sizes)
+    gen = torch.Generator().manual_seed(31)
+    lead = (2, 5)
+    target = torch.randint(0, c, lead, generator=gen)
+    target[0, 1] = -100
+    target[1, 4] = c - 1
+    g_lp = torch.randn(lead, generator=gen, dtype=torch.float64)
+    g_h = torch.randn(lead, generator=gen, dtype=torch.float64)
+    g_lp[0, 1] = math.inf  # an ignored token's upstream gradient does not reach the logits
+    for reverse, given_start in ((False, False), (True, True)):
+        start, size = _layout(rank, sizes, reverse)
+        vs = start if given_start else None
+        # logits: a masked vocabulary's end and one token's first half at -inf, a temperature
+        full = torch.randn(*lead, c, generator=gen, dtype=torch.float64) * 3
+        full[..., c - c // 4 :] = -math.inf
+        full[1, 2, : c // 2] = -math.inf
+        full[1, 2, -1] = 0.5  # one class left finite there
+        for temperature, entropy in ((1.0, True), (0.7, True), (1.3, False)):
+            local = full[..., start : start + size].clone().requires_grad_()
+            ref = full.clone().requires_grad_()
+            ours = vocab_parallel_token_logprobs(
+                local, target, vocab_start=vs, temperature=temperature, return_entropy=entropy
+            )
+            theirs = xent.token_logprobs_from_logits(ref, target, temperature=temperature, return_entropy=entropy)
+            ours, theirs = (ours, theirs) if entropy else ((ours,), (theirs,))
+            for a, b, what in zip(ours, theirs, ("logprob", "entropy")):
+                _close(a, b, f"rl logits {what} T={temperature} reverse={reverse}")
+            ups = (g_lp, g_h)[: len(ours)]
+            (g,) = torch.autograd.grad(ours, local, ups)
+            (ge,) = torch.autograd.grad(theirs, ref, ups)
+            _close(g, ge[..., start : start + size], f"rl logits grad T={temperature} reverse={reverse}")
+        # only the entropy used: the log-probabilities' gradient is None
+        local = full[..., start : start + size].clone().requires_grad_()
+        ref = full.clone().requires_grad_()
+        (g,) = torch.autograd.grad(
+            vocab_parallel_token_logprobs(local, target, vocab_start=vs, return_entropy=True)[1], local, g_h
+        )
+        (ge,) = torch.autograd.grad(xent.token_logprobs_from_logits(ref, target, return_entropy=True)[1], ref, g_h)
+        _close(g, ge[..., start : start + size], "rl entropy-only grad")
+        # the head: replicated hidden states, this rank's rows (a budget small enough for several chunks)
+        hidden = 4
+        x = torch.randn(*lead, hidden, generator=gen, dtype=torch.float64)
+        w = torch.randn(c, hidden, generator=gen, dtype=torch.float64)
+        b = torch.randn(c, generator=gen, dtype=torch.float64)
+        for temperature, entropy in ((1.0, True), (0.6, True), (1.0, False)):
+            params = [x.clone().requires_grad_(), w[start : start + size].clone().requires_grad_()]
+            params.append(b[start : start + size].clone().requires_grad_())
+            ref = [t.clone().requires_grad_() for t in (x, w, b)]
+            ours = vocab_parallel_linear_token_logprobs(
+                params[0],
+                params[1],
+                target,
+                vocab_start=vs,
+                linear_bias=params[2],
+                temperature=temperature,
+                return_entropy=entropy,
+                memory_budget=3 * 8 * max(1, size),
+            )
+            theirs = xent.token_logprobs(
+                ref[0], ref[1], target, linear_bias=ref[2], temperature=temperature, return_entropy=entropy
+            )
+            ours, theirs = (ours, theirs) if entropy else ((ours,), (theirs,))
+            for a, bb, what in zip(ours, theirs, ("logprob", "entropy")):
+                _close(a, bb, f"rl linear {what} T={temperature}")
+            ups = (g_lp, g_h)[: len(ours)]
+            grads = torch.autograd.grad(ours, params, ups)
+            ref_grads = torch.autograd.grad(theirs, ref, ups)
+            _close(grads[0], ref_grads[0], f"rl linear grad input T={temperature}")
+            _close(grads[1], ref_grads[1][start : start + size], f"rl linear grad weight T={temperature}")
+            _close(grads[2], ref_grads[2][start : start + size], f"rl linear grad bias T={temperature}")
+    # float32 logits (the Triton kernel's case under XENT_BACKEND=triton)
+    start, size = sum(sizes[:rank]), sizes[rank]
+    full = torch.randn(40, c, generator=gen)
+    y = torch.randint(0, c, (40,), generator=gen)
+    local = full[:, start : start + size].clone().requires_grad_()
+    ref = full.clone().requires_grad_()
+    ours = vocab_parallel_token_logprobs(local, y, return_entropy=True)
+    theirs = xent.token_logprobs_from_logits(ref, y, return_entropy=True)
+    up = torch.randn(40, generator=gen)
+    (g,) = torch.autograd.grad((ours[0] * up + ours[1]).sum(), local)
+    (ge,) = torch.autograd.grad((theirs[0] * up + theirs[1]).sum(), ref)
+    for a, bb in zip(ours, theirs):
+        _close(a, bb, "rl float32", rtol=1e-5, atol=1e-6)
+    _close(g, ge[:, start : start + size], "rl float32 grad", rtol=1e-5, atol=1e-6)
+    # torch.compile(fullgraph=True): the custom ops, with and without a gradient
+    local = full[:, start : start + size].double()
+    head = torch.randn(c, 3, generator=gen, dtype=torch.float64)
+    hid = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+
+    # (one vocab-parallel call per compiled graph: inductor may order two of them differently on ranks
+    # whose blocks differ in size, which the exchange detects; see _errors)
+    def logits_step(logits):
+        lp, ent = vocab_parallel_token_logprobs(logits * 1.0, y, temperature=0.9, return_entropy=True)
+        return (lp * 2 + ent).sum()
+
+    def linear_step(h, w):
+        lp, ent = vocab_parallel_linear_token_logprobs(h, w, y, return_entropy=True)
+        return (lp - 0.1 * ent).sum()
+
+    # the ops' schemas, fakes and autograd registrations (every rank runs the same calls, collectives too)
+    from torch.library import opcheck
+
+    group_name = dist.group.WORLD.group_name
+    opcheck(
+        torch.ops.xent.vocab_parallel_token_logprobs.default,
+        (local.clone().requires_grad_(), y, group_name, None, -100, True),
+    )
+    opcheck(
+        torch.ops.xent.vocab_parallel_linear_token_logprobs.default,
+        (
+            hid.clone().requires_grad_(),
+            head[start : start + size].clone().requires_grad_(),
+            None,
+            y,
+            group_name,
+            None,
+            -100,
+            -1,
+            True,
+        ),
+    )
+    for step, args in ((logits_step, (local,)), (linear_step, (hid, head[start : start + size]))):
+        results = []
+        for fn in (step, torch.compile(step, fullgraph=True)):
+            inputs = [t.clone().requires_grad_() for t in args]
+            value = fn(*inputs)
+            results.append((value.detach(), *torch.autograd.grad(value, inputs)))
+            with torch.no_grad():
+                results[-1] += (fn(*inputs),)
+        for a, bb in zip(results[1], results[0]):
+            _close(a, bb, f"rl compiled {step.__name__}")

@@ -101,6 +101,11 @@ def test_transformers_patch_under_fsdp2_and_tensor_parallel(tmp_path):
     _spawn(2, LAYOUTS[2], "hf", tmp_path)
 
 
+@pytest.mark.parametrize("world", [2, "empty rank"])
+def test_token_logprobs_and_entropy_for_rl(world, tmp_path):
+    _spawn(len(LAYOUTS[world]), LAYOUTS[world], "rl", tmp_path)
+
+
 def test_errors_raise_on_every_rank_instead_of_hanging(tmp_path):
     _spawn(2, LAYOUTS[2], "errors", tmp_path)
 

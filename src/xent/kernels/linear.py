@@ -77,15 +77,17 @@ def linear_pass(
     want: tuple[bool, bool, bool] = (False, False, False),
     lse: Tensor | None = None,
     entropy_scale: Tensor | None = None,
+    entropy_value: Tensor | None = None,
 ):
     """One pass over the rows' logits, chunk by chunk: their statistics and, when `targets` and `scale` are
     given, the gradients in `want` (input, linear_weight, linear_bias) of sum_i scale_i * loss_i.
 
     `block` says which classes the head holds (all of them, or one rank's shard, whose gradient then
     needs the rows' global `lse`). `entropy_scale` (per row) adds the gradient of sum_i entropy_scale_i *
-    H_i, H_i the row's entropy (all classes in the block). Weight and bias gradients come back in fp32
-    (fp64 for fp64 parameters), except a weight gradient that one chunk covers: one GEMM in the
-    workspace's dtype (fp32 accumulation inside it, as F.linear's backward), with no accumulator.
+    H_i, H_i the row's entropy (with one block of the classes, `entropy_value` holds the rows' global H).
+    Weight and bias gradients come back in fp32 (fp64 for fp64 parameters), except a weight gradient that
+    one chunk covers: one GEMM in the workspace's dtype (fp32 accumulation inside it, as F.linear's
+    backward), with no accumulator.
     """
     x, w_lin, b_lin = p.input, p.linear_weight, p.linear_bias
     num_rows, vocab = x.shape[0], w_lin.shape[0]
@@ -120,7 +122,7 @@ def linear_pass(
         grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev)
     grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
     entropy = entropy_scale.to(cd) if entropy_scale is not None else None
-    coefficients = targets.coefficients(scale, lse, block, entropy) if need_grad else None
+    coefficients = targets.coefficients(scale, lse, block, entropy, entropy_value) if need_grad else None
     unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
     backend = backend_for(dev, cd)
 

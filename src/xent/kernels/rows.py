@@ -466,12 +466,14 @@ class ChunkCoefficients:
         lse: Tensor | None = None,
         owned: Tensor | None = None,
         entropy: Tensor | None = None,
+        entropy_value: Tensor | None = None,
     ):
         self.terms, self.scale, self.dense_mass, self.lse, self.owned = terms, scale, dense_mass, lse, owned
-        # entropy: a per-row coefficient c, adding c * dH/dz = -c * p * (log p + H) to the gradient (the
-        # rows' entropies H are then taken in the same pass; all classes in one block, so no global lse)
-        assert entropy is None or lse is None
-        self.entropy = entropy
+        # entropy: a per-row coefficient c, adding c * dH/dz = -c * p * (log p + H) to the gradient. With all
+        # classes in the workspace the pass takes the rows' entropies H itself; with one block of them (a
+        # global lse) it cannot, and entropy_value holds the rows' global H
+        assert entropy is None or (lse is None) == (entropy_value is None)
+        self.entropy, self.entropy_value = entropy, entropy_value
         self.per_row_mass = isinstance(dense_mass, Tensor) and dense_mass.dim() > 0
         self.all_rows = None if self.per_row_mass else terms.gradient_coefs(scale, dense_mass)
 
@@ -500,9 +502,14 @@ class ChunkCoefficients:
             softmax = softmax + zloss * (lse if lse is not None else shift + sumexp.log())
         softmax = softmax / sumexp if lse is None else softmax * torch.exp(shift - lse)
         xlogy_coef = None
-        if entropy is not None:
+        if entropy is not None and lse is None:
             xlogy_coef = -entropy / sumexp
             softmax = softmax + entropy * (entropy_rel / sumexp) / sumexp  # not s * s: it may overflow
+        elif entropy is not None:
+            # one block of the classes: p = k e with k = exp(shift - lse), log p + H = log e + (shift - lse + H)
+            k = torch.exp(shift - lse)
+            xlogy_coef = -entropy * k
+            softmax = softmax + xlogy_coef * (shift - lse + self.entropy_value[r0:r1].to(shift.dtype))
         return softmax, target, dense, xlogy_coef
 
 
@@ -598,10 +605,17 @@ class IndexTargets:
         return torch.where(self.valid, one, 0)
 
     def coefficients(
-        self, scale: Tensor, lse: Tensor | None = None, block: ClassBlock | None = None, entropy: Tensor | None = None
+        self,
+        scale: Tensor,
+        lse: Tensor | None = None,
+        block: ClassBlock | None = None,
+        entropy: Tensor | None = None,
+        entropy_value: Tensor | None = None,
     ):
-        """The gradient coefficients for d(sum_i scale_i loss_i + entropy_i H_i)/dz (entropy: per row)."""
-        return ChunkCoefficients(self.terms, scale, self.dense_mass, lse, block.owned if block else None, entropy)
+        """The gradient coefficients for d(sum_i scale_i loss_i + entropy_i H_i)/dz (entropy: per row; with
+        a block of the classes, its global lse and the rows' global entropies `entropy_value`)."""
+        owned = block.owned if block else None
+        return ChunkCoefficients(self.terms, scale, self.dense_mass, lse, owned, entropy, entropy_value)
 
     def row_losses(self, lse: Tensor, target_logit: Tensor, dense_ce: Tensor | None) -> Tensor:
         """Per-row losses (float64), 0 on ignored rows even when their logits are NaN."""

@@ -185,7 +185,10 @@ def _rows_kernel(
                 c_dense = tl.load(C_DENSE + row)
             if ENTROPY_GRAD:  # -c p (log p + H), log p + H = (z - m) - h / s (the entropy's own statistics)
                 c_entropy = tl.load(C_ENTROPY + row)
-                h_over_s = h / s
+                if STATS:
+                    h_over_s = h / s
+                else:  # one block of the classes, m = the global lse: log p + H = (z - lse) + H, H given
+                    h_over_s = -tl.load(ENTROPY_REL + row).to(tl.float32)
             out_row = OUT + row * stride_out
             for start in range(0, n_cols, BLOCK):
                 idx = start + cols
@@ -268,6 +271,7 @@ def rows_(
     out: Tensor | None = None,
     coefs=None,
     lse: Tensor | None = None,
+    row_entropy: Tensor | None = None,
 ) -> None:
     """Run the kernel over the rows of z (rows, C), last dimension contiguous; fp32/bf16/fp16 logits.
 
@@ -276,6 +280,7 @@ def rows_(
     pass u only when the loss has a dense term (then stats.dense_rel and the dense coefficient exist).
     out + coefs = (softmax, zloss, target, dense, entropy; None where absent) per-row fp32 vectors: write the
     gradient into `out` (rows, C), which may be z itself (each element is read before it is written).
+    With `lse` and an entropy coefficient, `row_entropy` holds the rows' (global) entropies.
     """
     num_rows, n_cols = z.shape
     if num_rows == 0 or n_cols == 0:
@@ -288,7 +293,7 @@ def rows_(
     elif dense_is_ones:
         dense_mode = DENSE_ONES
     softmax_c, zloss_c, target_c, dense_c, entropy_c = coefs if coefs is not None else (None,) * 5
-    assert entropy_c is None or (stats is not None and stats.entropy_rel is not None)
+    assert entropy_c is None or (stats.entropy_rel is not None if stats is not None else row_entropy is not None)
 
     def arg(t: Tensor | None) -> Tensor:
         return t if t is not None else dummy
@@ -308,7 +313,7 @@ def rows_(
             arg(stats and stats.target_logit),
             arg(stats and stats.dense_rel),
             arg(stats and stats.argmax),
-            arg(stats and stats.entropy_rel),
+            arg(stats.entropy_rel if stats is not None else row_entropy),
             arg(lse),
             arg(softmax_c),
             arg(zloss_c),
@@ -352,6 +357,9 @@ def triton_chunk(
     if source is None:
         load()
     lse = coefficients.lse[r0:r1] if coefficients is not None and coefficients.lse is not None else None
+    row_entropy = None
+    if lse is not None and coefficients.entropy_value is not None:
+        row_entropy = coefficients.entropy_value[r0:r1]
     rows_(
         workspace if source is None else source,
         stats=stats.rows(r0, r1) if lse is None else None,
@@ -362,6 +370,7 @@ def triton_chunk(
         out=workspace if coefficients is not None else None,
         coefs=coefficients.rows(r0, r1) if coefficients is not None else None,
         lse=lse,
+        row_entropy=row_entropy,
     )
 
 
