@@ -72,3 +72,44 @@ def test_all_minus_inf_rows_sum_nothing():
     assert torch.equal(shift, torch.tensor([0.0, 0.0], dtype=torch.float64))
     assert torch.equal(sumexp, torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert torch.equal(z[0], torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_gradient_with_the_global_entropy(backend_name, dtype, monkeypatch):
+    """The gradient of sum_i g_i logprob_i + c_i H_i, one block of classes at a time with the rows' global
+    lse and entropy given (the vocab-parallel RL backward), equals the whole rows' gradient by autograd."""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+        if dtype == torch.float64:
+            pytest.skip("the Triton kernel computes fp32/bf16/fp16 rows")
+    monkeypatch.setenv("XENT_BACKEND", backend_name)
+    from xent import distributed
+
+    gen = torch.Generator().manual_seed(5)
+    n, sizes = 7, (9, 0, 14)
+    c = sum(sizes)
+    z = (torch.randn(n, c, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    z[2, :9] = -math.inf  # a block without mass for one row
+    target = torch.randint(0, c, (n,), generator=gen)
+    target[4] = -100
+    g, ce = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+    full = z.double().clone().requires_grad_()
+    logp = torch.log_softmax(full, 1)
+    valid = target != -100
+    objective = (torch.where(valid, logp.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1), 0) * g).sum()
+    entropy = -(logp.exp() * torch.where(logp.exp() > 0, logp, 0)).sum(1)
+    objective = objective + (torch.where(valid, entropy, 0) * ce).sum()
+    (expected,) = torch.autograd.grad(objective, full)
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    per_row = torch.stack([torch.logsumexp(z.double(), 1), torch.zeros(n, dtype=torch.float64), entropy.detach()])
+    opts = distributed._rl_options(-100)
+    targets = rows.IndexTargets.from_options(target, None, opts, c, cd)
+    start = 0
+    for size in sizes:
+        block = distributed._block(target, valid, None, cd, start, size)
+        coefficients = distributed._token_gradient_coefficients(targets, per_row, block, g, ce, cd)
+        grad = distributed._logits_gradient(z[:, start : start + size].contiguous(), block, coefficients, cd, False)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(grad.double(), expected[:, start : start + size], **tol)
+        start += size
