@@ -750,17 +750,23 @@ def _linear_forward(p: LinearProblem, layout: Layout, fn: str = "vocab_parallel_
 
 
 def _linear_logit_at(p: LinearProblem, column: Tensor) -> Tensor:
-    """Each row's logit at `column` of this rank's head (its largest, for the argmax across blocks), one
-    dot product per row in the compute dtype. The pass compared the logits as its GEMM rounded them; this
-    recomputation can round differently, so blocks whose maxima differ by less than that rounding may
-    resolve either way (README: limitations)."""
+    """Each row's logit at `column` of this rank's head (its largest, for the argmax across blocks): one
+    dot product per row in the compute dtype, rounded to the input's dtype as F.linear rounds the logits
+    the pass compared (so that ties in bf16 logits stay ties). A dot product can still round differently
+    from the GEMM's blocked sum: blocks whose maxima differ by less than that may resolve either way
+    (README: limitations). Rows go in chunks, so that the gathered head rows stay within CHUNK_ELEMENTS."""
     if not p.linear_weight.shape[0]:
         return torch.full(column.shape, -math.inf, dtype=p.compute_dtype, device=column.device)
     cd, index = p.compute_dtype, column.clamp_min(0)
-    logit = (p.input.to(cd) * p.linear_weight.index_select(0, index).to(cd)).sum(1)
-    if p.linear_bias is not None:
-        logit = logit + p.linear_bias.index_select(0, index).to(cd)
-    return logit
+    out = torch.empty(column.shape, dtype=cd, device=column.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, p.input.shape[1]))
+    for r0 in range(0, column.shape[0], step):
+        rows_at = index[r0 : r0 + step]
+        logit = torch.linalg.vecdot(p.input[r0 : r0 + step].to(cd), p.linear_weight.index_select(0, rows_at).to(cd))
+        if p.linear_bias is not None:
+            logit = logit + p.linear_bias.index_select(0, rows_at).to(cd)
+        out[r0 : r0 + step] = logit.to(p.input.dtype)
+    return out
 
 
 def _linear_backward(

@@ -73,14 +73,24 @@ def cross_entropy(local_loss, input, target, weight, *, reduction: str, fn: str 
     return _row_parallel(local_loss, input, target, weight_local, mesh, placement, class_dim, reduction, fn, options)
 
 
-def _with_statistics(loss, stats, mesh, placements):
-    """(loss, stats) with every statistic a DTensor of `placements`; the loss alone without stats."""
+def _with_statistics(loss, stats, mesh, placements, shape=None):
+    """(loss, stats) with every statistic a DTensor of `placements` (global `shape`: see _rows_dtensor); the
+    loss alone without stats."""
     if stats is None:
         return loss
-    wrapped = {
-        n: DTensor.from_local(t, mesh, placements, run_check=False) for n, t in stats._asdict().items() if t is not None
-    }
+    wrapped = {n: _rows_dtensor(t, mesh, placements, shape) for n, t in stats._asdict().items() if t is not None}
     return loss, type(stats)(**wrapped)
+
+
+def _rows_dtensor(local: Tensor, mesh, placements, shape=None) -> DTensor:
+    """A DTensor of per-row values from this rank's `local` ones. `shape`: the global shape, needed when the
+    rows are split unevenly (from_local would otherwise assume even splits)."""
+    if shape is None:
+        return DTensor.from_local(local, mesh, placements, run_check=False)
+    stride = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        stride[i] = stride[i + 1] * shape[i + 1]
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride))
 
 
 def _class_sharded(input, target, weight, mesh, class_dim, reduction, fn, options):
@@ -132,20 +142,20 @@ def _row_parallel(local_loss, input, target, weight, mesh, placement, class_dim,
     out = local_loss(local, target_local, weight=weight, reduction="none", **options)
     rows, stats = out if with_stats else (out, None)
     out_dim = placement.dim if placement.dim < class_dim or input.dim() == 1 else placement.dim - 1
+    rows_shape = tuple(n for d, n in enumerate(input.shape) if d != class_dim)  # the 'none' loss's, global
     if reduction == "none":
-        return _with_statistics(
-            DTensor.from_local(rows, mesh, [Shard(out_dim)], run_check=False), stats, mesh, [Shard(out_dim)]
-        )
+        loss = _rows_dtensor(rows, mesh, [Shard(out_dim)], rows_shape)
+        return _with_statistics(loss, stats, mesh, [Shard(out_dim)], rows_shape)
     total = DTensor.from_local(rows.sum(), mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
     if reduction != "sum":
         count = _mean_denominator(local, target_local, weight, probabilities, class_dim, options).to(total.dtype)
         count = DTensor.from_local(count, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
         total = total / count
-    return _with_statistics(total, stats, mesh, [Shard(out_dim)])
+    return _with_statistics(total, stats, mesh, [Shard(out_dim)], rows_shape)
 
 
 def _target_placement(placement, class_dim, probabilities):
-    if probabilities or placement.dim < class_dim:
+    if placement.is_replicate() or probabilities or placement.dim < class_dim:
         return placement
     return Shard(placement.dim - 1)  # index targets have no class dimension
 

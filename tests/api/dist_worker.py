@@ -251,6 +251,27 @@ def _linear(rank, world, sizes):
             )
             _, full_stats = xent.linear_cross_entropy(x, w_full, target, linear_bias=b_full, return_stats=names, **kw)
             _same_statistics(local_stats, full_stats, f"linear stats {options}")
+    _linear_bf16_ties(rank, sizes)
+
+
+def _linear_bf16_ties(rank, sizes):
+    """A bf16 head whose rows' largest logits often tie after rounding: the vocab-parallel argmax is the
+    single-process one (the first column among the tied), not decided by unrounded recomputed logits."""
+    gen = torch.Generator().manual_seed(17)
+    c, start, size = sum(sizes), sum(sizes[:rank]), sizes[rank]
+    x = torch.randn(600, 32, generator=gen).abs().bfloat16()
+    w = torch.randn(c, 32, generator=gen).bfloat16()
+    # the first and the last class (on different ranks) lead every row by far and differ by less than a
+    # bf16 step of their logits (~50): ties after rounding, though the last is larger before it
+    w[0] = 2.0
+    w[c - 1] = 2.0
+    w[c - 1, 0] = 2.0 + 2.0**-6
+    y = torch.randint(0, c, (600,), generator=gen)
+    logits = F.linear(x, w).float()
+    assert int(((logits == logits.amax(1, keepdim=True)).sum(1) > 1).sum()) > 300  # the case exists
+    _, ours = vocab_parallel_linear_cross_entropy(x, w[start : start + size], y, return_stats=("argmax", "correct"))
+    _, theirs = xent.linear_cross_entropy(x, w, y, return_stats=("argmax", "correct"))
+    _same_statistics(ours, theirs, "bf16 ties")
 
 
 def _expect(exc_type, fragment, fn):
@@ -452,6 +473,24 @@ def _dtensor(rank, world, sizes):
         assert all(t.placements == (Replicate(),) for t in stats)
         expected = xent.linear_cross_entropy(hidden, head, y, linear_bias=bias, return_stats=STATISTICS)[1]
         _same_statistics(TokenStatistics(*(t.full_tensor() for t in stats)), expected, "tp linear statistics")
+    # rows that do not split evenly (2 * world - 1 of them): the 'none' loss and the statistics keep the
+    # global shape; replicated logits with a replicated DTensor target
+    xu = torch.randn(2 * world - 1, c, dtype=torch.float64)
+    yu = torch.randint(0, c, (2 * world - 1,))
+    for reduction in ("none", "mean"):
+        loss, stats = xent.cross_entropy(
+            distribute_tensor(xu, mesh, [Shard(0)]),
+            distribute_tensor(yu, mesh, [Shard(0)]),
+            reduction=reduction,
+            return_stats=STATISTICS,
+        )
+        want_loss, want = xent.cross_entropy(xu, yu, reduction=reduction, return_stats=STATISTICS)
+        _close(loss.full_tensor(), want_loss, f"uneven rows loss {reduction}")
+        _same_statistics(TokenStatistics(*(t.full_tensor() for t in stats)), want, f"uneven rows {reduction}")
+    replicated = xent.cross_entropy(
+        distribute_tensor(xu, mesh, [Replicate()]), distribute_tensor(yu, mesh, [Replicate()]), reduction="none"
+    )
+    _close(replicated.full_tensor(), xent.cross_entropy(xu, yu, reduction="none"), "replicated target")
     # layouts that cannot work are refused on every rank
     dx = distribute_tensor(x, mesh, [Shard(0)])
     _expect(ValueError, "pass target as a DTensor", lambda: xent.cross_entropy(dx, y[: dx.to_local().shape[0]]))
