@@ -16,7 +16,8 @@ argument is a DTensor (torch.distributed.tensor), on a 1-D device mesh:
   taken for the whole head) and each rank's shard gets the ranks' averaged gradient, as FSDP gives it.
 
 Results are DTensors (Replicate for 'mean'/'sum', the logits' row placement for 'none'), as torch's
-loss_parallel returns them; gradients flow back as DTensors with the inputs' placements.
+loss_parallel returns them; gradients flow back as DTensors with the inputs' placements. The per-token
+statistics (`return_stats=`) and the RL log-probabilities (xent.rl) follow the same layouts.
 """
 
 from __future__ import annotations
@@ -177,11 +178,8 @@ def _mean_denominator(local, target, weight, probabilities, class_dim, options) 
     ).denominator
 
 
-def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, weight, options: dict):
-    """linear_cross_entropy with DTensor hidden states or head; `plain_loss` is the plain-tensor loss. With
-    options' `return_stats`, (loss, TokenStatistics): replicated DTensors for a head sharded on its classes,
-    plain tensors (the input's rows) where plain hidden states meet a gathered head."""
-    fn = "linear_cross_entropy"
+def _vocab_sharded_head(input, linear_weight, linear_bias, target, fn: str):
+    """The mesh of a head sharded on its classes (Shard(0)); NotImplementedError for the other layouts."""
     if not is_dtensor(linear_weight):
         raise NotImplementedError(
             f"{fn}: DTensor hidden states with a plain head; pass the hidden states' local tensor "
@@ -192,6 +190,24 @@ def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, 
         if placement.is_replicate() and not is_dtensor(input, linear_bias, target):
             raise NotImplementedError(f"{fn}: a replicated DTensor head: pass linear_weight.to_local()")
         raise NotImplementedError(f"{fn}: a head with placements {linear_weight.placements} (only Shard(0))")
+    return mesh
+
+
+def _local_bias(linear_bias, linear_weight, fn: str):
+    """This rank's rows of a bias that must be sharded like the head."""
+    if linear_bias is None:
+        return None
+    if not is_dtensor(linear_bias) or linear_bias.placements != linear_weight.placements:
+        raise ValueError(f"{fn}: linear_bias must be sharded like linear_weight (Shard(0))")
+    return linear_bias.to_local()
+
+
+def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, weight, options: dict):
+    """linear_cross_entropy with DTensor hidden states or head; `plain_loss` is the plain-tensor loss. With
+    options' `return_stats`, (loss, TokenStatistics): replicated DTensors for a head sharded on its classes,
+    plain tensors (the input's rows) where plain hidden states meet a gathered head."""
+    fn = "linear_cross_entropy"
+    mesh = _vocab_sharded_head(input, linear_weight, linear_bias, target, fn)
     if not is_dtensor(input):
         # Plain hidden states with a head sharded on its classes: what fully_shard (FSDP2) leaves outside the
         # module's forward, each rank with its own batch. Gather the head (as FSDP's unshard would) and give
@@ -200,17 +216,12 @@ def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, 
         # gradient itself. Never a local shard taken for the whole head.
         return _gathered_head_loss(plain_loss, input, linear_weight, target, linear_bias, weight, mesh, options)
     hidden = _replicated_local(input, mesh, fn, "the hidden states (with a head sharded on its classes)")
-    bias = None
-    if linear_bias is not None:
-        if not is_dtensor(linear_bias) or linear_bias.placements != linear_weight.placements:
-            raise ValueError(f"{fn}: linear_bias must be sharded like linear_weight (Shard(0))")
-        bias = linear_bias.to_local()
     out = distributed.vocab_parallel_linear_cross_entropy(
         hidden,
         linear_weight.to_local(),
         _replicated_local(target, mesh, fn, "target"),
         group=mesh.get_group(),
-        linear_bias=bias,
+        linear_bias=_local_bias(linear_bias, linear_weight, fn),
         weight=_replicated_local(weight, mesh, fn, "weight"),
         **options,
     )
@@ -233,3 +244,59 @@ def _gathered_head_loss(plain_loss, input, linear_weight, target, linear_bias, w
         bias = _gathered(linear_bias, mesh) if is_dtensor(linear_bias) else linear_bias
     weight = _replicated_local(weight, mesh, "linear_cross_entropy", "weight")
     return plain_loss(input, _gathered(linear_weight, mesh), target, linear_bias=bias, weight=weight, **options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RL token log-probabilities (xent.rl)
+
+
+def token_logprobs(plain, input, linear_weight, target, linear_bias, options: dict):
+    """xent.token_logprobs with a head sharded on its classes: replicated DTensor hidden states take the
+    vocab-parallel path (replicated DTensor results); plain hidden states (FSDP2 outside the module's
+    forward) take the gathered head, as linear_cross_entropy. `plain` is xent.token_logprobs."""
+    fn = "token_logprobs"
+    mesh = _vocab_sharded_head(input, linear_weight, linear_bias, target, fn)
+    if not is_dtensor(input):
+        bias = _gathered(linear_bias, mesh) if is_dtensor(linear_bias) else linear_bias
+        target = _replicated_local(target, mesh, fn, "target")
+        return plain(input, _gathered(linear_weight, mesh), target, linear_bias=bias, **options)
+    out = distributed.vocab_parallel_linear_token_logprobs(
+        _replicated_local(input, mesh, fn, "the hidden states (with a head sharded on its classes)"),
+        linear_weight.to_local(),
+        _replicated_local(target, mesh, fn, "target"),
+        group=mesh.get_group(),
+        linear_bias=_local_bias(linear_bias, linear_weight, fn),
+        **options,
+    )
+    return _each(out, lambda t: DTensor.from_local(t, mesh, [Replicate()], run_check=False))
+
+
+def token_logprobs_from_logits(plain, logits, target, options: dict):
+    """xent.token_logprobs_from_logits on DTensor logits: sharded on the classes (the last dimension), the
+    vocab-parallel path (replicated results); sharded on a leading dimension or replicated, each rank's
+    rows locally (results split like them). `plain` is xent.token_logprobs_from_logits."""
+    fn = "token_logprobs_from_logits"
+    mesh, placement = _mesh_and_placement(logits, fn)
+    class_dim = logits.dim() - 1
+    if placement.is_shard() and placement.dim % logits.dim() == class_dim:
+        out = distributed.vocab_parallel_token_logprobs(
+            logits.to_local(),
+            _replicated_local(target, mesh, fn, "target (with logits sharded on the class dimension)"),
+            group=mesh.get_group(),
+            **options,
+        )
+        return _each(out, lambda t: DTensor.from_local(t, mesh, [Replicate()], run_check=False))
+    if placement.is_replicate():
+        out = plain(logits.to_local(), _replicated_local(target, mesh, fn, "target"), **options)
+        return _each(out, lambda t: DTensor.from_local(t, mesh, [Replicate()], run_check=False))
+    if not is_dtensor(target) or target.device_mesh != mesh or target.placements != (placement,):
+        raise ValueError(
+            f"{fn}: with logits split on their rows ({logits.placements}), pass target as a DTensor split alike"
+        )
+    out = plain(logits.to_local(), target.to_local(), **options)
+    return _each(out, lambda t: _rows_dtensor(t, mesh, [placement], tuple(logits.shape[:-1])))
+
+
+def _each(out, wrap):
+    """wrap() applied to a result or to each of a tuple of them."""
+    return tuple(wrap(t) for t in out) if isinstance(out, tuple) else wrap(out)

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from . import ops, ops_rl
+from . import dtensor, ops, ops_rl
 from ._validate import ThroughLogits, check_temperature, cross_entropy_problem, linear_cross_entropy_problem
 from .linear import linear_cross_entropy
 
@@ -60,6 +60,14 @@ def token_logprobs(
         >>> logp, entropy = xent.token_logprobs(hidden, head, tokens, temperature=0.7, return_entropy=True)
         >>> (-(logp * torch.randn(2, 16)).sum() - 0.01 * entropy.sum()).backward()   # a policy-gradient step
     """
+    if dtensor.is_dtensor(input, linear_weight, linear_bias, target):  # tensor-parallel heads: xent/dtensor.py
+        options = dict(
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+            memory_budget=memory_budget,
+        )
+        return dtensor.token_logprobs(token_logprobs, input, linear_weight, target, linear_bias, options)
     t = check_temperature(temperature)
     scaled_input = input / t if t != 1.0 else input
     scaled_bias = linear_bias / t if linear_bias is not None and t != 1.0 else linear_bias
@@ -104,6 +112,9 @@ def token_logprobs_from_logits(
     """:func:`token_logprobs` for logits already at hand, shape :math:`(..., V)`: xent's fused
     cross-entropy per token (float32 results for half-precision logits, as token_logprobs). A temperature
     other than 1 divides a copy of the logits."""
+    if dtensor.is_dtensor(logits, target):  # vocab-parallel or row-split logits: xent/dtensor.py
+        options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
+        return dtensor.token_logprobs_from_logits(token_logprobs_from_logits, logits, target, options)
     t = check_temperature(temperature)
     flat = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     flat = flat / t if t != 1.0 else flat

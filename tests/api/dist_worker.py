@@ -491,6 +491,42 @@ def _dtensor(rank, world, sizes):
         distribute_tensor(xu, mesh, [Replicate()]), distribute_tensor(yu, mesh, [Replicate()]), reduction="none"
     )
     _close(replicated.full_tensor(), xent.cross_entropy(xu, yu, reduction="none"), "replicated target")
+    # RL log-probabilities and entropies: a vocab-sharded head with replicated hidden states (and the
+    # FSDP2 case, plain hidden states), logits sharded on the classes, on the rows, or replicated
+    up_lp, up_h = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    ref_p = [t.clone().requires_grad_() for t in (hidden, head, bias)]
+    ref = xent.token_logprobs(ref_p[0], ref_p[1], y, linear_bias=ref_p[2], temperature=0.8, return_entropy=True)
+    ref_grads = torch.autograd.grad(ref, ref_p, (up_lp, up_h))
+    params = [
+        distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_(),
+        distribute_tensor(head, mesh, [Shard(0)]).requires_grad_(),
+        distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_(),
+    ]
+    ours = xent.token_logprobs(params[0], params[1], y, linear_bias=params[2], temperature=0.8, return_entropy=True)
+    for a, b, what in zip(ours, ref, ("logprob", "entropy")):
+        assert a.placements == (Replicate(),)
+        _close(a.full_tensor(), b, f"tp token_logprobs {what}")
+    ups = tuple(distribute_tensor(u, mesh, [Replicate()]) for u in (up_lp, up_h))
+    for got, want, p in zip(torch.autograd.grad(ours, params, ups), ref_grads, params):
+        assert got.placements == p.placements
+        _close(got.full_tensor(), want, "tp token_logprobs grad")
+    fsdp_head = distribute_tensor(head, mesh, [Shard(0)]).requires_grad_()
+    lp = xent.token_logprobs(hidden, fsdp_head, y, linear_bias=bias, temperature=0.8)
+    _close(lp, ref[0], "gathered head token_logprobs")
+    logits = hidden @ head.T + bias
+    ref_logits = logits.clone().requires_grad_()
+    ref = xent.token_logprobs_from_logits(ref_logits, y, temperature=0.8, return_entropy=True)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits, (up_lp, up_h))
+    for placement in (Shard(1), Shard(0), Replicate()):
+        dl = distribute_tensor(logits, mesh, [placement]).requires_grad_()
+        target = distribute_tensor(y, mesh, [Shard(0)]) if placement == Shard(0) else y
+        ours = xent.token_logprobs_from_logits(dl, target, temperature=0.8, return_entropy=True)
+        for a, b, what in zip(ours, ref, ("logprob", "entropy")):
+            _close(a.full_tensor(), b, f"token_logprobs_from_logits {what} {placement}")
+        ups = tuple(distribute_tensor(u, mesh, ours[0].placements) for u in (up_lp, up_h))
+        (grad,) = torch.autograd.grad(ours, dl, ups)
+        assert grad.placements == dl.placements
+        _close(grad.full_tensor(), ref_grad, f"token_logprobs_from_logits grad {placement}")
     # layouts that cannot work are refused on every rank
     dx = distribute_tensor(x, mesh, [Shard(0)])
     _expect(ValueError, "pass target as a DTensor", lambda: xent.cross_entropy(dx, y[: dx.to_local().shape[0]]))
