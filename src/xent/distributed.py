@@ -345,7 +345,7 @@ def vocab_parallel_cross_entropy(
     if how == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
     if how == TRACED:  # torch.compile / export: the custom op, opaque to the tracer, collectives inside
-        group_name = (group if group is not None else dist.group.WORLD).group_name
+        group_name = _group_name(group)
         # with no gradient to take, the op itself: dynamo (torch 2.13) fails tracing this autograd.Function
         # when no input requires grad
         apply = _TracedVocabParallelCrossEntropy.apply if need_grad else torch.ops.xent.vocab_parallel_cross_entropy
@@ -699,7 +699,7 @@ def vocab_parallel_linear_cross_entropy(
     if how == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
     if how == TRACED:  # torch.compile / export: custom ops, collectives inside
-        group_name = (group if group is not None else dist.group.WORLD).group_name
+        group_name = _group_name(group)
         wants_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, local_linear_weight, linear_bias)
         )
