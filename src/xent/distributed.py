@@ -1209,7 +1209,7 @@ def _vocab_parallel_token_logprobs_backward_op(
 
 @_vocab_parallel_token_logprobs_backward_op.register_fake
 def _(logits, target, per_row, meta, grad_logprobs, grad_entropy, ignore_index):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)  # contiguous, as _logits_gradient's, whatever the logits' strides
 
 
 def _token_logprobs_setup(ctx, inputs, output) -> None:

@@ -877,7 +877,13 @@ def _rl(rank, world, sizes):
             True,
         ),
     )
-    for step, args in ((logits_step, (local,)), (linear_step, (hid, head[start : start + size]))):
+
+    def transposed_step(local_t):  # column-major logits: the backward op's fake must be contiguous as its real
+        lp, ent = vocab_parallel_token_logprobs(local_t.t(), y, return_entropy=True)
+        return (lp + ent).sum()
+
+    steps = ((logits_step, (local,)), (linear_step, (hid, head[start : start + size])))
+    for step, args in steps + ((transposed_step, (local.t().contiguous(),)),):
         results = []
         for fn in (step, torch.compile(step, fullgraph=True)):
             inputs = [t.clone().requires_grad_() for t in args]

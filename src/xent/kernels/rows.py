@@ -500,14 +500,18 @@ class ChunkCoefficients:
         lse = self.lse[r0:r1].to(shift.dtype) if self.lse is not None else None
         if zloss is not None:
             softmax = softmax + zloss * (lse if lse is not None else shift + sumexp.log())
-        softmax = softmax / sumexp if lse is None else softmax * torch.exp(shift - lse)
+        if lse is None:
+            softmax = softmax / sumexp
+        else:
+            # p = k e with k = exp(shift - lse). A block where the row has no mass (all -inf: shift 0, e = 0)
+            # gets k = 0, not exp(-lse), which overflows in fp32 for lse < -88 and makes 0 * inf = NaN
+            k = torch.where(sumexp > 0, torch.exp(shift - lse), 0)
+            softmax = softmax * k
         xlogy_coef = None
         if entropy is not None and lse is None:
             xlogy_coef = -entropy / sumexp
             softmax = softmax + entropy * (entropy_rel / sumexp) / sumexp  # not s * s: it may overflow
-        elif entropy is not None:
-            # one block of the classes: p = k e with k = exp(shift - lse), log p + H = log e + (shift - lse + H)
-            k = torch.exp(shift - lse)
+        elif entropy is not None:  # one block of the classes: log p + H = log e + (shift - lse + H)
             xlogy_coef = -entropy * k
             softmax = softmax + xlogy_coef * (shift - lse + self.entropy_value[r0:r1].to(shift.dtype))
         return softmax, target, dense, xlogy_coef
