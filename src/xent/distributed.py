@@ -44,7 +44,14 @@ from .kernels import backend_for, rows
 from .kernels.driver import Chunk, RowPass
 from .kernels.linear import linear_pass
 from .kernels.portable import CHUNK_ELEMENTS
-from .ops import linear_problem_from_args, save_for_handover, saved_inputs, scale_input_grad_, take_handover
+from .ops import (
+    linear_problem_from_args,
+    op_statistics,
+    save_for_handover,
+    saved_inputs,
+    scale_input_grad_,
+    take_handover,
+)
 from .problems import FUNC, TRACED, LinearProblem, Options, TokenStatistics, route
 
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
@@ -168,15 +175,10 @@ _EXTRA_CODES = {(): 0.0, ("entropy",): 1.0, ("argmax",): 2.0, ("entropy", "argma
 
 
 def _extra_statistics(statistics: tuple) -> tuple[str, ...]:
-    """Which of the exchange's optional shares `statistics` needs ('correct' is the argmax's)."""
-    return tuple(
-        name
-        for name, needed in (
-            ("entropy", "entropy" in statistics),
-            ("argmax", bool({"argmax", "correct"} & set(statistics))),
-        )
-        if needed
-    )
+    """Which of the exchange's optional shares `statistics` needs ('correct' is the argmax's, as for the
+    single-process ops)."""
+    wanted = op_statistics(statistics)
+    return tuple(name for name in ("entropy", "argmax") if name in wanted)
 
 
 def _exchange_statistics(
@@ -769,6 +771,11 @@ def _linear_logit_at(p: LinearProblem, column: Tensor) -> Tensor:
     return out
 
 
+def _row_scale(p: LinearProblem, targets: rows.IndexTargets, grad_loss: Tensor) -> Tensor:
+    """d(loss)/d(row loss) times the upstream gradient of the loss (a scalar, or per row for 'none')."""
+    return targets.scale(grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape))
+
+
 def _linear_backward(
     p: LinearProblem, group, block, targets, lse, scale, want, entropy_scale=None, entropy_value=None
 ) -> tuple:
@@ -809,9 +816,14 @@ class _VocabParallelLinear(torch.autograd.Function):
             )
         _ = ctx.saved_tensors  # raises if an input was modified in place since forward
         p = ctx.problem
-        upstream = grad_loss if p.options.reduction == "none" else grad_loss.expand(p.output_shape)
         gi, gw, gb = _linear_backward(
-            p, ctx.layout.group, ctx.block, ctx.targets, ctx.lse, ctx.targets.scale(upstream), ctx.needs_input_grad[:3]
+            p,
+            ctx.layout.group,
+            ctx.block,
+            ctx.targets,
+            ctx.lse,
+            _row_scale(p, ctx.targets, grad_loss),
+            ctx.needs_input_grad[:3],
         )
         return (gi.view(ctx.input_shape) if ctx.needs_input_grad[0] else None), gw, gb, None, None, None, None
 
@@ -946,14 +958,13 @@ def _vocab_parallel_linear_backward_op(
     flat = target.reshape(-1).long()
     block = _block(flat, flat != ignore_index, weight, p.compute_dtype, start, linear_weight.shape[0])
     targets = rows.IndexTargets.from_options(flat, weight, p.options, num_classes, p.compute_dtype)
-    upstream = upstream if reduction == "none" else upstream.expand(p.output_shape)
     grads = _linear_backward(
         p,
         _resolve_process_group(group_name),
         block,
         targets,
         lse,
-        targets.scale(upstream),
+        _row_scale(p, targets, upstream),
         (True, want_weight, want_bias),
     )
     return tuple(g if g is not None else input.new_empty(0) for g in grads)
@@ -1202,8 +1213,6 @@ def _vocab_parallel_token_logprobs_backward_op(
     block = _block(flat, flat != ignore_index, None, cd, start, logits.shape[1])
     targets = rows.IndexTargets.from_options(flat, None, _rl_options(ignore_index), num_classes, cd)
     coefficients = _token_gradient_coefficients(targets, per_row, block, grad_logprobs, grad_entropy, cd)
-    if not logits.numel():
-        return torch.zeros_like(logits)
     return _logits_gradient(logits, block, coefficients, cd, False)
 
 
