@@ -64,6 +64,7 @@ class Options:
     label_smoothing: float = 0.0  # 0 when torch would not smooth (eps <= 0 or NaN)
     z_loss: float = 0.0
     softcap: float | None = None
+    backend: str | None = None  # a registered backend's name (kernels/backends.py); None: XENT_BACKEND, else auto
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,6 +154,7 @@ class DistillProblem:
     output_shape: tuple  # of the reduction='none' result (the input's leading dimensions)
     output_dtype: torch.dtype
     memory_budget: int | None = None  # bytes of all of one chunk's workspaces together; None: the default
+    backend: str | None = None  # as Options.backend
 
     @property
     def compute_dtype(self) -> torch.dtype:
