@@ -1,14 +1,18 @@
 """The package's layers import one way only, and no module imports itself back through another.
 
-    public API (functional, modules, linear, distill, distributed, integrations, labels, cli, bench)
-      -> _validate, _validate_distill (arguments -> typed problems)
-      -> ops, ops_distill (custom ops, autograd, the eager / traced / torch.func routes)
-      -> kernels: the drivers (__init__, portable, linear, distill, driver)
+    public API (functional, modules, linear, rl, distill, distributed, dtensor, integrations, labels, cli, bench)
+      -> validation/ (arguments -> typed problems)
+      -> ops/ (custom ops declared once, autograd, the eager / traced / torch.func routes)
+      -> exchange (the vocab-parallel losses' one-collective protocol)
+      -> kernels: the drivers of each computation (__init__, portable, linear, distill, blocks)
+      -> kernels/driver.py (the one chunk driver)
       -> kernels: the backends (backends, triton_rows)
       -> kernels/rows.py (the row math)
-    problems.py (the typed problems) and reference.py (the formulas) sit below everything.
+    checks.py (the argument checks shared by validation and the ops' run-time checks), problems.py (the
+    typed problems) and reference.py (the formulas) sit below everything.
 
-Every `import` counts, also those inside functions (a lazy import is still a dependency).
+Every module of the package must have a layer here: a new module is placed deliberately. Every `import`
+counts, also those inside functions (a lazy import is still a dependency).
 """
 
 from __future__ import annotations
@@ -36,11 +40,18 @@ LAYERS = [  # top to bottom
         "xent.cli",
         "xent.bench",
     },
-    {"xent._validate", "xent._validate_distill"},
-    {"xent.ops", "xent.ops_distill", "xent.ops_rl"},
-    {"xent.kernels", "xent.kernels.portable", "xent.kernels.linear", "xent.kernels.distill", "xent.kernels.driver"},
+    {"xent.validation", "xent.validation.cross_entropy", "xent.validation.distill"},
+    {"xent.ops", "xent.ops.rl", "xent.ops.distill", "xent.ops.vocab_parallel"},
+    {"xent.ops.linear"},
+    {"xent.ops.cross_entropy"},
+    {"xent.ops.declare", "xent.ops.handover", "xent.ops.statistics"},
+    {"xent.exchange"},
+    {"xent.kernels.blocks"},
+    {"xent.kernels", "xent.kernels.portable", "xent.kernels.linear", "xent.kernels.distill"},
+    {"xent.kernels.driver"},
     {"xent.kernels.backends", "xent.kernels.triton_rows"},
     {"xent.kernels.rows"},
+    {"xent.checks"},
     {"xent.problems", "xent.reference"},
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
@@ -83,6 +94,23 @@ def test_every_module_has_a_layer():
 def test_imports_point_down(module):
     upward = {dep for dep in GRAPH[module] if RANK[dep] < RANK[module]}
     assert not upward, f"{module} (layer {RANK[module]}) imports {sorted(upward)} from a layer above it"
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS[0]))
+def test_public_api_reaches_the_computation_through_the_ops(module):
+    """The public API imports validation, ops and the bottom modules, never the layers below the ops."""
+    below_ops = {dep for dep in GRAPH[module] if dep.startswith(("xent.kernels", "xent.exchange"))}
+    assert not below_ops, f"{module} imports {sorted(below_ops)} directly, past the ops"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in RANK if m.startswith(("xent.kernels", "xent.exchange"))))
+def test_kernels_and_exchange_know_no_autograd_layer(module):
+    """Below the ops nothing imports validation, the ops or the public API (checked by rank above), and
+    nothing registers custom ops or autograd: those are the ops layer's alone."""
+    path = SRC.parent / (module.replace(".", "/") + ".py")
+    path = path if path.exists() else SRC.parent / module.replace(".", "/") / "__init__.py"
+    text = path.read_text()
+    assert "torch.library" not in text and "autograd.Function" not in text, f"{module} defines ops or autograd"
 
 
 def test_no_import_cycle():

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import dtensor, ops_distill
-from ._validate_distill import linear_distillation_problem
+from . import dtensor
+from .ops import distill as distill_ops
+from .validation.distill import linear_distillation_problem
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,7 +162,7 @@ def linear_distillation_loss(
         memory_budget,
         output_dtype,
     )
-    return ops_distill.linear_distillation(problem, input, linear_weight, linear_bias)
+    return distill_ops.linear_distillation(problem, input, linear_weight, linear_bias)
 
 
 class LinearDistillationLoss(nn.Module):

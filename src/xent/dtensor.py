@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .kernels import rows
+from .ops import cross_entropy as ce_ops
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -166,16 +166,7 @@ def _mean_denominator(local, target, weight, probabilities, class_dim, options) 
     non-ignored targets (torch's weighted mean)."""
     if probabilities:
         return torch.full((), float(local.numel() // max(local.shape[class_dim], 1)), device=local.device)
-    return rows.IndexTargets(  # the same denominator D the kernels divide by
-        target,
-        weight,
-        ignore_index=options.get("ignore_index", -100),
-        label_smoothing=0.0,
-        z_loss=0.0,
-        reduction="mean",
-        num_classes=local.shape[class_dim],
-        dtype=torch.float64,
-    ).denominator
+    return ce_ops.mean_denominator(target, weight, options.get("ignore_index", -100), local.shape[class_dim])
 
 
 def _vocab_sharded_head(input, linear_weight, linear_bias, target, fn: str):

@@ -7,8 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import dtensor, ops
-from ._validate import (
+from . import dtensor
+from .checks import check_target_range
+from .ops import cross_entropy as ce_ops
+from .problems import TokenStatistics, _as_3d, autocast_dtype
+from .validation.cross_entropy import (
     as_index,
     check_float_input,
     check_index_target,
@@ -18,8 +21,6 @@ from ._validate import (
     loss_dtype,
     resolve_reduction,
 )
-from .ops import check_target_range
-from .problems import TokenStatistics, _as_3d, autocast_dtype
 
 
 def cross_entropy(
@@ -106,7 +107,7 @@ def cross_entropy(
         softcap=softcap,
         return_stats=return_stats,
     )
-    loss, stats = ops.cross_entropy(problem, input, target, weight)
+    loss, stats = ce_ops.cross_entropy(problem, input, target, weight)
     if return_stats is None:
         return loss
     return loss, TokenStatistics.of(stats, problem.output_shape)

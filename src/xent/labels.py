@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validate import as_index
+from .checks import as_index
 
 
 def one_hot(input: Tensor, num_classes: int = -1) -> Tensor:

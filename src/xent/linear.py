@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dtensor, ops
-from ._validate import ThroughLogits, linear_cross_entropy_problem
+from . import dtensor
 from .functional import cross_entropy
+from .ops import linear as linear_ops
 from .problems import TokenStatistics
+from .validation.cross_entropy import ThroughLogits, linear_cross_entropy_problem
 
 
 def linear_cross_entropy(
@@ -126,7 +127,7 @@ def linear_cross_entropy(
     if isinstance(described, ThroughLogits):
         return _through_logits(described)
     problem, input, linear_weight, linear_bias = described
-    loss, stats = ops.linear_cross_entropy(problem, input, linear_weight, linear_bias, target, weight)
+    loss, stats = linear_ops.linear_cross_entropy(problem, input, linear_weight, linear_bias, target, weight)
     if return_stats is None:
         return loss
     return loss, TokenStatistics.of(stats, problem.output_shape)

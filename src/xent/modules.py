@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from . import functional as F
-from ._validate import legacy_reduction
 from .linear import linear_cross_entropy
+from .validation.cross_entropy import legacy_reduction
 
 
 class _WeightedLoss(nn.Module):

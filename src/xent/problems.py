@@ -1,6 +1,6 @@
 """Typed descriptions of the computations xent runs, and how a call is being made.
 
-The bottom of the package: the validation layer (_validate.py) builds these, the ops (ops.py) and the
+The bottom of the package: the validation layer (validation/) builds these, the ops (ops/) and the
 kernels (kernels/) take them. Nothing here checks arguments.
 """
 
@@ -49,6 +49,15 @@ class TokenStatistics(NamedTuple):
     argmax: Tensor | None = None
     correct: Tensor | None = None
 
+    @staticmethod
+    def computed(statistics: tuple) -> tuple:
+        """The statistics a pass computes for `statistics`: 'correct' is formed from the argmax (target
+        kept and argmax == target), so it brings the argmax in its place."""
+        wanted = [n for n in statistics if n != "correct"]
+        if "correct" in statistics and "argmax" not in wanted:
+            wanted.append("argmax")
+        return tuple(wanted)
+
     @classmethod
     def of(cls, stats: dict, shape: tuple) -> TokenStatistics:
         """From the ops' flat per-row statistics, each reshaped to `shape`."""
@@ -81,10 +90,10 @@ class Problem:
     weight: Tensor | None  # (C,)
     probabilities: bool
     options: Options
-    input_shape: torch.Size
-    output_shape: tuple  # shape of the reduction='none' result
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]  # shape of the reduction='none' result
     output_dtype: torch.dtype
-    statistics: tuple = ()  # per-token statistics to return besides the loss (TokenStatistics' field names)
+    statistics: tuple[str, ...] = ()  # per-token statistics to return besides the loss (TokenStatistics' names)
 
     @property
     def num_classes(self) -> int:
@@ -112,11 +121,11 @@ class LinearProblem:
     target: Tensor  # (R,) class indices
     weight: Tensor | None  # (V,) class weights
     options: Options
-    output_shape: tuple  # the target's shape, for reduction='none'
+    output_shape: tuple[int, ...]  # the target's shape, for reduction='none'
     output_dtype: torch.dtype  # of the returned loss (the input's unless asked otherwise)
     chunk_size: int = 0  # tokens per chunk; 0: sized from memory_budget (kernels/linear.py)
     memory_budget: int | None = None  # bytes of one chunk's logits; None: the default
-    statistics: tuple = ()  # per-token statistics to return besides the loss (TokenStatistics' field names)
+    statistics: tuple[str, ...] = ()  # per-token statistics to return besides the loss (TokenStatistics' names)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -151,7 +160,7 @@ class DistillProblem:
     temperature: float
     ignore_index: int
     reduction: str  # one of REDUCTIONS
-    output_shape: tuple  # of the reduction='none' result (the input's leading dimensions)
+    output_shape: tuple[int, ...]  # of the reduction='none' result (the input's leading dimensions)
     output_dtype: torch.dtype
     memory_budget: int | None = None  # bytes of all of one chunk's workspaces together; None: the default
     backend: str | None = None  # as Options.backend
@@ -198,7 +207,15 @@ def make_problem(
     else:
         target = target.reshape(input.shape[0], math.prod(input.shape[2:]))
     return Problem(
-        _as_3d(input), target, weight, probabilities, options, input.shape, output_shape, output_dtype, statistics
+        _as_3d(input),
+        target,
+        weight,
+        probabilities,
+        options,
+        tuple(input.shape),
+        output_shape,
+        output_dtype,
+        statistics,
     )
 
 

@@ -7,7 +7,7 @@ bias, not the logits: (h W^T + b) / T = (h / T) W^T + b / T, which costs O(token
 O(tokens x vocabulary). The log-probabilities alone are xent's fused linear cross-entropy per token
 (logprob = -cross-entropy, 'none' reduction). With the entropy, both come from one fused pass over the
 chunks of logits (the row kernel takes the entropy while it streams each row), and backward runs one
-more pass with both upstream gradients folded into each row's gradient (ops_rl.py): the logits are
+more pass with both upstream gradients folded into each row's gradient (ops/rl.py): the logits are
 never materialized and the gradient is exact, on every backend.
 
 Ignored tokens (target == ignore_index, e.g. the prompt or padding) get log-probability 0, entropy 0
@@ -22,9 +22,16 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from . import dtensor, ops, ops_rl
-from ._validate import ThroughLogits, check_temperature, cross_entropy_problem, linear_cross_entropy_problem
+from . import dtensor
 from .linear import linear_cross_entropy
+from .ops import cross_entropy as ce_ops
+from .ops import rl as rl_ops
+from .validation.cross_entropy import (
+    ThroughLogits,
+    check_temperature,
+    cross_entropy_problem,
+    linear_cross_entropy_problem,
+)
 
 
 def token_logprobs(
@@ -102,7 +109,7 @@ def token_logprobs(
     if isinstance(described, ThroughLogits):
         raise ValueError("token_logprobs: target must hold token ids (class indices) and linear_weight must be (V, H)")
     problem, scaled_input, linear_weight, scaled_bias = described
-    logprobs, entropy = ops_rl.linear_token_logprobs(problem, scaled_input, linear_weight, scaled_bias)
+    logprobs, entropy = rl_ops.linear_token_logprobs(problem, scaled_input, linear_weight, scaled_bias)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)
 
 
@@ -130,7 +137,7 @@ def token_logprobs_from_logits(
         fn="token_logprobs_from_logits",
     )
     if not return_entropy:  # the per-row loss in the compute dtype (not rounded to bf16 first)
-        loss, _ = ops.cross_entropy(replace(problem, output_dtype=problem.compute_dtype), flat, flat_target, None)
+        loss, _ = ce_ops.cross_entropy(replace(problem, output_dtype=problem.compute_dtype), flat, flat_target, None)
         return -loss.reshape(target.shape)
-    logprobs, entropy = ops_rl.token_logprobs_from_logits(flat, flat_target, ignore_index)
+    logprobs, entropy = rl_ops.token_logprobs_from_logits(flat, flat_target, ignore_index)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)

@@ -22,6 +22,8 @@ from xent.distributed import (
     vocab_parallel_linear_token_logprobs,
     vocab_parallel_token_logprobs,
 )
+from xent.ops import vocab_parallel as vp_ops
+from xent.problems import LinearProblem, Options
 
 
 def _close(a, b, what, rtol=1e-9, atol=1e-11):
@@ -714,16 +716,14 @@ def _compiled(rank, world, sizes):
     from torch.library import opcheck
 
     group_name = dist.group.WORLD.group_name
-    options = ("mean", -100, 0.1, 1e-3)
-    opcheck(
-        torch.ops.xent.vocab_parallel_cross_entropy.default,
-        (local.clone(), y, None, group_name, None, *options, True, "entropy,argmax"),
-    )
-    opcheck(
-        torch.ops.xent.vocab_parallel_linear_cross_entropy.default,
-        (torch.randn(6, 5, dtype=torch.float64), torch.randn(size, 5, dtype=torch.float64), None, y, None, group_name)
-        + (None, *options, -1, "lse,entropy"),
-    )
+    options = Options("mean", -100, 0.1, 1e-3)
+    op = vp_ops.VOCAB_PARALLEL_CROSS_ENTROPY
+    opcheck(op.op, op.arguments(vp_ops.VocabParallelCall(local.clone(), y, None, options, group_name, None, True,
+                                                         ("entropy", "argmax"))))  # fmt: skip
+    hidden, head = torch.randn(6, 5, dtype=torch.float64), torch.randn(size, 5, dtype=torch.float64)
+    p = LinearProblem(hidden, head, None, y, None, options, (6,), torch.float64, statistics=("lse", "entropy"))
+    op = vp_ops.VOCAB_PARALLEL_LINEAR_CROSS_ENTROPY
+    opcheck(op.op, op.arguments(vp_ops.VocabParallelLinearCall(p, group_name, None)))
     torch.manual_seed(1)  # the same random numbers on every rank after opcheck, whatever it drew
     # the linear path too: forward op (exchange inside), backward op (all-reduce inside)
     hidden = torch.randn(6, 5, dtype=torch.float64)
@@ -859,24 +859,15 @@ def _rl(rank, world, sizes):
     from torch.library import opcheck
 
     group_name = dist.group.WORLD.group_name
-    opcheck(
-        torch.ops.xent.vocab_parallel_token_logprobs.default,
-        (local.clone().requires_grad_(), y, group_name, None, -100, True),
+    options = vp_ops.rl_options(-100)
+    op = vp_ops.VOCAB_PARALLEL_TOKEN_LOGPROBS
+    opcheck(op.op, op.arguments(vp_ops.VocabParallelTokenCall(local.clone().requires_grad_(), y, options, group_name,
+                                                              None, True)))  # fmt: skip
+    p = vp_ops.token_linear_problem(
+        hid.clone().requires_grad_(), head[start : start + size].clone().requires_grad_(), None, y, options, None, True
     )
-    opcheck(
-        torch.ops.xent.vocab_parallel_linear_token_logprobs.default,
-        (
-            hid.clone().requires_grad_(),
-            head[start : start + size].clone().requires_grad_(),
-            None,
-            y,
-            group_name,
-            None,
-            -100,
-            -1,
-            True,
-        ),
-    )
+    op = vp_ops.VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS
+    opcheck(op.op, op.arguments(vp_ops.VocabParallelLinearCall(p, group_name, None)))
 
     def transposed_step(local_t):  # column-major logits: the backward op's fake must be contiguous as its real
         lp, ent = vocab_parallel_token_logprobs(local_t.t(), y, return_entropy=True)

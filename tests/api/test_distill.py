@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 from torch.library import opcheck
 
 from xent.distill import LinearDistillationLoss, TeacherHead, TeacherLogits, TeacherTopK, linear_distillation_loss
+from xent.ops.declare import Upstream
+from xent.ops.distill import LINEAR_DISTILLATION, DistillCall
+from xent.problems import DistillProblem
 
 BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") is not None else [])
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
@@ -667,7 +670,7 @@ def test_torch_func_grad_and_vmap_use_the_formula():
     assert_close(rows, expected)
 
 
-def _op_args(kind, reduction, dtype=torch.float32):
+def _op_problem(kind, reduction, dtype=torch.float32) -> DistillProblem:
     gen = torch.Generator().manual_seed(21)
     x, w, b = (torch.randn(*s, generator=gen).to(dtype) for s in ((6, 4), (9, 4), (9,)))
     target = torch.tensor([0, -100, 2, 3, 4, 5])
@@ -680,16 +683,19 @@ def _op_args(kind, reduction, dtype=torch.float32):
         logprobs, indices = torch.randn(6, 9, generator=gen).log_softmax(-1).topk(3, -1)
         teacher[4:] = [indices, logprobs.to(dtype)]
     divergence = "jsd" if kind != "topk" else "kl"
-    options = (kind, divergence, 0.3, 1.5, -100, reduction, torch.float32, 2 * 9 * 4 * 4)
-    return (x, w, b, *teacher, target), options
+    return DistillProblem(
+        x, w, b, kind, *teacher, target, divergence, 0.3, 1.5, -100, reduction, (6,), torch.float32, 2 * 9 * 4 * 4
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["head", "logits", "topk"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_opcheck(kind, reduction, dtype):
-    tensors, options = _op_args(kind, reduction, dtype)
-    opcheck(torch.ops.xent.linear_distillation.default, (*tensors, *options, True, True, True))
-    opcheck(torch.ops.xent.linear_distillation.default, (*tensors, *options, True, False, False))
+    p = _op_problem(kind, reduction, dtype)
+    op = LINEAR_DISTILLATION
+    opcheck(op.op, op.arguments(DistillCall(p, (True, True, True))))
+    opcheck(op.op, op.arguments(DistillCall(p, (True, False, False))))
     up = torch.rand(() if reduction != "none" else (6,))
-    opcheck(torch.ops.xent.linear_distillation_backward.default, (*tensors, up, *options, True, True, True))
+    want = dict(input=True, linear_weight=True, linear_bias=True)
+    opcheck(op.backward_overload, op.backward_arguments(DistillCall(p, (True, True, True)), Upstream(up), want))

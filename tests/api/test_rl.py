@@ -101,7 +101,6 @@ def test_without_entropy_only_log_probabilities_and_a_bounded_workspace(monkeypa
         return original(p, *a, **k)
 
     monkeypatch.setattr(linear_kernels, "linear_pass", spy)
-    monkeypatch.setattr("xent.ops.linear_kernels.linear_pass", spy)
     h, w, b, y = _data(torch.float32, shape=(64,), vocab=300)
     out = xent.token_logprobs(h, w.requires_grad_(), y, linear_bias=b, memory_budget=8 * 300 * 4)
     assert out.shape == y.shape and seen and max(seen) == 8
@@ -162,15 +161,23 @@ def test_token_logprobs_under_compile_and_torch_func():
 def test_opcheck_token_ops():
     from torch.library import opcheck
 
+    from xent.ops.rl import LINEAR_TOKEN_LOGPROBS, TOKEN_LOGPROBS_FROM_LOGITS, TOKEN_STATISTICS, TokenUpstreams
+    from xent.problems import LinearProblem, Options, make_problem
+
     h, w, b, y = _data(torch.float32)
     rows = h.reshape(-1, h.shape[-1])
     flat = y.reshape(-1)
-    opcheck(torch.ops.xent.linear_token_logprobs.default, (rows, w, b, flat, -100, -1))
-    up = torch.randn(flat.shape[0]).to(DEVICE)
-    opcheck(
-        torch.ops.xent.linear_token_logprobs_backward.default,
-        (rows, w, b, flat, up, up * 2, -100, 3 * 40 * 4, True, True, True),
-    )
-    logits = rows @ w.T
-    opcheck(torch.ops.xent.token_logprobs_from_logits.default, (logits, flat, -100))
-    opcheck(torch.ops.xent.token_logprobs_from_logits_backward.default, (logits, flat, up, up * 2, -100))
+    n = flat.shape[0]
+
+    def linear(budget):
+        return LinearProblem(rows, w, b, flat, None, Options("none"), (n,), torch.float32, 0, budget, TOKEN_STATISTICS)
+
+    op = LINEAR_TOKEN_LOGPROBS
+    opcheck(op.op, op.arguments(linear(None)))
+    up = torch.randn(n).to(DEVICE)
+    want = dict(input=True, linear_weight=True, linear_bias=True)
+    opcheck(op.backward_overload, op.backward_arguments(linear(3 * 40 * 4), TokenUpstreams(up, up * 2), want))
+    problem = make_problem(rows @ w.T, flat, None, Options("none"), torch.float32, TOKEN_STATISTICS)
+    op = TOKEN_LOGPROBS_FROM_LOGITS
+    opcheck(op.op, op.arguments(problem))
+    opcheck(op.backward_overload, op.backward_arguments(problem, TokenUpstreams(up, up * 2), {"logits": True}))

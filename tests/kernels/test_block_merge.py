@@ -10,6 +10,7 @@ import torch
 
 from xent import reference
 from xent.kernels import rows
+from xent.problems import Options
 
 
 def _block_stats(z: torch.Tensor, start: int, size: int) -> tuple[torch.Tensor, ...]:
@@ -86,7 +87,7 @@ def test_block_gradient_with_the_global_entropy(backend_name, dtype, offset, mon
         if dtype == torch.float64:
             pytest.skip("the Triton kernel computes fp32/bf16/fp16 rows")
     monkeypatch.setenv("XENT_BACKEND", backend_name)
-    from xent import distributed
+    from xent.kernels import blocks
 
     gen = torch.Generator().manual_seed(5)
     n, sizes = 7, (9, 0, 14)
@@ -105,13 +106,13 @@ def test_block_gradient_with_the_global_entropy(backend_name, dtype, offset, mon
     (expected,) = torch.autograd.grad(objective, full)
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     per_row = torch.stack([torch.logsumexp(z.double(), 1), torch.zeros(n, dtype=torch.float64), entropy.detach()])
-    opts = distributed._rl_options(-100)
+    opts = Options("none", -100)
     targets = rows.IndexTargets.from_options(target, None, opts, c, cd)
     start = 0
     for size in sizes:
-        block = distributed._block(target, valid, None, cd, start, size)
-        coefficients = distributed._token_gradient_coefficients(targets, per_row, block, g, ce, cd)
-        grad = distributed._logits_gradient(z[:, start : start + size].contiguous(), block, coefficients, cd, False)
+        block = rows.ClassBlock.shard(target, valid, None, start, size)
+        coefficients = blocks.token_gradient_coefficients(targets, per_row, block, g, ce, cd)
+        grad = blocks.logits_gradient(z[:, start : start + size].contiguous(), block, coefficients, cd, False)
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(grad.double(), expected[:, start : start + size], **tol)
         start += size

@@ -14,6 +14,10 @@ from torch.func import grad, hessian, jacfwd, jacrev, vjp, vmap
 from torch.library import opcheck
 
 import xent
+from xent.ops.cross_entropy import CROSS_ENTROPY, SCALE_GRAD, ScaleGrad
+from xent.ops.declare import Upstream
+from xent.ops.linear import LINEAR_CROSS_ENTROPY, LinearCall
+from xent.problems import LinearProblem, Options, make_problem
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -207,12 +211,13 @@ def _opcheck_cases():
 
 
 @pytest.mark.parametrize("args", _opcheck_cases())
-@pytest.mark.parametrize("statistics", ["", "lse,entropy,z_loss,argmax"])
+@pytest.mark.parametrize("statistics", [(), ("lse", "entropy", "z_loss", "argmax")])
 def test_opcheck_cross_entropy_ops(args, statistics):
-    opcheck(torch.ops.xent.cross_entropy.default, (*args, statistics))
-    x, reduction = args[0], args[3]
+    x, y, w, reduction, ignore_index, eps, z, cap, out_dtype = args
+    problem = make_problem(x, y, w, Options(reduction, ignore_index, eps, z, cap), out_dtype, statistics)
+    opcheck(CROSS_ENTROPY.op, CROSS_ENTROPY.arguments(problem))
     up = torch.rand(() if reduction != "none" or x.dim() == 1 else (x.shape[0], *x.shape[2:]))
-    opcheck(torch.ops.xent.cross_entropy_backward.default, (up, *args))
+    opcheck(CROSS_ENTROPY.backward_overload, CROSS_ENTROPY.backward_arguments(problem, Upstream(up), {"logits": True}))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -222,15 +227,23 @@ def test_opcheck_linear_ops(reduction, dtype):
     h, w, b = (torch.randn(*s, generator=gen).to(dtype) for s in ((6, 4), (9, 4), (9,)))
     y = torch.randint(0, 9, (6,), generator=gen)
     cw = torch.rand(9, generator=gen).to(dtype)
-    options = (reduction, -100, 0.1, 0.01, None, torch.float32, 0, 4 * 9 * 4)
-    opcheck(torch.ops.xent.linear_cross_entropy.default, (h, w, b, y, cw, *options, True, True, True, ""))
+    options = Options(reduction, -100, 0.1, 0.01, None)
+
+    def problem(bias, weight, statistics=()):
+        return LinearProblem(h, w, bias, y, weight, options, (6,), torch.float32, 0, 4 * 9 * 4, statistics)
+
+    op = LINEAR_CROSS_ENTROPY
+    opcheck(op.op, op.arguments(LinearCall(problem(b, cw), (True, True, True))))
     opcheck(
-        torch.ops.xent.linear_cross_entropy.default,
-        (h, w, None, y, None, *options, True, False, False, "lse,logprob,entropy,argmax"),
+        op.op,
+        op.arguments(LinearCall(problem(None, None, ("lse", "logprob", "entropy", "argmax")), (True, False, False))),
     )
     up = torch.rand(() if reduction != "none" else (6,))
-    opcheck(torch.ops.xent.linear_cross_entropy_backward.default, (h, w, b, y, cw, up, *options, True, True, True))
-    opcheck(torch.ops.xent.scale_grad_.default, (torch.randn(6, 9).to(dtype), torch.tensor(2.0), "mean"))
+    want = dict(input=True, linear_weight=True, linear_bias=True)
+    opcheck(
+        op.backward_overload, op.backward_arguments(LinearCall(problem(b, cw), (True, True, True)), Upstream(up), want)
+    )
+    opcheck(SCALE_GRAD.op, SCALE_GRAD.arguments(ScaleGrad(torch.randn(6, 9).to(dtype), torch.tensor(2.0), "mean")))
 
 
 def test_saved_tensor_hooks_see_the_gradient_buffer():

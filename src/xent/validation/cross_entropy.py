@@ -3,21 +3,21 @@
 Everything torch checks is checked here, in torch's order and with torch's exception types, so that the
 kernels only ever see well-formed input. The order matters to users who test error handling: torch
 raises the batch-size ValueError before a target-dtype RuntimeError, the weight-shape error before an
-out-of-range target, and so on (see ../shared/reference/torch-semantics.md).
+out-of-range target, and so on (docs/torch-semantics.md).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import operator
 import warnings
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from .problems import (
+from ..checks import as_index, check_weight_shape, shape_str
+from ..problems import (
     HALF_DTYPES,
     LinearProblem,
     Options,
@@ -57,10 +57,6 @@ def scalar_name(dtype: torch.dtype) -> str:
     return _SCALAR_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _shape(t: Tensor | torch.Size | tuple) -> str:
-    return "[" + ", ".join(str(s) for s in (t.shape if isinstance(t, Tensor) else t)) + "]"
-
-
 # ----------------------------------------------------------------------------------------------------
 # Scalar arguments
 
@@ -92,19 +88,6 @@ def check_tensor(value, name: str, fn: str, optional: bool = False) -> None:
         return
     if not isinstance(value, Tensor):
         raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(value).__name__}")
-
-
-def as_index(value, name: str, fn: str) -> int:
-    """An integer argument as torch parses it: ints, numpy ints and 0-d integer tensors; not bool/float."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{fn}(): argument '{name}' must be int, not bool")
-    try:
-        result = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{fn}(): argument '{name}' must be int, not {type(value).__name__}") from None
-    if not -(2**63) <= result < 2**63:
-        raise ValueError(f"{fn}(): argument '{name}' = {result} does not fit in a 64-bit integer")
-    return result
 
 
 def as_float(value, name: str, fn: str) -> float:
@@ -140,14 +123,6 @@ def check_same_device(t: Tensor, input: Tensor, what: str) -> None:
         )
 
 
-def check_weight_shape(weight: Tensor | None, num_classes: int, prefix: str = "") -> None:
-    if weight is not None and (weight.dim() != 1 or weight.numel() != num_classes):
-        raise RuntimeError(
-            f"{prefix}weight tensor should be defined either for all {num_classes} classes or no "
-            f"classes but got weight tensor of shape: {_shape(weight)}"
-        )
-
-
 def check_optional_positive(value, name: str, fn: str, allow_none: bool) -> float | None:
     if value is None and allow_none:
         return None
@@ -176,7 +151,7 @@ def check_index_target(input: Tensor, target: Tensor) -> None:
     if input.dim() >= 3:
         expected = (input.shape[0],) + tuple(input.shape[2:])
         if tuple(target.shape) != expected:
-            raise RuntimeError(f"Expected target size {_shape(expected)}, got {_shape(target)}")
+            raise RuntimeError(f"Expected target size {shape_str(expected)}, got {shape_str(target)}")
     check_target_dtype(target)
     if input.dim() == 1 and target.numel() != 1:
         raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")

@@ -12,9 +12,10 @@ import math
 import torch
 from torch import Tensor
 
-from ._validate import (
+from ..checks import as_index
+from ..problems import DIVERGENCES, REDUCTIONS, DistillProblem, autocast_dtype
+from .cross_entropy import (
     as_float,
-    as_index,
     check_float_input,
     check_linear,
     check_same_device,
@@ -23,7 +24,6 @@ from ._validate import (
     resolve_reduction,
     scalar_name,
 )
-from .problems import DIVERGENCES, REDUCTIONS, DistillProblem, autocast_dtype
 
 FN = "linear_distillation_loss"
 

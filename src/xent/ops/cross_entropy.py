@@ -1,0 +1,233 @@
+"""Cross-entropy through the three routes (see ops/__init__.py): the eager Function that hands the
+forward's gradient to backward, the declared custom op for traced calls, and the formulas for torch.func.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..checks import check_target_range
+from ..kernels import forward_for, rows, scale_by_upstream_
+from ..problems import EAGER, FUNC, TRACED, Problem, _as_3d, route
+from .declare import BackwardContext, OpFamily, Upstream
+from .handover import save_for_handover, saved_inputs, take_handover
+from .statistics import op_statistics, pack_statistics, packed_statistics_like, unpack_statistics
+
+
+def cross_entropy_forward(problem: Problem, need_grad: bool) -> tuple[Tensor, Tensor | None, dict]:
+    """(loss, d loss / d input for a unit upstream gradient, laid out (N, C, D) contiguous, or None, the
+    requested per-token statistics by name)."""
+    if not problem.probabilities:
+        check_target_range(problem.target, problem.num_classes, problem.options.ignore_index)
+    return forward_for(problem)(problem, need_grad=need_grad)
+
+
+def scale_input_grad_(grad: Tensor, upstream: Tensor, reduction: str) -> None:
+    """grad (the input's shape, contiguous) *= the upstream gradient: a scalar, or for reduction='none'
+    one value per row (the loss's shape: the input's without its class dimension)."""
+    if reduction != "none":
+        scale_by_upstream_(grad, upstream)
+        return
+    g = _as_3d(grad)
+    n, _, d = g.shape
+    if d == 1:
+        scale_by_upstream_(g, upstream.reshape(n), per_row=True)
+    else:  # K-dim rows are strided: one broadcast multiply (fp32 math, cast once)
+        g.mul_(upstream.reshape(n, 1, d))
+
+
+def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, num_classes: int) -> Tensor:
+    """The 'mean' reduction's denominator D of class-index targets, in float64, as the kernels divide by it:
+    the number of counted targets, or their class weights' sum (torch's weighted mean)."""
+    return rows.IndexTargets(
+        target, weight, ignore_index=ignore_index, label_smoothing=0.0, z_loss=0.0, reduction="mean",
+        num_classes=num_classes, dtype=torch.float64,
+    ).denominator  # fmt: skip
+
+
+def cross_entropy(
+    problem: Problem, input: Tensor, target: Tensor, weight: Tensor | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, the per-token statistics problem.statistics asks for, by name, each flat over the rows)."""
+    how = route(input, target, weight)
+    input_grad = torch.is_grad_enabled() and input.requires_grad
+    other_grads = torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad))
+    if how == FUNC or (how == TRACED and other_grads):
+        # torch.func, or gradients for a probability target or the weights while traced: the formulas
+        return cross_entropy_formula(problem, input, target, weight), formula_statistics(problem, input, target)
+    if how == EAGER:
+        if not (input_grad or other_grads):
+            loss, _, stats = cross_entropy_forward(problem, need_grad=False)
+            return loss, stats
+        if not problem.statistics:
+            return CrossEntropyFunction.apply(input, target, weight, problem), {}
+        loss, *values = CrossEntropyFunction.apply(input, target, weight, problem)
+        return loss, dict(zip(problem.statistics, values))
+    out = CROSS_ENTROPY(replace(problem, statistics=op_statistics(problem.statistics)))
+    o = problem.options
+    return out["loss"], unpack_statistics(
+        out["packed"], out["argmax"], problem.statistics, problem.target, o.ignore_index
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The formulas (torch.func transforms, and the rare gradients the fused kernels do not produce)
+
+
+def cross_entropy_formula(problem: Problem, input: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    o = problem.options
+    loss = reference.cross_entropy(
+        input,
+        target,
+        weight,
+        ignore_index=o.ignore_index,
+        reduction=o.reduction,
+        label_smoothing=o.label_smoothing,
+        z_loss=o.z_loss,
+        softcap=o.softcap,
+        dtype=problem.compute_dtype,
+    ).to(problem.output_dtype)
+    return loss.reshape(problem.output_shape) if o.reduction == "none" else loss
+
+
+def formula_statistics(problem: Problem, input: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """problem.statistics from the formulas (reference.token_statistics), flat over the rows."""
+    if not problem.statistics:
+        return {}
+    o = problem.options
+    cd = problem.compute_dtype
+    stats = reference.token_statistics(input, target, problem.statistics, o.ignore_index, o.z_loss, o.softcap, cd)
+    return {name: t.detach().reshape(-1) for name, t in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eager: the forward's gradient handed to backward
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, weight: Tensor | None, problem: Problem) -> Tensor:
+        # The fused gradient covers d/d(input); gradients for target or weight come from the formulas,
+        # which then give all of them.
+        fused = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        loss, grad, stats = cross_entropy_forward(problem, need_grad=fused)
+        ctx.problem = problem
+        save_for_handover(ctx, [grad.view(problem.input_shape) if grad is not None else None], (input, target, weight))
+        if not stats:
+            return loss
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss, *stats.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_grads_of_statistics):
+        problem: Problem = ctx.problem
+        create_graph = torch.is_grad_enabled()
+        if create_graph or any(ctx.needs_input_grad[1:3]):
+            return (*_differentiate_formula(ctx, grad_loss, create_graph), None)
+        (grad,) = take_handover(ctx)
+        if grad is None:
+            _, grad, _ = cross_entropy_forward(replace(problem, statistics=()), need_grad=True)
+            grad = grad.view(problem.input_shape)
+        scale_input_grad_(grad.data, grad_loss, problem.options.reduction)
+        return grad, None, None, None
+
+
+def _differentiate_formula(ctx, grad_loss: Tensor, create_graph: bool) -> tuple:
+    problem: Problem = ctx.problem
+    saved = list(saved_inputs(ctx))
+    wanted = ctx.needs_input_grad[:3]
+    with torch.enable_grad():
+        if not create_graph:
+            saved = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(saved, wanted)]
+        input, target, weight = saved
+        loss = cross_entropy_formula(problem, input, target, weight)
+        inputs = [t for t, w in zip(saved, wanted) if w]
+        grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=create_graph))
+    return tuple(next(grads) if w else None for w in wanted)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Traced: xent::cross_entropy, declared from the Problem's fields
+#
+# Forward only reads the logits; backward (xent::cross_entropy_backward) runs the fused pass again with the
+# upstream gradient folded into each row's coefficients. That costs one more read of the logits than the
+# eager route, but needs no gradient buffer between forward and backward and no in-place update of a saved
+# tensor (which compiled graphs turn into an extra copy of the whole buffer). Value checks run inside the
+# ops, on real tensors, at run time.
+
+
+def _forward(p: Problem) -> tuple:
+    """The loss (one read of the logits) and the per-token statistics p.statistics names (op_statistics'
+    names), packed."""
+    loss, _, stats = cross_entropy_forward(p, need_grad=False)
+    loss = loss.clone() if aliases(loss, p.logits, p.target, p.weight) else loss
+    return (loss, *pack_statistics(stats, p.num_rows, p.logits, p.compute_dtype))
+
+
+def _forward_fake(p: Problem) -> tuple:
+    shape = () if p.options.reduction != "none" else p.output_shape
+    stats = packed_statistics_like(p.statistics, p.num_rows, p.logits, p.compute_dtype)
+    return (p.logits.new_empty(shape, dtype=p.output_dtype), *stats)
+
+
+def _backward(p: Problem, extra: Upstream, want: dict) -> dict:
+    """d loss / d logits for the loss's gradient: the fused pass again, with the upstream folded into
+    each row's coefficients (one read of the logits, one write of the gradient)."""
+    p = replace(p, statistics=())
+    _, grad, _ = forward_for(p)(p, need_grad=True, upstream=extra.upstream)
+    return {"logits": grad.view(p.logits.shape)}
+
+
+def _save(p: Problem, outputs: dict) -> dict:
+    return {"logits": p.logits, "target": p.target, "weight": p.weight}
+
+
+def _traced_backward(ctx: BackwardContext) -> dict:
+    return ctx.backward_op(Upstream(ctx.grads["loss"]))
+
+
+CROSS_ENTROPY = OpFamily(
+    "cross_entropy",
+    Problem,
+    ("loss", "packed", "argmax"),
+    _forward,
+    _forward_fake,
+    differentiable=("logits",),
+    backward_args=Upstream,
+    backward_impl=_backward,
+    save=_save,
+    backward=_traced_backward,
+)
+
+
+@dataclass(frozen=True)
+class ScaleGrad:
+    grad: Tensor  # written in place
+    upstream: Tensor
+    reduction: str
+
+
+SCALE_GRAD = OpFamily(
+    "scale_grad_",
+    ScaleGrad,
+    (),
+    lambda a: scale_input_grad_(a.grad, a.upstream, a.reduction),
+    lambda a: None,
+    mutates=("grad",),
+)
+"""grad *= upstream in place (one value per row for 'none'); nothing at all for a unit upstream. The
+traced routes that return their unit-upstream gradients from forward scale them with it in backward."""
+
+
+def aliases(out: Tensor, *inputs: Tensor | None) -> bool:
+    """A custom op's output may not share storage with an input (a degenerate loss can be a view)."""
+    return any(
+        t is not None
+        and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        and out.untyped_storage().nbytes() > 0
+        for t in inputs
+    )

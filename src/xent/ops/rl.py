@@ -1,0 +1,180 @@
+"""RL token log-probabilities and entropies (xent.rl) as declared custom ops, with the formulas under torch.func.
+
+logprob_i = -ce_i (reduction 'none') and H_i = -sum_c p_ic log p_ic come from the same pass's row
+statistics; backward runs the pass again with both upstream gradients folded into each row's
+coefficients (d logprob / dz = onehot - p, dH/dz = -p (log p + H)), so the two never cost two passes.
+Ignored rows get 0 for both and no gradient. Eager and traced calls alike go through the ops (their
+registered autograd recomputes in backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..kernels import forward_for
+from ..kernels import linear as linear_kernels
+from ..problems import FUNC, LinearProblem, Options, Problem, make_problem, route
+from .cross_entropy import cross_entropy_forward
+from .declare import BackwardContext, OpFamily
+from .linear import PARAMETERS, cast_like, linear_forward
+
+TOKEN_STATISTICS = ("logprob", "entropy")
+
+
+@dataclass(frozen=True)
+class TokenUpstreams:
+    """The backward ops' extra arguments: both outputs' upstream gradients (zeros for an unused one)."""
+
+    grad_logprob: Tensor
+    grad_entropy: Tensor
+
+
+def _upstreams(ctx: BackwardContext, like: Tensor, dtype: torch.dtype) -> TokenUpstreams:
+    """Both upstream gradients as tensors: autograd passes None for an output that was not used."""
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(like.shape[0], dtype=cd, device=like.device)
+    g_lp, g_h = ctx.grads["logprob"], ctx.grads["entropy"]
+    return TokenUpstreams(g_lp if g_lp is not None else zeros, g_h if g_h is not None else zeros)
+
+
+def _valid(target: Tensor, ignore_index: int) -> Tensor:
+    return target.reshape(-1).long() != ignore_index
+
+
+# ----------------------------------------------------------------------------------------------------
+# From a linear head
+
+
+def token_linear_problem(p: LinearProblem) -> LinearProblem:
+    """The op's problem for a validated linear head: 'none', no class weights or other terms (only
+    ignore_index and the backend carried over), both statistics, outputs in the compute dtype."""
+    options = Options("none", p.options.ignore_index, backend=p.options.backend)
+    n = p.input.shape[0]
+    return LinearProblem(
+        p.input, p.linear_weight, p.linear_bias, p.target, None, options, (n,), p.compute_dtype, 0,
+        p.memory_budget, TOKEN_STATISTICS,
+    )  # fmt: skip
+
+
+def _linear_forward(p: LinearProblem) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) of every row of a linear head, 0 on ignored rows, in the compute dtype."""
+    _, _, stats = linear_forward(p, (False, False, False))
+    return stats["logprob"], torch.where(_valid(p.target, p.options.ignore_index), stats["entropy"], 0)
+
+
+def _linear_fake(p: LinearProblem) -> tuple[Tensor, Tensor]:
+    n = p.input.shape[0]
+    return p.input.new_empty(n, dtype=p.compute_dtype), p.input.new_empty(n, dtype=p.compute_dtype)
+
+
+def _linear_backward(p: LinearProblem, up: TokenUpstreams, want: dict) -> dict:
+    """The wanted gradients of sum_i grad_logprob_i logprob_i + grad_entropy_i H_i."""
+    p = replace(p, statistics=())
+    targets = linear_kernels.index_targets(p)
+    entropy = torch.where(targets.valid, up.grad_entropy.reshape(-1), 0)
+    with linear_kernels.no_autocast(p.input.device):
+        _, gi, gw, gb = linear_kernels.linear_pass(
+            p,
+            targets.block(),
+            targets,
+            targets.scale(-up.grad_logprob),
+            tuple(want[n] for n in PARAMETERS),
+            entropy_scale=entropy,
+        )
+    return dict(zip(PARAMETERS, (gi, cast_like(gw, p.linear_weight), cast_like(gb, p.linear_bias))))
+
+
+LINEAR_TOKEN_LOGPROBS = OpFamily(
+    "linear_token_logprobs",
+    LinearProblem,
+    TOKEN_STATISTICS,
+    _linear_forward,
+    _linear_fake,
+    differentiable=PARAMETERS,
+    differentiable_outputs=TOKEN_STATISTICS,
+    backward_args=TokenUpstreams,
+    backward_impl=_linear_backward,
+    save=lambda p, out: {
+        "input": p.input,
+        "linear_weight": p.linear_weight,
+        "linear_bias": p.linear_bias,
+        "target": p.target,
+    },  # fmt: skip
+    backward=lambda ctx: ctx.backward_op(_upstreams(ctx, ctx.args.input, ctx.args.linear_weight.dtype)),
+)
+
+
+def linear_token_logprobs(
+    p: LinearProblem, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) per row of p.input (the caller's `input` reshaped to (R, H)), differentiable."""
+    if route(input, linear_weight, linear_bias, p.target) == FUNC:
+        logits = F.linear(p.input, linear_weight, linear_bias)
+        return _token_formula(logits, p.target, p.options.ignore_index)
+    out = LINEAR_TOKEN_LOGPROBS(token_linear_problem(replace(p, linear_weight=linear_weight, linear_bias=linear_bias)))
+    return out["logprob"], out["entropy"]
+
+
+def _token_formula(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The definitions, as differentiable torch ops (torch.func transforms)."""
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lp = reference.log_softmax(logits.to(cd))
+    flat = target.reshape(-1).long()
+    valid = flat != ignore_index
+    picked = lp.gather(1, torch.where(valid, flat, 0).unsqueeze(1)).squeeze(1) if lp.shape[1] else lp.sum(1) * 0
+    entropy = -torch.where(lp > -float("inf"), lp.exp() * lp, 0).sum(1)
+    return torch.where(valid, picked, 0), torch.where(valid, entropy, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# From logits at hand
+
+
+def _logits_forward(p: Problem) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) per row of (R, V) logits, 0 on ignored rows, in the compute dtype."""
+    _, _, stats = cross_entropy_forward(p, need_grad=False)
+    return stats["logprob"], torch.where(_valid(p.target, p.options.ignore_index), stats["entropy"], 0)
+
+
+def _logits_fake(p: Problem) -> tuple[Tensor, Tensor]:
+    n = p.num_rows
+    return p.logits.new_empty(n, dtype=p.compute_dtype), p.logits.new_empty(n, dtype=p.compute_dtype)
+
+
+def _logits_backward(p: Problem, up: TokenUpstreams, want: dict) -> dict:
+    p = replace(p, statistics=())
+    entropy = torch.where(_valid(p.target, p.options.ignore_index), up.grad_entropy, 0)
+    _, grad, _ = forward_for(p)(p, need_grad=True, upstream=-up.grad_logprob, entropy_upstream=entropy)
+    return {"logits": grad.view(p.logits.shape)}
+
+
+TOKEN_LOGPROBS_FROM_LOGITS = OpFamily(
+    "token_logprobs_from_logits",
+    Problem,
+    TOKEN_STATISTICS,
+    _logits_forward,
+    _logits_fake,
+    differentiable=("logits",),
+    differentiable_outputs=TOKEN_STATISTICS,
+    backward_args=TokenUpstreams,
+    backward_impl=_logits_backward,
+    save=lambda p, out: {"logits": p.logits, "target": p.target},
+    backward=lambda ctx: ctx.backward_op(_upstreams(ctx, ctx.args.logits, ctx.args.logits.dtype)),
+)
+
+
+def token_logprobs_from_logits(
+    logits: Tensor, target: Tensor, ignore_index: int, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) per row of (R, V) logits, differentiable with respect to the logits."""
+    if route(logits, target) == FUNC:
+        return _token_formula(logits, target, ignore_index)
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    options = Options("none", ignore_index, backend=backend)
+    out = TOKEN_LOGPROBS_FROM_LOGITS(make_problem(logits, target, None, options, cd, TOKEN_STATISTICS))
+    return out["logprob"], out["entropy"]
