@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..problems import HALF_DTYPES, LinearProblem, Problem
+from ..problems import HALF_DTYPES, DistillProblem, LinearProblem, Problem
 from . import rows
 
 
@@ -116,7 +116,7 @@ class Backend:
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
-        problem: Problem | LinearProblem | None = None,
+        problem: Problem | LinearProblem | DistillProblem | None = None,
     ) -> bool:
         """Whether this backend serves `work` (for tensors of `dtype` on `device`, for `problem`: each
         only looked at when given). Selection hands what it does not serve to the torch backend."""
@@ -247,7 +247,7 @@ class TritonBackend(TorchBackend):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
-        problem: Problem | LinearProblem | None = None,
+        problem: Problem | LinearProblem | DistillProblem | None = None,
     ) -> bool:
         if not super().supports(work, dtype=dtype, device=device, problem=problem):
             return False
