@@ -1,41 +1,209 @@
-"""The compute backends, as objects that say what they support and compute: one chunk of rows through
-the row math, a whole cross-entropy, and the in-place upstream scaling of a handed-over gradient.
+"""The compute backends, as objects in a registry, each saying what it serves and computing it: one chunk
+of rows through the cross-entropy row math, one chunk of a distillation's row math, a whole cross-entropy
+(optional), a whole fused linear pass (optional), and the in-place upstream scaling of a handed-over
+gradient.
 
-* ``TORCH``: plain torch ops over rows.py, any device (tuned for CPU); serves every problem.
+* ``TORCH``: plain torch ops over rows.py, any device (tuned for CPU); serves every problem. It is the
+  full implementation: every other backend subclasses it and overrides what it does differently.
 * ``TRITON``: the Triton row kernel (triton_rows.py); CUDA tensors, or CPU tensors through Triton's
-  interpreter (TRITON_INTERPRET=1, how CI checks it without a GPU). It also has a whole-problem
-  cross-entropy (one launch over all rows) for class-index targets over (N, C) rows in fp32/bf16/fp16;
-  other problems take the chunk driver.
+  interpreter (TRITON_INTERPRET=1, how CI checks it without a GPU); fp32/bf16/fp16, never fp64. It also
+  has a whole-problem cross-entropy (one launch over all rows) for class-index targets over (N, C) rows;
+  other problems take the chunk driver. Distillation's row math is the torch backend's (inherited; its
+  `supports` says so, and selection hands that work to ``TORCH``).
+
+`register` adds a backend under its `name` (kernels.backend_for then picks it for ``backend=name`` or
+``XENT_BACKEND=name``); ``TORCH`` and ``TRITON`` are registered at import. A backend that would take over a
+whole fused linear cross-entropy (e.g. a Hopper kernel with the GEMMs and the row math in one) overrides
+`linear_pass` and lists ``Work.FUSED_LINEAR`` in its capabilities; kernels/linear.py asks it first.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..problems import HALF_DTYPES, DistillProblem, LinearProblem, Problem
 from . import rows
 
 
-class TorchBackend:
-    name = "torch"
+class Work(enum.Enum):
+    """The kinds of work a backend can serve (Backend.supports)."""
+
+    ROWS = "rows"  # the cross-entropy chunk step (Backend.chunk): every cross-entropy pass's row math
+    CROSS_ENTROPY = "cross_entropy"  # a whole-problem cross-entropy of its own (Backend.cross_entropy_driver)
+    DISTILL_ROWS = "distill_rows"  # one chunk of a distillation's row math (Backend.distill_rows)
+    FUSED_LINEAR = "fused_linear"  # a whole fused linear cross-entropy pass of its own (Backend.linear_pass)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend serves, before any problem is looked at. None: no restriction."""
+
+    work: frozenset[Work]
+    dtypes: frozenset[torch.dtype] | None = None  # dtypes of the tensors it computes on (and computes in)
+    devices: frozenset[str] | None = None  # device types whose tensors it runs on (Backend.unavailable)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkStep:
+    """One chunk of rows r0:r1 of a cross-entropy pass, for a backend's row math (what driver.RowPass hands
+    over for each of its chunks). See rows.torch_chunk for the contract."""
+
+    workspace: Tensor  # (r1 - r0, C): where the row math works, and leaves the gradient with `coefficients`
+    r0: int
+    r1: int
+    stats: rows.RowStats  # the pass's statistics, filled for rows r0:r1
+    load: Callable[[], object]  # puts the chunk's raw logits in `workspace` (not called with `source`)
+    source: Tensor | None = None  # the chunk's logits, read in place instead of loaded
+    target: Tensor | None = None  # (r1 - r0, 1) each row's target column within the workspace
+    dense: Tensor | None = None  # the loss's u ((C,) or per row), only when it has a dense term
+    dense_is_ones: bool = False
+    softcap: float | None = None
+    chain_out: Tensor | None = None  # scratch of the workspace's shape for the softcap chain factor
+    coefficients: rows.ChunkCoefficients | None = None  # given: leave the gradient in the workspace
+    unshifted: bool = False  # exp(z) without the max shift where it is safe (a host check: CPU only)
+
+
+@dataclass(frozen=True, eq=False)
+class DistillStep:
+    """One chunk of a distillation pass for a backend's distillation row math (what driver.DistillRowPass
+    hands over). Every (rows x V) tensor here is a workspace of the pass: the math may overwrite them all.
+    See rows.torch_distill_rows for the math and its conventions."""
+
+    divergence: str  # 'kl' | 'reverse_kl' | 'jsd' (a top-k teacher: 'kl' over the given support)
+    beta: float  # jsd's weight of KL(p_t || m)
+    student: Tensor  # (rows, V): the student's logits / T
+    teacher: Tensor | None  # (rows, V): a dense teacher's logits / T; None for a top-k teacher
+    scratch: tuple[Tensor, ...]  # (rows, V) workspaces: one, two for jsd
+    counted: Tensor  # (rows, 1) bool: the tokens that count
+    coef: Tensor | None  # (rows, 1): d loss / d divergence / T, 0 on ignored rows; None: no gradient
+    teacher_indices: Tensor | None = None  # top-k: (rows, k)
+    teacher_logprobs: Tensor | None = None  # top-k: (rows, k)
+
+
+# (the rows' statistics, the gradients of the input, the head's weight and its bias): kernels/linear.py
+LinearPassResult = tuple[rows.RowStats, Tensor | None, Tensor | None, Tensor | None]
+CrossEntropyForward = Callable[..., tuple]  # (problem, need_grad, upstream=None, entropy_upstream=None)
+
+
+class Backend:
+    """The interface every backend implements (TorchBackend: all of it; the others subclass that)."""
+
+    name: str = ""
+    capabilities: Capabilities = Capabilities(frozenset())
+    # The chunk step reads and writes a bf16/fp16 workspace itself, with fp32 math: a half-precision linear
+    # head then keeps its logits (and their gradient) in its own dtype (kernels/linear.py workspace_dtype).
+    half_precision_workspace: bool = False
+    # The chunk step needs ChunkStep.chain_out (scratch for the softcap chain factor) for a softcap gradient.
+    softcap_chain_scratch: bool = False
 
     def unavailable(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on `device`'s tensors here (a sentence for an error), or None."""
+        devices = self.capabilities.devices
+        if devices is not None and device.type not in devices:
+            return f"the {self.name} backend runs on {', '.join(sorted(devices))} tensors (got {device.type})"
         return None
 
-    def cross_entropy_driver(self, problem):
-        """A whole-problem cross-entropy of this backend's own for `problem`, or None: the chunk driver
-        (kernels/portable.py) then runs it, chunk by chunk, through `chunk`."""
-        return None
+    def supports(
+        self,
+        work: Work = Work.ROWS,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        problem: Problem | LinearProblem | DistillProblem | None = None,
+    ) -> bool:
+        """Whether this backend serves `work` (for tensors of `dtype` on `device`, for `problem`: each
+        only looked at when given). Selection hands what it does not serve to the torch backend."""
+        caps = self.capabilities
+        if work not in caps.work:
+            return False
+        if dtype is not None and caps.dtypes is not None and dtype not in caps.dtypes:
+            return False
+        return device is None or caps.devices is None or device.type in caps.devices
 
-    def chunk(self, *args, **kwargs) -> None:
-        rows.torch_chunk(*args, **kwargs)
+    def chunk(self, step: ChunkStep) -> None:
+        """One chunk of a cross-entropy pass through the row math: statistics of rows r0:r1 into
+        step.stats and, with step.coefficients, the gradient in step.workspace."""
+        raise NotImplementedError
+
+    def distill_rows(self, step: DistillStep) -> tuple[Tensor, Tensor | None]:
+        """One chunk of a distillation pass: the rows' divergences (rows,) and, with step.coef, coef * d
+        divergence / d (student logits / T) (rows, V), in one of the step's workspaces (else None)."""
+        raise NotImplementedError
 
     def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:
-        """grad *= upstream (one value per row with per_row), fp32 math; entries that are exactly 0 stay 0
-        (ignored rows, as torch keeps them, even for an inf or NaN upstream)."""
+        """grad *= upstream in place (one value per row with per_row), fp32 math; entries that are exactly
+        0 stay 0 (ignored rows, as torch keeps them, even for an inf or NaN upstream)."""
+        raise NotImplementedError
+
+    def cross_entropy_driver(self, problem: Problem) -> CrossEntropyForward | None:
+        """A whole-problem cross-entropy of this backend's own for `problem` (portable.cross_entropy_forward's
+        signature), or None: the chunk driver (kernels/portable.py) then runs it over the torch backend."""
+        return None
+
+    def linear_pass(
+        self,
+        problem: LinearProblem,
+        block: rows.ClassBlock,
+        *,
+        targets: rows.IndexTargets | None,
+        scale: Tensor | None,
+        want: tuple[bool, bool, bool],
+        lse: Tensor | None,
+        entropy_scale: Tensor | None,
+        entropy_value: Tensor | None,
+    ) -> LinearPassResult | None:
+        """A whole fused linear cross-entropy pass of this backend's own (kernels/linear.py linear_pass's
+        contract and result), or None: the generic chunked GEMM path of kernels/linear.py then runs it,
+        with this backend's `chunk` as its row math. Asked only when `supports(Work.FUSED_LINEAR)`."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<xent backend {self.name}>"
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    capabilities = Capabilities(frozenset({Work.ROWS, Work.DISTILL_ROWS}))
+    softcap_chain_scratch = True
+
+    def chunk(self, step: ChunkStep) -> None:
+        rows.torch_chunk(
+            step.workspace,
+            step.r0,
+            step.r1,
+            step.stats,
+            step.load,
+            source=step.source,
+            target=step.target,
+            dense=step.dense,
+            dense_is_ones=step.dense_is_ones,
+            softcap=step.softcap,
+            chain_out=step.chain_out,
+            coefficients=step.coefficients,
+            unshifted=step.unshifted,
+        )
+
+    def distill_rows(self, step: DistillStep) -> tuple[Tensor, Tensor | None]:
+        return rows.torch_distill_rows(
+            step.divergence,
+            step.beta,
+            step.student,
+            step.teacher,
+            step.scratch,
+            step.counted,
+            step.coef,
+            step.teacher_indices,
+            step.teacher_logprobs,
+        )
+
+    def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:
         u = upstream.reshape(grad.shape[0], *([1] * (grad.dim() - 1))) if per_row else upstream
         if upstream.device.type == "cpu":  # reading a CPU value costs nothing
             if not per_row and float(upstream) == 1.0:
@@ -50,12 +218,18 @@ class TorchBackend:
         u = u if per_row else upstream.reshape(1)
         grad.copy_(torch.where((grad == 0) | (u == 1), grad, grad * u))
 
-    def __repr__(self) -> str:
-        return f"<xent backend {self.name}>"
-
 
 class TritonBackend(TorchBackend):
     name = "triton"
+    capabilities = Capabilities(
+        frozenset({Work.ROWS, Work.CROSS_ENTROPY}),
+        dtypes=frozenset({torch.float32, *HALF_DTYPES}),
+        devices=frozenset({"cuda", "cpu"}),  # CPU tensors only through Triton's interpreter (unavailable)
+    )
+    half_precision_workspace = True
+    # The kernel applies the softcap chain factor itself and always shifts by the running max: it needs
+    # neither the chain scratch nor the unshifted shortcut of the torch row math.
+    softcap_chain_scratch = False
 
     def unavailable(self, device: torch.device) -> str | None:
         if importlib.util.find_spec("triton") is None:
@@ -67,20 +241,49 @@ class TritonBackend(TorchBackend):
             f"kernels on CPU through Triton's interpreter"
         )
 
+    def supports(
+        self,
+        work: Work = Work.ROWS,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        problem: Problem | LinearProblem | DistillProblem | None = None,
+    ) -> bool:
+        if not super().supports(work, dtype=dtype, device=device, problem=problem):
+            return False
+        if work is Work.CROSS_ENTROPY and isinstance(problem, Problem):
+            # the whole-problem kernel's cases: class-index targets over (N, C) rows, fp32 math
+            return (
+                not problem.probabilities
+                and problem.logits.shape[2] == 1
+                and problem.compute_dtype == torch.float32
+                and problem.logits.dtype in self.capabilities.dtypes
+            )
+        return True
+
     @staticmethod
     def _kernels():
         from . import triton_rows  # imported on first use: triton is optional
 
         return triton_rows
 
-    def cross_entropy_driver(self, problem):
-        kernels = self._kernels()
-        return kernels.cross_entropy_forward if kernels.supports(problem) else None
+    def cross_entropy_driver(self, problem: Problem) -> CrossEntropyForward | None:
+        return self._kernels().cross_entropy_forward if self.supports(Work.CROSS_ENTROPY, problem=problem) else None
 
-    def chunk(self, *args, chain_out=None, unshifted=False, **kwargs) -> None:
-        # The kernel applies the softcap chain factor itself and always shifts by the running max: it
-        # needs neither the chain scratch nor the unshifted shortcut of the torch row math.
-        self._kernels().triton_chunk(*args, **kwargs)
+    def chunk(self, step: ChunkStep) -> None:
+        self._kernels().triton_chunk(
+            step.workspace,
+            step.r0,
+            step.r1,
+            step.stats,
+            step.load,
+            source=step.source,
+            target=step.target,
+            dense=step.dense,
+            dense_is_ones=step.dense_is_ones,
+            softcap=step.softcap,
+            coefficients=step.coefficients,
+        )
 
     def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:
         if not grad.is_contiguous():
@@ -89,5 +292,43 @@ class TritonBackend(TorchBackend):
         self._kernels().scale_(grad, upstream, per_row)
 
 
-TORCH = TorchBackend()
-TRITON = TritonBackend()
+# ----------------------------------------------------------------------------------------------------
+# The registry
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Adds `backend` under its name (lower case; not 'auto', which means the automatic choice). A name
+    already taken raises: unregister it first."""
+    name = backend.name
+    if not name or name != name.strip().lower() or name == "auto":
+        raise ValueError(f"a backend needs a lower-case name other than 'auto', got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"a backend named {name!r} is already registered")
+    _REGISTRY[name] = backend
+    return backend
+
+
+def unregister(name: str) -> Backend:
+    """Removes the backend registered as `name` and returns it (torch's cannot be: it is the fallback)."""
+    if name == TORCH.name:
+        raise ValueError("the torch backend cannot be unregistered: every fallback takes it")
+    return _REGISTRY.pop(get(name).name)
+
+
+def get(name: str) -> Backend:
+    """The backend registered as `name`; ValueError naming the registered ones for any other."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}: the registered ones are {', '.join(names())}") from None
+
+
+def names() -> tuple[str, ...]:
+    """The registered backends' names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+TORCH = register(TorchBackend())
+TRITON = register(TritonBackend())

@@ -1,38 +1,31 @@
-"""The linear distillation losses' chunk loop: the student's logits (and a teacher head's) one chunk of
-tokens at a time, never the whole (tokens x vocabulary) matrix.
+"""The linear distillation losses' pass: the student's logits (and a teacher head's) one chunk of tokens
+at a time, never the whole (tokens x vocabulary) matrix.
 
 For each chunk, a matmul fills a workspace with the student's logits (and another with the teacher's,
-from its head or copied from its ready logits); the row math below turns them into each token's
-divergence and, in place in the workspaces, into the gradient of the loss with respect to the student's
-logits; two matmuls fold that into the gradients of the hidden states and of the head (the weight's
-accumulated in fp32) before the next chunk reuses the workspaces.
+from its head or copied from its ready logits); the backend's distillation row math (Backend.distill_rows:
+the torch backend's rows.torch_distill_rows on every backend, whose conventions are documented there)
+turns them into each token's divergence and, in place in the workspaces, into the gradient of the loss
+with respect to the student's logits; two matmuls fold that into the gradients of the hidden states and
+of the head (the weight's accumulated in fp32) before the next chunk reuses the workspaces.
 
-The row math is plain torch ops on the workspaces, in fp32 (fp64 for fp64 inputs), the same on every
-backend: in place where it can be, through one or two scratch buffers of the chunk's size where it cannot,
-with no host synchronisation. Half-precision heads run half-precision GEMMs (fp32 accumulation inside,
-as F.linear) whose results are copied into the fp32 workspaces.
-
-Conventions of the row math (s = student logits / T, t = teacher logits / T; p_s, p_t their softmaxes):
-
-    kl          sum_v p_t (log p_t - log p_s)                          d/ds = p_s - p_t
-    reverse_kl  sum_v p_s (log p_s - log p_t)                          d/ds = p_s (r - L), r = log p_s - log p_t
-    jsd(beta)   beta KL(p_t || m) + (1 - beta) KL(p_s || m),           d/ds = p_s (g - <p_s, g>),
-                m = beta p_t + (1 - beta) p_s, 0 < beta < 1             g = (1 - beta)(log p_s - log m)
-    top-k kl    sum_k q_k (log q_k - log p_s[i_k]), q = exp(logprobs)  d/ds = (sum_k q_k) p_s - sum_k q_k e_{i_k}
-
-A term whose weight is exactly 0 (p log p with p = 0, e.g. a -inf teacher logit) counts as 0, its limit.
+The chunks run through the same driver (kernels/driver.py: a DistillRowPass step) and the same chunk-row
+and GEMM helpers (kernels/linear.py: row_ranges, Head, HeadGradients) as linear cross-entropy. The
+workspaces are in fp32 (fp64 for fp64 inputs); half-precision heads run half-precision GEMMs (fp32
+accumulation inside, as F.linear) whose results are copied into them.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..problems import DistillProblem
-from .linear import accumulate_mm_, chunk_rows
+from . import TORCH, backend_for
+from .backends import Work
+from .driver import DistillChunk, DistillRowPass
+from .linear import Head, HeadGradients, chunk_rows, divide_into_, row_ranges
 
 
 def workspaces(p: DistillProblem) -> int:
@@ -93,103 +86,61 @@ def distill_pass(
     num_rows, vocab = x.shape[0], w.shape[0]
     cd, dev = p.compute_dtype, x.device
     need_grad = scale is not None and any(want)
-    want_input, want_weight, want_bias = want if need_grad else (False, False, False)
+    want = want if need_grad else (False, False, False)
 
     losses = torch.zeros(num_rows, dtype=cd, device=dev)
-    # without classes no chunk runs: every divergence is 0 and so is every gradient
-    grad_input = (torch.empty if vocab else torch.zeros)(x.shape, dtype=x.dtype, device=dev) if want_input else None
     step = rows_per_chunk(p)
-    one_chunk = 0 < num_rows <= step and vocab > 0
-    grad_weight = None
-    if want_weight:  # one chunk: one GEMM straight into the returned gradient, no accumulator
-        grad_weight = (torch.empty if one_chunk else torch.zeros)(
-            w.shape, dtype=x.dtype if one_chunk else cd, device=dev
-        )
-    grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
+    grads = HeadGradients(x, w, want, cd, one_chunk=0 < num_rows <= step and vocab > 0)
+    size = min(step, num_rows) * vocab
+    if not size:  # without rows or classes no chunk runs: every divergence is 0 and so is every gradient
+        return (losses, *grads.result())
+
+    backend = backend_for(dev, cd, p.backend)
+    if not backend.supports(Work.DISTILL_ROWS, device=dev, dtype=cd):
+        backend = TORCH  # e.g. Triton: its distillation row math is the torch backend's
     # d loss / d logits = coef * d divergence / d (logits / T): the 1/T of the chain rule is in the coefficient
     coefficients = torch.where(valid, scale.to(cd), 0) / p.temperature if need_grad else None
-
-    size = min(step, num_rows) * vocab
-    if not size:
-        return losses, grad_input, grad_weight, grad_bias
+    dense_teacher = p.teacher_kind != "topk"
     buffers = [torch.empty(size, dtype=cd, device=dev) for _ in range(workspaces(p))]
     # the gradient GEMMs of a half-precision head read a half copy of the fp32 gradient (never an fp32 GEMM)
     half_buf = torch.empty(size, dtype=x.dtype, device=dev) if need_grad and x.dtype != cd else None
     student = Head(w, b, p.temperature)
     teacher = Head(p.teacher_weight, p.teacher_bias, p.temperature, finite=p.divergence != "reverse_kl")
 
-    for r0 in range(0, num_rows, step):
-        r1 = min(num_rows, r0 + step)
-        n = r1 - r0
-        work = [buf[: n * vocab].view(n, vocab) for buf in buffers]
-        counted = valid[r0:r1].unsqueeze(1)
-        # Ignored tokens' hidden states never reach a GEMM (zeros instead): whatever they hold (padding can
-        # hold NaN), their logits are the bias, their coefficient 0, and their gradient rows exactly 0.
-        xc = torch.where(counted, x[r0:r1], 0)
-        student.logits_into_(work[0], xc)
-        log_p_s = torch.log_softmax(work[0], 1, out=work[1])
-        free = [work[0], *work[2:]]
-        coef = coefficients[r0:r1].unsqueeze(1) if need_grad else None
-        if p.teacher_kind == "topk":
-            rows, grad = topk_kl_rows(log_p_s, p.teacher_indices[r0:r1], p.teacher_logprobs[r0:r1], counted, coef)
-        else:
-            if p.teacher_kind == "head":
-                teacher.logits_into_(free[1], torch.where(counted, p.teacher_input[r0:r1], 0))
-            else:
-                logits_copy_(free[1], p.teacher_logits[r0:r1], counted, p.temperature, p.divergence != "reverse_kl")
-            log_p_t = torch.log_softmax(free[1], 1, out=free[0])
-            scratch = free[1:]
-            if p.divergence == "kl":
-                rows, grad = kl_rows(log_p_s, log_p_t, *scratch, coef)
-            elif p.divergence == "reverse_kl":
-                rows, grad = reverse_kl_rows(log_p_s, log_p_t, *scratch, coef)
-            else:
-                rows, grad = jsd_rows(log_p_s, log_p_t, *scratch, p.beta, coef)
-        losses[r0:r1] = rows.masked_fill_(~counted.squeeze(1), 0)
-        if not need_grad:
-            continue
+    def load(work: tuple[Tensor, ...], x_rows: Tensor, counted: Tensor, r0: int, r1: int) -> None:
+        """The chunk's student logits / T into work[0] and a dense teacher's into work[2]."""
+        student.logits_into_(work[0], x_rows)
+        if p.teacher_kind == "head":
+            teacher.logits_into_(work[2], torch.where(counted, p.teacher_input[r0:r1], 0))
+        elif p.teacher_kind == "logits":
+            logits_copy_(work[2], p.teacher_logits[r0:r1], counted, p.temperature, p.divergence != "reverse_kl")
 
-        # `grad` holds d loss / d logits for the chunk: fold it into the parameters' gradients
-        grad_logits = grad if half_buf is None else half_buf[: n * vocab].view(n, vocab).copy_(grad)
-        if want_input:
-            torch.mm(grad_logits, w, out=grad_input[r0:r1])
-        if want_weight and one_chunk:
-            torch.mm(grad_logits.T, xc, out=grad_weight)
-        elif want_weight:
-            accumulate_mm_(grad_weight, grad_logits.T, xc)
-        if want_bias:
-            grad_bias.add_(grad.sum(0))
-    return losses, grad_input, grad_weight, grad_bias
+    def chunks():
+        for r0, r1 in row_ranges(num_rows, step):
+            n = r1 - r0
+            work = tuple(buf[: n * vocab].view(n, vocab) for buf in buffers)
+            counted = valid[r0:r1].unsqueeze(1)
+            # Ignored tokens' hidden states never reach a GEMM (zeros instead): whatever they hold (padding
+            # can hold NaN), their logits are the bias, their coefficient 0, and their gradient rows exactly 0.
+            xc = torch.where(counted, x[r0:r1], 0)
+            chunk = DistillChunk(r0, r1, work, functools.partial(load, work, xc, counted, r0, r1), counted)
+            yield chunk
+            if need_grad:  # chunk.gradient holds d loss / d logits for the chunk: fold it into the parameters'
+                grad = chunk.gradient
+                grad_logits = grad if half_buf is None else half_buf[: n * vocab].view(n, vocab).copy_(grad)
+                grads.fold_(r0, r1, xc, grad_logits, grad)
 
-
-class Head:
-    """A linear head whose chunk logits come out divided by the temperature, as F.linear computes them.
-
-    fp32/fp64 heads divide the chunk's hidden states and the bias instead of the logits ((h W^T + b) / T =
-    (h / T) W^T + b / T: O(rows x H) work, not O(rows x V)); half-precision heads run their GEMM in their
-    dtype and divide while copying into the fp32 workspace. With `finite`, a -inf bias entry (a masked-out
-    token) is clamped to the dtype's most negative finite value divided by T: its probability stays
-    exactly 0, and its log-probability finite, so 0 * log 0 terms vanish without a mask."""
-
-    def __init__(self, weight: Tensor | None, bias: Tensor | None, temperature: float, finite: bool = False):
-        self.weight, self.temperature = weight, temperature
-        if bias is not None and finite:
-            bias = bias.clamp(min=torch.finfo(bias.dtype).min * min(1.0, temperature))
-        self.raw_bias = bias  # for a GEMM in another dtype than the workspace's, which divides its output
-        if bias is not None and temperature != 1.0 and bias.dtype in (torch.float32, torch.float64):
-            bias = bias / temperature
-        self.bias = bias
-
-    def logits_into_(self, out: Tensor, x: Tensor) -> None:
-        t, w, b = self.temperature, self.weight, self.bias
-        if x.dtype != out.dtype:  # another dtype (half precision): the GEMM in it, the division on the copy
-            divide_into_(out, F.linear(x, w, self.raw_bias), t)
-            return
-        x = x / t if t != 1.0 else x
-        if b is None:
-            torch.mm(x, w.T, out=out)
-        else:
-            torch.addmm(b, x, w.T, out=out)
+    DistillRowPass(
+        backend,
+        p.divergence,
+        p.beta,
+        dense_teacher,
+        losses,
+        coefficients,
+        teacher_indices=None if dense_teacher else p.teacher_indices,
+        teacher_logprobs=None if dense_teacher else p.teacher_logprobs,
+    ).run(chunks())
+    return (losses, *grads.result())
 
 
 def logits_copy_(out: Tensor, logits: Tensor, counted: Tensor, temperature: float, finite: bool) -> None:
@@ -200,78 +151,3 @@ def logits_copy_(out: Tensor, logits: Tensor, counted: Tensor, temperature: floa
     out.masked_fill_(~counted, 0)
     if finite:
         out.clamp_(min=torch.finfo(out.dtype).min)
-
-
-def divide_into_(out: Tensor, logits: Tensor, temperature: float) -> None:
-    """out = logits / temperature, computed in out's dtype (a half-precision division would round again)."""
-    if temperature == 1.0:
-        out.copy_(logits)
-    elif logits.dtype == out.dtype:
-        torch.div(logits, temperature, out=out)
-    else:
-        out.copy_(logits).div_(temperature)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The row math. Each takes the chunk's log-softmaxes (overwritten), scratch buffers of their shape and,
-# for the gradient, `coef` (rows x 1: the reduction's scale times the upstream gradient over T, 0 on
-# ignored rows). Returns (the rows' divergences, coef * d divergence / d s in one of the buffers, or None).
-
-
-def kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Tensor | None):
-    """KL(p_t || p_s) per row."""
-    p_t = torch.exp(log_p_t, out=scratch)
-    # 0 where p_t = 0, its limit (a -inf student logit there would make it 0 * inf)
-    rows = log_p_t.sub_(log_p_s).mul_(p_t).masked_fill_(p_t == 0, 0).sum(1)
-    if coef is None:
-        return rows, None
-    return rows, log_p_s.exp_().sub_(p_t).mul_(coef)
-
-
-def reverse_kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Tensor | None):
-    """KL(p_s || p_t) per row (infinite where the teacher has no mass and the student has some)."""
-    p_s = torch.exp(log_p_s, out=scratch)
-    student_none = p_s == 0  # those terms are 0, their limit (-inf logits on both sides: 0 * NaN)
-    log_ratio = torch.sub(log_p_s, log_p_t, out=log_p_t)
-    rows = torch.mul(log_ratio, p_s, out=log_p_s).masked_fill_(student_none, 0).sum(1)
-    if coef is None:
-        return rows, None
-    return rows, log_ratio.sub_(rows.unsqueeze(1)).mul_(p_s).mul_(coef).masked_fill_(student_none, 0)
-
-
-def jsd_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, log_mix: Tensor, beta: float, coef: Tensor | None):
-    """beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s, per row (0 < beta < 1)."""
-    # log_mix = log m - log(1 - beta) = logaddexp(log p_s, log p_t + log(beta / (1 - beta))): the constant
-    # log(1 - beta) is added to the sums instead (sum p log m = sum p log_mix + log(1 - beta), sum p = 1)
-    # and cancels from the gradient. Finite wherever log p_s is, so no 0 * inf.
-    offset = math.log1p(-beta)
-    torch.add(log_p_t, math.log(beta) - offset, out=log_mix)
-    torch.logaddexp(log_p_s, log_mix, out=log_mix)
-
-    # terms of weight 0 are 0, their limit (-inf logits on both sides make log p - log m NaN there)
-    p_t = torch.exp(log_p_t, out=scratch)
-    teacher_kl = log_p_t.sub_(log_mix).mul_(p_t).masked_fill_(p_t == 0, 0).sum(1) - offset
-    p_s = torch.exp(log_p_s, out=scratch)
-    student_none = p_s == 0
-    log_ratio = log_p_s.sub_(log_mix)  # log p_s - log m + log(1 - beta)
-    student_kl_shifted = torch.mul(log_ratio, p_s, out=log_p_t).masked_fill_(student_none, 0).sum(1)
-    rows = beta * teacher_kl + (1 - beta) * (student_kl_shifted - offset)
-    if coef is None:
-        return rows, None
-    # d/ds = (1 - beta) p_s (log p_s - log m - KL(p_s || m)): the shifts cancel
-    grad = log_ratio.sub_(student_kl_shifted.unsqueeze(1)).mul_(p_s).mul_((1 - beta) * coef)
-    return rows, grad.masked_fill_(student_none, 0)
-
-
-def topk_kl_rows(log_p_s: Tensor, indices: Tensor, logprobs: Tensor, counted: Tensor, coef: Tensor | None):
-    """sum_k q_k (log q_k - log p_s[i_k]) per row over the teacher's given support, q = exp(logprobs) as
-    given (not renormalised). Ignored rows' indices and log-probabilities are not read."""
-    indices = torch.where(counted, indices, 0)
-    logprobs = logprobs.to(log_p_s.dtype)
-    q = torch.where(counted, logprobs.exp(), 0)
-    terms = q * (logprobs - log_p_s.gather(1, indices))
-    rows = terms.masked_fill_(q == 0, 0).sum(1)  # -inf log-probabilities (padding) add nothing
-    if coef is None:
-        return rows, None
-    grad = log_p_s.exp_().mul_(q.sum(1, keepdim=True) * coef)
-    return rows, grad.scatter_add_(1, indices, q.mul_(-coef))

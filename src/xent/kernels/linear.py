@@ -3,7 +3,12 @@ kernel turns it into the loss statistics and, in place, the logits' gradient, an
 that into the gradients of the input and the head before the next chunk reuses the workspace.
 
 Serves xent.linear_cross_entropy (all classes) and the vocab-parallel linear loss (one rank's block of
-classes, whose gradient pass gets the global log-sum-exp).
+classes, whose gradient pass gets the global log-sum-exp). The chosen backend is asked first for a whole
+fused pass of its own (Backend.linear_pass); without one, the generic chunked GEMM path below runs.
+
+The pieces every chunked pass over a linear head shares live here too, for kernels/distill.py as well:
+`row_ranges` (the chunks' rows), `Head` (a chunk's logits into a workspace) and `HeadGradients` (a
+chunk's logits gradient folded into the gradients of the hidden states, the head's weight and its bias).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import Tensor
 
 from ..problems import HALF_DTYPES, LinearProblem, autocast_dtype
 from . import backend_for, rows
+from .backends import Work
 from .driver import Chunk, RowPass
 
 # Default workspace: 1/16 of the full logits, between 16 MiB and 256 MiB (benchmarks/RESULTS.md).
@@ -28,11 +34,12 @@ MAX_CHUNK_BYTES = 256 << 20
 MAX_GPU_CHUNK_BYTES = 4 << 30
 
 
-def workspace_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the logits workspace for a head of `dtype`: the head's own for bf16/fp16 on the Triton
-    backend (half-precision GEMMs; the kernel does fp32 math), else the compute dtype (fp32 or fp64)."""
+def workspace_dtype(device: torch.device, dtype: torch.dtype, choice: str | None = None) -> torch.dtype:
+    """The dtype of the logits workspace for a head of `dtype`: the head's own for bf16/fp16 on a backend
+    whose chunk step works in half-precision workspaces (Triton: half-precision GEMMs, fp32 math in the
+    kernel), else the compute dtype (fp32 or fp64). `choice`: the call's backend choice."""
     cd = torch.float64 if dtype == torch.float64 else torch.float32
-    return dtype if dtype in HALF_DTYPES and backend_for(device, cd).name == "triton" else cd
+    return dtype if dtype in HALF_DTYPES and backend_for(device, cd, choice).half_precision_workspace else cd
 
 
 def chunk_rows(
@@ -63,7 +70,7 @@ def rows_per_chunk(p: LinearProblem, weight_grad: bool = False) -> int:
     return chunk_rows(
         p.input.shape[0],
         vocab,
-        workspace_dtype(p.input.device, p.input.dtype),
+        workspace_dtype(p.input.device, p.input.dtype, p.options.backend),
         p.memory_budget,
         accumulator_bytes=vocab * hidden * 4 if weight_grad and p.input.device.type == "cuda" else 0,
     )
@@ -89,13 +96,28 @@ def linear_pass(
     one chunk covers: one GEMM in the workspace's dtype (fp32 accumulation inside it, as F.linear's
     backward), with no accumulator.
     """
+    backend = backend_for(p.input.device, p.compute_dtype, p.options.backend)
+    if backend.supports(Work.FUSED_LINEAR, problem=p):
+        fused = backend.linear_pass(
+            p,
+            block,
+            targets=targets,
+            scale=scale,
+            want=want,
+            lse=lse,
+            entropy_scale=entropy_scale,
+            entropy_value=entropy_value,
+        )
+        if fused is not None:
+            return fused
+
     x, w_lin, b_lin = p.input, p.linear_weight, p.linear_bias
     num_rows, vocab = x.shape[0], w_lin.shape[0]
     cd = p.compute_dtype
     dev = x.device
     cap = p.options.softcap
     need_grad = scale is not None and any(want)
-    want_input, want_weight, want_bias = want if need_grad else (False, False, False)
+    want = want if need_grad else (False, False, False)
 
     smoothing = p.options.label_smoothing > 0
     stats = rows.RowStats.for_statistics(
@@ -109,22 +131,14 @@ def linear_pass(
     )
     if not vocab:  # no classes in this head (or this rank's block): sum exp = 0, lse = -inf, no chunk runs
         rows.classless_stats(stats)
-    # a head without classes (or a rank holding none) writes no chunk: its input gradient is zero
-    # contiguous whatever the input's strides (the custom op's fake says so); zeros without classes
-    grad_input = (torch.empty if vocab else torch.zeros)(x.shape, dtype=x.dtype, device=dev) if want_input else None
-    step = rows_per_chunk(p, want_weight)
-    ws_dtype = workspace_dtype(dev, x.dtype)
-    one_chunk = 0 < num_rows <= step and vocab > 0 and ws_dtype == x.dtype == w_lin.dtype
-    grad_weight = None
-    if want_weight and one_chunk:
-        grad_weight = torch.empty(w_lin.shape, dtype=x.dtype, device=dev)
-    elif want_weight:
-        grad_weight = torch.zeros(w_lin.shape, dtype=cd, device=dev)
-    grad_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
+    step = rows_per_chunk(p, want[1])
+    ws_dtype = workspace_dtype(dev, x.dtype, p.options.backend)
+    grads = HeadGradients(
+        x, w_lin, want, cd, one_chunk=0 < num_rows <= step and vocab > 0 and ws_dtype == x.dtype == w_lin.dtype
+    )
     entropy = entropy_scale.to(cd) if entropy_scale is not None else None
     coefficients = targets.coefficients(scale, lse, block, entropy, entropy_value) if need_grad else None
     unshifted = dev.type == "cpu"  # as in kernels/portable.py: decided per chunk with a host check
-    backend = backend_for(dev, cd)
 
     # On the Triton backend a half-precision head keeps its workspace in that dtype: the logits come from
     # a bf16/fp16 GEMM (fp32 accumulation, as F.linear), the kernel reads them and writes the gradient in
@@ -133,38 +147,18 @@ def linear_pass(
     work_buf = torch.empty(min(step, num_rows) * vocab, dtype=ws_dtype, device=dev) if num_rows and vocab else None
     chain_buf = (
         torch.empty_like(work_buf)
-        if cap is not None and need_grad and work_buf is not None and backend.name == "torch"
+        if cap is not None and need_grad and work_buf is not None and backend.softcap_chain_scratch
         else None
     )
-
-    def load(xc: Tensor, ws: Tensor) -> None:
-        """The chunk's logits (as F.linear computes them, in the parameters' dtype) into the workspace."""
-        if x.dtype == ws.dtype:
-            if b_lin is None:
-                torch.mm(xc, w_lin.T, out=ws)
-            else:
-                torch.addmm(b_lin, xc, w_lin.T, out=ws)
-        else:
-            ws.copy_(F.linear(xc, w_lin, b_lin))
+    head = Head(w_lin, b_lin)
 
     def chunks():
-        for r0 in range(0, num_rows if vocab else 0, step):
-            r1 = min(num_rows, r0 + step)
+        for r0, r1 in row_ranges(num_rows if vocab else 0, step):
             xc = x[r0:r1]
             ws = work_buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
-            yield Chunk(r0, r1, ws, lambda xc=xc, ws=ws: load(xc, ws))
-            if not need_grad:
-                continue
-            # the workspace holds the chunk's logits gradient: fold it into the parameters' gradients
-            grad_logits = ws if ws.dtype == x.dtype else ws.to(x.dtype)
-            if want_input:
-                torch.mm(grad_logits, w_lin, out=grad_input[r0:r1])
-            if want_weight and one_chunk:
-                torch.mm(grad_logits.T, xc, out=grad_weight)
-            elif want_weight:
-                accumulate_mm_(grad_weight, grad_logits.T, xc)
-            if want_bias:
-                grad_bias.add_(ws.sum(0, dtype=cd))
+            yield Chunk(r0, r1, ws, lambda xc=xc, ws=ws: head.logits_into_(ws, xc))
+            if need_grad:  # the workspace holds the chunk's logits gradient: fold it into the parameters'
+                grads.fold_(r0, r1, xc, ws if ws.dtype == x.dtype else ws.to(x.dtype), ws)
 
     RowPass.over_block(
         backend,
@@ -176,7 +170,91 @@ def linear_pass(
         chain_buf=chain_buf,
         unshifted=unshifted,
     ).run(chunks())
-    return stats, grad_input, grad_weight, grad_bias
+    return (stats, *grads.result())
+
+
+def row_ranges(num_rows: int, step: int):
+    """(r0, r1): the rows of each chunk of `step` rows (the last one shorter)."""
+    for r0 in range(0, num_rows, step):
+        yield r0, min(num_rows, r0 + step)
+
+
+class Head:
+    """A linear head whose chunk logits come out as F.linear computes them, divided by the temperature.
+
+    fp32/fp64 heads divide the chunk's hidden states and the bias instead of the logits ((h W^T + b) / T =
+    (h / T) W^T + b / T: O(rows x H) work, not O(rows x V)); heads in another dtype than the workspace's
+    (half precision) run their GEMM in their dtype and divide while copying into the workspace. With
+    `finite`, a -inf bias entry (a masked-out token) is clamped to the dtype's most negative finite value
+    divided by T: its probability stays exactly 0, and its log-probability finite, so 0 * log 0 terms
+    vanish without a mask (distillation)."""
+
+    def __init__(self, weight: Tensor | None, bias: Tensor | None, temperature: float = 1.0, finite: bool = False):
+        self.weight, self.temperature = weight, temperature
+        if bias is not None and finite:
+            bias = bias.clamp(min=torch.finfo(bias.dtype).min * min(1.0, temperature))
+        self.raw_bias = bias  # for a GEMM in another dtype than the workspace's, which divides its output
+        if bias is not None and temperature != 1.0 and bias.dtype in (torch.float32, torch.float64):
+            bias = bias / temperature
+        self.bias = bias
+
+    def logits_into_(self, out: Tensor, x: Tensor) -> None:
+        t, w, b = self.temperature, self.weight, self.bias
+        if x.dtype != out.dtype:  # another dtype (half precision): the GEMM in it, the division on the copy
+            divide_into_(out, F.linear(x, w, self.raw_bias), t)
+            return
+        x = x / t if t != 1.0 else x
+        if b is None:
+            torch.mm(x, w.T, out=out)
+        else:
+            torch.addmm(b, x, w.T, out=out)
+
+
+def divide_into_(out: Tensor, logits: Tensor, temperature: float) -> None:
+    """out = logits / temperature, computed in out's dtype (a half-precision division would round again)."""
+    if temperature == 1.0:
+        out.copy_(logits)
+    elif logits.dtype == out.dtype:
+        torch.div(logits, temperature, out=out)
+    else:
+        out.copy_(logits).div_(temperature)
+
+
+class HeadGradients:
+    """The gradients a chunked pass over a linear head folds each chunk's logits gradient into: the
+    hidden states' (their dtype), the weight's and the bias's (accumulated in the compute dtype `cd`).
+
+    A weight gradient that one chunk covers (`one_chunk`) is one GEMM straight into the returned tensor,
+    in the hidden states' dtype (fp32 accumulation inside it, as F.linear's backward): no accumulator.
+    Without classes no chunk runs: the input's gradient is then zeros (contiguous whatever the input's
+    strides, as the custom ops' fakes say), as are the others."""
+
+    def __init__(self, x: Tensor, weight: Tensor, want: tuple[bool, bool, bool], cd: torch.dtype, one_chunk: bool):
+        want_input, want_weight, want_bias = want
+        vocab, dev = weight.shape[0], x.device
+        self.weight, self.cd, self.one_chunk = weight, cd, one_chunk
+        self.input = (torch.empty if vocab else torch.zeros)(x.shape, dtype=x.dtype, device=dev) if want_input else None
+        self.linear_weight = None
+        if want_weight:
+            self.linear_weight = (torch.empty if one_chunk else torch.zeros)(
+                weight.shape, dtype=x.dtype if one_chunk else cd, device=dev
+            )
+        self.linear_bias = torch.zeros(vocab, dtype=cd, device=dev) if want_bias else None
+
+    def fold_(self, r0: int, r1: int, x_rows: Tensor, grad_logits: Tensor, grad_for_bias: Tensor) -> None:
+        """Adds rows r0:r1's share: `grad_logits` (their logits gradient, in x_rows's dtype: what the GEMMs
+        read) and `grad_for_bias` (the same, as computed: what the bias sums)."""
+        if self.input is not None:
+            torch.mm(grad_logits, self.weight, out=self.input[r0:r1])
+        if self.linear_weight is not None and self.one_chunk:
+            torch.mm(grad_logits.T, x_rows, out=self.linear_weight)
+        elif self.linear_weight is not None:
+            accumulate_mm_(self.linear_weight, grad_logits.T, x_rows)
+        if self.linear_bias is not None:
+            self.linear_bias.add_(grad_for_bias.sum(0, dtype=self.cd))
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.input, self.linear_weight, self.linear_bias
 
 
 def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:

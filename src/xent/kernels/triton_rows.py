@@ -374,11 +374,6 @@ def triton_chunk(
     )
 
 
-def supports(problem) -> bool:
-    """The Triton driver's cases: class-index targets over (N, C) rows, fp32/bf16/fp16."""
-    return not problem.probabilities and problem.logits.shape[2] == 1 and problem.compute_dtype == torch.float32
-
-
 def cross_entropy_forward(
     problem, need_grad: bool, upstream: Tensor | None = None, entropy_upstream: Tensor | None = None
 ):
