@@ -165,6 +165,7 @@ def test_every_divergence_teacher_and_reduction_matches_float64(kind, divergence
     with_target=st.booleans(),
     budget_rows=st.sampled_from([None, 1, 2, 5]),
 )
+@pytest.mark.slow
 def test_random_problems_match_float64(
     seed, rows, vocab, hidden, form, reduction, temperature, beta, bias, with_target, budget_rows
 ):
@@ -380,6 +381,7 @@ def test_non_finite_hidden_states_on_ignored_tokens_stay_out(kind, divergence):
 
 @pytest.mark.parametrize("kind,divergence", FORMS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.slow
 def test_gradcheck_float64(kind, divergence, reduction):
     x, w, b, teacher, _, target = make_case(
         10, lead=(5,), hidden=3, teacher_hidden=2, vocab=6, k=3, kind=kind, dtype=torch.float64
@@ -617,6 +619,7 @@ def test_top_k_with_jsd_at_beta_zero_is_the_forward_kl():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.compile
 def test_compile_fullgraph_equals_eager(reduction):
     torch._dynamo.reset()
     x, w, b, teacher, _, target = make_case(19, kind="head")
@@ -687,6 +690,7 @@ def _op_args(kind, reduction, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["head", "logits", "topk"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.slow
 def test_opcheck(kind, reduction, dtype):
     tensors, options = _op_args(kind, reduction, dtype)
     opcheck(torch.ops.xent.linear_distillation.default, (*tensors, *options, True, True, True))

@@ -61,6 +61,7 @@ def _loss_and_grads(fn, m, hdn, y):
 
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("backend,dynamic", [("inductor", False), ("inductor", True), ("aot_eager", True)])
+@pytest.mark.compile
 def test_compile_fullgraph_equals_eager(name, backend, dynamic):
     torch._dynamo.reset()
     m = _head()
@@ -78,6 +79,7 @@ def test_compile_fullgraph_equals_eager(name, backend, dynamic):
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.compile
 def test_compiled_retain_graph_second_backward(name):
     torch._dynamo.reset()
     m = _head()
@@ -91,6 +93,7 @@ def test_compiled_retain_graph_second_backward(name):
         assert_close(p.grad, 2 * g)
 
 
+@pytest.mark.compile
 def test_compiled_module_with_xent_loss_has_no_graph_break():
     class Model(torch.nn.Module):
         def __init__(self):
@@ -110,6 +113,7 @@ def test_compiled_module_with_xent_loss_has_no_graph_break():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="a device-side assert ends the CUDA context for the whole session")
+@pytest.mark.compile
 def test_compiled_out_of_range_target_still_raises():
     torch._dynamo.reset()
     m = _head()
@@ -125,6 +129,7 @@ def test_compiled_out_of_range_target_still_raises():
 @pytest.mark.parametrize(
     "name", ["cross_entropy", "CrossEntropyLoss weighted", "nll_loss", "linear_cross_entropy", "linear none", "K-dim"]
 )
+@pytest.mark.compile
 def test_export_runs_like_eager(name):
     m = _head()
     hdn, y = _data()
@@ -208,6 +213,7 @@ def _opcheck_cases():
 
 @pytest.mark.parametrize("args", _opcheck_cases())
 @pytest.mark.parametrize("statistics", ["", "lse,entropy,z_loss,argmax"])
+@pytest.mark.slow
 def test_opcheck_cross_entropy_ops(args, statistics):
     opcheck(torch.ops.xent.cross_entropy.default, (*args, statistics))
     x, reduction = args[0], args[3]
@@ -217,6 +223,7 @@ def test_opcheck_cross_entropy_ops(args, statistics):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
 def test_opcheck_linear_ops(reduction, dtype):
     gen = torch.Generator().manual_seed(6)
     h, w, b = (torch.randn(*s, generator=gen).to(dtype) for s in ((6, 4), (9, 4), (9,)))
