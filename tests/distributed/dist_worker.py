@@ -104,13 +104,15 @@ class _Recorder:
         """Record the AssertionError being handled in the running check (re-raise it outside any check)."""
         if self.failures is None:
             raise
-        stack = traceback.extract_stack()[:-2]  # up to the caller of _close / _require
-        while stack and stack[0].name != "_run_scenario":
-            stack.pop(0)
+        stack = traceback.extract_stack()
+        names = [frame.name for frame in stack]
+        # from the scenario's frame to the one that called _close / _require
+        first = names.index("_run_scenario") + 1 if "_run_scenario" in names else 0
+        last = min((i for i, name in enumerate(names) if name in ("_close", "_require")), default=len(stack))
         self.failures.append(
             "Traceback (the check went on):\n"
-            + "".join(traceback.format_list(stack[1:]))
-            + "".join(traceback.format_exception(*sys.exc_info())[1:])
+            + "".join(traceback.format_list(stack[first:last]))
+            + "".join(traceback.format_exception_only(*sys.exc_info()[:2]))
         )
 
 
