@@ -6,6 +6,9 @@ each check that did not pass on every rank as its own failed subtest, naming the
 the ranks, with each rank's traceback, so one failing check does not hide the others. A watchdog kills
 the ranks if they have not finished within the deadline (the process group also has a 60 s collective
 timeout), so a hang fails the test instead of stalling the suite; the checks done before it still report.
+
+`import dist_worker` finds this directory's module because pytest (its default "prepend" import mode, no
+__init__.py here) puts tests/distributed on sys.path; the spawned ranks inherit that sys.path.
 """
 
 from __future__ import annotations
