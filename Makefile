@@ -1,6 +1,8 @@
 # The two set-up commands (README): `make demo` runs the main job, `make test` runs the tests.
 # Each creates .venv and installs what it needs; torch is pinned through constraints.txt so a CPU
 # machine takes the local CPU wheel and never pulls CUDA packages.
+# `make test-fast` runs the quick part of the tests (every layer, under a minute on 2 CPU cores): all but
+# the tests marked distributed, compile, triton or slow (markers: pyproject.toml); `make test` runs them all.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -10,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: demo test lint format verify bench clean
+.PHONY: demo test test-fast lint format verify bench clean
 demo: $(STAMP)
 	$(VENV)/bin/xent bench
 
@@ -19,6 +21,9 @@ verify: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not distributed and not compile and not triton and not slow"
 
 # ruff, configured in pyproject.toml: the linter, and the formatter in check mode (`make format` applies it)
 lint: $(STAMP)

@@ -45,6 +45,22 @@ if _FAILURE_LOG:  # a time-boxed run on a lent GPU: keep each failure even if th
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_collection_modifyitems(config, items):
+    """Markers that follow from a test's parameters (the markers are registered in pyproject.toml).
+
+    A case parametrized over xent's backend (`backend` / `backend_name`, a parameter or a fixture's) with
+    the value "triton" runs Triton kernels: `triton`. A case on the "cuda" `device`: `cuda`. The other
+    markers are set in the test files (decorators, a module's pytestmark).
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        if any(params.get(name) == "triton" for name in ("backend", "backend_name")):
+            item.add_marker(pytest.mark.triton)
+        if params.get("device") == "cuda":
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(scope="session", params=DEVICES)
 def device(request) -> torch.device:
     """The device a differential test runs on ("cpu", and "cuda" when available).

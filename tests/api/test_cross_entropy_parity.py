@@ -177,6 +177,7 @@ def check_case(case: Case, torch_fn=F.cross_entropy, device="cpu"):
 
 
 @given(case=cases())
+@pytest.mark.slow
 def test_matches_torch_fp32_fp64(device, case):
     check_case(case, device=device)
 
@@ -193,6 +194,7 @@ def reference(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoo
 
 
 @given(case=cases(dtypes=(torch.bfloat16, torch.float16)))
+@pytest.mark.slow
 def test_half_precision_matches_float64_formula_and_torch(device, case):
     """Half precision: the exact value (float64 formula) is the oracle, since torch's own result carries
     half-precision accumulation error; torch must still agree loosely."""

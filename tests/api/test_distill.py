@@ -168,6 +168,7 @@ def test_every_divergence_teacher_and_reduction_matches_float64(kind, divergence
     with_target=st.booleans(),
     budget_rows=st.sampled_from([None, 1, 2, 5]),
 )
+@pytest.mark.slow
 def test_random_problems_match_float64(
     seed, rows, vocab, hidden, form, reduction, temperature, beta, bias, with_target, budget_rows
 ):
@@ -383,6 +384,7 @@ def test_non_finite_hidden_states_on_ignored_tokens_stay_out(kind, divergence):
 
 @pytest.mark.parametrize("kind,divergence", FORMS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.slow
 def test_gradcheck_float64(kind, divergence, reduction):
     x, w, b, teacher, _, target = make_case(
         10, lead=(5,), hidden=3, teacher_hidden=2, vocab=6, k=3, kind=kind, dtype=torch.float64
@@ -620,6 +622,7 @@ def test_top_k_with_jsd_at_beta_zero_is_the_forward_kl():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.compile
 def test_compile_fullgraph_equals_eager(reduction):
     torch._dynamo.reset()
     x, w, b, teacher, _, target = make_case(19, kind="head")
@@ -691,6 +694,7 @@ def _op_problem(kind, reduction, dtype=torch.float32) -> DistillProblem:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["head", "logits", "topk"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.slow
 def test_opcheck(kind, reduction, dtype):
     p = _op_problem(kind, reduction, dtype)
     op = LINEAR_DISTILLATION

@@ -61,11 +61,13 @@ def test_verify_fails_when_a_result_is_wrong(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_console_script_entry_point():
     done = subprocess.run([sys.executable, "-m", "xent.cli", "verify"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_bench_runs_small_and_reports_every_implementation(capsys):
     # on the default device: the GPU where there is one
     assert cli.main(["bench", "--tokens", "32", "--hidden", "8", "--vocab", "100", "--repeats", "1", "--quiet"]) == 0
@@ -79,6 +81,7 @@ def test_bench_runs_small_and_reports_every_implementation(capsys):
         assert float(row[-1]) < 1e-4 and float(row[-2]) < 1e-4  # max |d grad|, |d loss| against the baseline
 
 
+@pytest.mark.slow
 def test_bench_plot(tmp_path, capsys):
     out_file = tmp_path / "bench.png"
     assert (

@@ -128,6 +128,7 @@ def test_entropy_alone_and_log_probabilities_alone_are_differentiable():
             assert_close(g, r)
 
 
+@pytest.mark.compile
 def test_token_logprobs_under_compile_and_torch_func():
     h, w, b, y = _data(torch.float32)
     params = [t.clone().requires_grad_() for t in (h, w, b)]

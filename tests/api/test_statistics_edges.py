@@ -54,6 +54,7 @@ def test_entropy_gradient_of_large_peaked_logits(backend):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
 @pytest.mark.parametrize("prefix", ["min", "-inf"])
+@pytest.mark.triton
 def test_masked_prefix_streamed_in_blocks(monkeypatch, prefix):
     """A row whose first blocks are the most negative float (or -inf) and whose later ones are far below
     0: the sums are re-based without 0 * inf, and without keeping a shift of 0 for the -inf prefix."""

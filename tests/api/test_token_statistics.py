@@ -206,6 +206,7 @@ def test_bad_names_raise(value, error):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.triton
 def test_argmax_ties_across_the_kernels_blocks(monkeypatch):
     """The Triton kernel streams a row in blocks: a tie between blocks keeps the earlier column, as
     torch.argmax; and the entropy is re-based correctly when a later block raises the max."""
@@ -268,6 +269,7 @@ def test_linear_cross_entropy_statistics(
         _check_statistics(stats, expected, (n,), dtype, msg=f"{backend_name} {device} {dtype}")
 
 
+@pytest.mark.compile
 def test_statistics_under_compile_and_torch_func():
     x = torch.randn(6, 20, requires_grad=True)
     y = torch.tensor([1, 2, 3, -100, 5, 6])

@@ -299,6 +299,7 @@ print(json.dumps({"peak": _status_bytes("VmHWM") - base}))
 """
 
 
+@pytest.mark.slow
 def test_training_step_peak_memory_is_lower_at_a_large_vocabulary():
     peaks = {}
     for variant in ("transformers", "xent"):
@@ -316,6 +317,7 @@ def test_training_step_peak_memory_is_lower_at_a_large_vocabulary():
     assert peaks["transformers"] > 1.5 * logits_bytes  # the unpatched step really holds the logits
 
 
+@pytest.mark.slow
 def test_example_finetune_script_runs():
     from pathlib import Path
 

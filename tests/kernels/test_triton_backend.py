@@ -25,7 +25,10 @@ from hypothesis import strategies as st
 import xent
 from xent import kernels
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.triton,
+]
 CUDA = torch.cuda.is_available()
 # Where the Triton kernel runs here: the GPU, or (no GPU) CPU tensors through the interpreter.
 DEVICE = "cuda" if CUDA else "cpu"
@@ -231,6 +234,7 @@ def test_backend_selection_and_errors(monkeypatch):
         assert backend_for(cpu) == backend_for(cuda) == "torch"
 
 
+@pytest.mark.slow
 def test_cuda_benchmark_script_runs(tmp_path):
     """benchmarks/bench_cuda.py in its smoke mode: on the GPU where there is one, else on CPU tensors through
     Triton's interpreter (what CI checks)."""

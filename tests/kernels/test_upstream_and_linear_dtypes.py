@@ -138,6 +138,8 @@ def test_linear_cross_entropy_runs_half_precision_gemms(monkeypatch, backend, dt
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunks", [8, 1])
+@pytest.mark.slow
+@pytest.mark.triton
 def test_half_precision_weight_gradient_is_as_precise_as_the_naive_path(monkeypatch, dtype, chunks):
     """Against float64, over many chunks (an fp32 accumulator) or one (one GEMM into the head's dtype): the
     weight and input gradients are no worse than the plain `F.cross_entropy((x @ W.T).float(), y)` in the
@@ -178,6 +180,8 @@ def test_default_chunks_are_whole_gemm_tiles():
 
 
 @pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.triton
+@pytest.mark.cuda
 def test_no_host_synchronisation_in_forward_and_backward():
     x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, 4096, (256,), device="cuda")
@@ -201,6 +205,8 @@ def test_no_host_synchronisation_in_forward_and_backward():
 
 
 @pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.triton
+@pytest.mark.cuda
 def test_cuda_graph_capture_and_replay():
     """Forward and backward of cross-entropy, linear cross-entropy (with statistics) and the RL
     log-probabilities captured in one CUDA graph, replayed on new inputs: the eager results."""

@@ -65,6 +65,7 @@ def _loss_and_grads(fn, m, hdn, y):
 
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("backend,dynamic", [("inductor", False), ("inductor", True), ("aot_eager", True)])
+@pytest.mark.compile
 def test_compile_fullgraph_equals_eager(name, backend, dynamic):
     torch._dynamo.reset()
     m = _head()
@@ -82,6 +83,7 @@ def test_compile_fullgraph_equals_eager(name, backend, dynamic):
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.compile
 def test_compiled_retain_graph_second_backward(name):
     torch._dynamo.reset()
     m = _head()
@@ -95,6 +97,7 @@ def test_compiled_retain_graph_second_backward(name):
         assert_close(p.grad, 2 * g)
 
 
+@pytest.mark.compile
 def test_compiled_module_with_xent_loss_has_no_graph_break():
     class Model(torch.nn.Module):
         def __init__(self):
@@ -114,6 +117,7 @@ def test_compiled_module_with_xent_loss_has_no_graph_break():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="a device-side assert ends the CUDA context for the whole session")
+@pytest.mark.compile
 def test_compiled_out_of_range_target_still_raises():
     torch._dynamo.reset()
     m = _head()
@@ -129,6 +133,7 @@ def test_compiled_out_of_range_target_still_raises():
 @pytest.mark.parametrize(
     "name", ["cross_entropy", "CrossEntropyLoss weighted", "nll_loss", "linear_cross_entropy", "linear none", "K-dim"]
 )
+@pytest.mark.compile
 def test_export_runs_like_eager(name):
     m = _head()
     hdn, y = _data()
@@ -212,6 +217,7 @@ def _opcheck_cases():
 
 @pytest.mark.parametrize("args", _opcheck_cases())
 @pytest.mark.parametrize("statistics", [(), ("lse", "entropy", "z_loss", "argmax")])
+@pytest.mark.slow
 def test_opcheck_cross_entropy_ops(args, statistics):
     x, y, w, reduction, ignore_index, eps, z, cap, out_dtype = args
     problem = make_problem(x, y, w, Options(reduction, ignore_index, eps, z, cap), out_dtype, statistics)
@@ -222,6 +228,7 @@ def test_opcheck_cross_entropy_ops(args, statistics):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
 def test_opcheck_linear_ops(reduction, dtype):
     gen = torch.Generator().manual_seed(6)
     h, w, b = (torch.randn(*s, generator=gen).to(dtype) for s in ((6, 4), (9, 4), (9,)))

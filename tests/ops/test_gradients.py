@@ -170,6 +170,7 @@ def test_weight_requiring_grad_with_class_indices_raises_like_torch(device):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.compile
 def test_torch_compile_gives_the_eager_result(backend, device):
     """Under torch.compile the losses run eagerly behind one graph break: the same loss and gradients."""
     torch._dynamo.reset()

@@ -17,8 +17,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import exchange
-# Layout and token_statistics are re-exported: the public API reaches the exchange through the ops.
-from ..exchange import Layout, token_statistics  # noqa: F401
 from ..kernels import rows
 from ..kernels.blocks import block_pass, linear_logit_at, logits_gradient, token_gradient_coefficients
 from ..kernels.linear import linear_pass
@@ -27,6 +25,10 @@ from .cross_entropy import SCALE_GRAD, ScaleGrad, scale_input_grad_
 from .declare import BackwardContext, OpFamily
 from .handover import save_for_handover, saved_inputs, take_handover
 from .linear import PARAMETERS
+
+# The public API reaches the exchange's layout and its statistics through the ops.
+Layout = exchange.Layout
+token_statistics = exchange.token_statistics
 
 
 def _resolve(group_name: str):
