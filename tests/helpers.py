@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# Parity tolerances against torch (../shared/reference/torch-semantics.md, "Numerics"). Half precision is
+# Parity tolerances against torch (docs/torch-semantics.md, "Numerics"). Half precision is
 # looser because torch itself accumulates in half precision; we compare those against float64 instead.
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),

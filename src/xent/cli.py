@@ -1,7 +1,7 @@
 """The `xent` command line.
 
 xent bench     time, peak memory and accuracy of xent against torch on this machine (the main job)
-xent verify    the seed tutorial's appendix: formula vs xent vs torch
+xent verify    the worked example of docs/torch-semantics.md: formula vs xent vs torch
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import sys
 import torch
 
 # ----------------------------------------------------------------------------------------------------
-# xent verify: the seed tutorial's appendix, computed three ways
+# xent verify: the worked example (docs/torch-semantics.md), computed three ways
 
-TUTORIAL_LOGITS = [[1.5, 2.0, 0.5], [1.0, 0.5, 2.5]]
-TUTORIAL_TARGETS = [1, 2]
-TUTORIAL_WEIGHTS = [0.7, 0.2, 0.1]
-TUTORIAL_ALPHA = 0.1
-# What the tutorial printed for torch's value of each example (its appendix output).
-TUTORIAL_PRINTED = {
+EXAMPLE_LOGITS = [[1.5, 2.0, 0.5], [1.0, 0.5, 2.5]]
+EXAMPLE_TARGETS = [1, 2]
+EXAMPLE_WEIGHTS = [0.7, 0.2, 0.1]
+EXAMPLE_ALPHA = 0.1
+# torch's value of each example, as the worked example records it.
+EXAMPLE_PRINTED = {
     "plain": 0.45524317026138306,
     "weight": 0.5048722624778748,
     "label smoothing": 0.5469098091125488,
@@ -27,10 +27,8 @@ TUTORIAL_PRINTED = {
 }
 
 
-def _tutorial_printed_formula(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, alpha: float
-) -> torch.Tensor:
-    """The weight + smoothing formula as the tutorial *prints* it: the target's weight w[y_i] scales the
+def _written_formula(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The weight + smoothing formula as the worked example *writes* it: the target's weight w[y_i] scales the
     whole smoothed row, l_i = w[y_i] * (-sum_c y'_ic log p_ic), mean over sum_i w[y_i]. torch instead
     weights each class's term by its own w[c]."""
     from . import reference
@@ -48,21 +46,21 @@ def verify(tolerance: float = 1e-6) -> int:
 
     import xent
 
-    logits = torch.tensor(TUTORIAL_LOGITS)
-    targets = torch.tensor(TUTORIAL_TARGETS)
-    weights = torch.tensor(TUTORIAL_WEIGHTS)
+    logits = torch.tensor(EXAMPLE_LOGITS)
+    targets = torch.tensor(EXAMPLE_TARGETS)
+    weights = torch.tensor(EXAMPLE_WEIGHTS)
     examples = {
         "plain": {},
         "weight": dict(weight=weights),
-        "label smoothing": dict(label_smoothing=TUTORIAL_ALPHA),
-        "weight + label smoothing": dict(weight=weights, label_smoothing=TUTORIAL_ALPHA),
+        "label smoothing": dict(label_smoothing=EXAMPLE_ALPHA),
+        "weight + label smoothing": dict(weight=weights, label_smoothing=EXAMPLE_ALPHA),
     }
     print(
-        "xent verify: the seed tutorial's appendix (2 samples, 3 classes, weights "
-        f"{TUTORIAL_WEIGHTS}, label_smoothing {TUTORIAL_ALPHA})\n"
+        "xent verify: the worked example (2 samples, 3 classes, weights "
+        f"{EXAMPLE_WEIGHTS}, label_smoothing {EXAMPLE_ALPHA})\n"
     )
     header = (
-        f"{'example':<26}{'formula (float64)':>20}{'xent':>14}{'torch':>14}{'tutorial':>14}"
+        f"{'example':<26}{'formula (float64)':>20}{'xent':>14}{'torch':>14}{'as written':>14}"
         f"{'max|grad diff|':>16}  result"
     )
     print(header)
@@ -81,21 +79,21 @@ def verify(tolerance: float = 1e-6) -> int:
         ok = (
             abs(float(ours) - formula) <= tolerance
             and abs(float(theirs) - formula) <= tolerance
-            and abs(TUTORIAL_PRINTED[name] - formula) <= tolerance
+            and abs(EXAMPLE_PRINTED[name] - formula) <= tolerance
             and grad_diff <= tolerance
         )
         failures += not ok
         print(
             f"{name:<26}{formula:>20.12f}{float(ours):>14.8f}{float(theirs):>14.8f}"
-            f"{TUTORIAL_PRINTED[name]:>14.8f}{grad_diff:>16.2e}  {'PASS' if ok else 'FAIL'}"
+            f"{EXAMPLE_PRINTED[name]:>14.8f}{grad_diff:>16.2e}  {'PASS' if ok else 'FAIL'}"
         )
 
-    printed = float(_tutorial_printed_formula(logits, targets, weights, TUTORIAL_ALPHA))
-    per_class = float(xent.reference.cross_entropy(logits, targets, weight=weights, label_smoothing=TUTORIAL_ALPHA))
-    torch_both = float(F.cross_entropy(logits, targets, weight=weights, label_smoothing=TUTORIAL_ALPHA))
+    printed = float(_written_formula(logits, targets, weights, EXAMPLE_ALPHA))
+    per_class = float(xent.reference.cross_entropy(logits, targets, weight=weights, label_smoothing=EXAMPLE_ALPHA))
+    torch_both = float(F.cross_entropy(logits, targets, weight=weights, label_smoothing=EXAMPLE_ALPHA))
     print("\nweight + label smoothing, the two ways of writing it:")
     print(
-        f"  tutorial's printed formula  l_i = w[y_i] * (-sum_c y'_ic log p_ic)   = {printed:.10f}  "
+        f"  the formula as written       l_i = w[y_i] * (-sum_c y'_ic log p_ic)   = {printed:.10f}  "
         f"{'agrees' if abs(printed - torch_both) <= tolerance else 'DISAGREES'} with torch ({torch_both:.10f})"
     )
     print(
@@ -307,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--plot-vocabs", default="8192,16384,32768,65536", help="vocabulary sizes for --plot")
     p_bench.add_argument("--plot-repeats", type=int, default=2)
     p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    p_verify = sub.add_parser("verify", help="reproduce the seed tutorial's appendix: formula vs xent vs torch")
+    p_verify = sub.add_parser("verify", help="the worked example of docs/torch-semantics.md: formula vs xent vs torch")
     p_verify.add_argument("--tolerance", type=float, default=1e-6)
     args = parser.parse_args(argv)
     if args.command == "verify":

@@ -1,4 +1,4 @@
-"""Targets from labels that are not integers: the tutorial's "map the classes to integers" step.
+"""Targets from labels that are not integers: the "map the classes to integers" step of a classification pipeline.
 
 `LabelEncoder` maps any hashable labels (strings, enums, tuples, ...) to the contiguous class indices
 cross_entropy expects, and back; `one_hot` turns indices into one-hot rows (e.g. to build probability

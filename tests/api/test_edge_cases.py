@@ -1,4 +1,4 @@
-"""The edge-case table of ../shared/reference/torch-semantics.md, each row checked against torch.
+"""The edge-case table of docs/torch-semantics.md ("Edge cases"), each row checked against torch.
 
 Each case runs on every `device` (conftest.py): inputs are built on the CPU and moved, and torch's result is
 taken on the same device.
@@ -151,8 +151,8 @@ def test_dtype_promotion_of_probability_targets(device):
         assert ours.dtype == theirs.dtype
 
 
-def test_seed_tutorial_appendix_weight_and_smoothing(device):
-    """../shared/seed: the appendix's weighted + smoothed example, whose code (not formula) torch follows."""
+def test_worked_example_weight_and_smoothing(device):
+    """docs/torch-semantics.md, "Worked example": weights + label smoothing, whose code (not formula) torch follows."""
     logits = torch.tensor([[1.5, 2.0, 0.5], [1.0, 0.5, 2.5]], device=device)
     targets = torch.tensor([1, 2], device=device)
     loss = xent.cross_entropy(logits, targets, weight=torch.tensor([0.7, 0.2, 0.1], device=device), label_smoothing=0.1)

@@ -1,4 +1,4 @@
-"""one_hot and LabelEncoder: the tutorial's path from non-integer labels to cross_entropy targets."""
+"""one_hot and LabelEncoder: the path from non-integer labels to cross_entropy targets."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def test_one_hot_errors_match_torch(labels, num_classes):
         xent.one_hot(labels, num_classes)
 
 
-def test_tutorial_example_strings_to_targets():
-    """The seed tutorial's 'classes are not integers' example: A, C, B, A -> 0, 2, 1, 0 -> one-hot."""
+def test_example_strings_to_targets():
+    """The 'classes are not integers' example: A, C, B, A -> 0, 2, 1, 0 -> one-hot."""
     enc = xent.LabelEncoder().fit(["A", "C", "B", "A"])
     assert enc.classes_ == ["A", "B", "C"]
     idx = enc.transform(["A", "C", "B", "A"])

@@ -3,7 +3,7 @@
 Everything torch checks is checked here, in torch's order and with torch's exception types, so that the
 kernels only ever see well-formed input. The order matters to users who test error handling: torch
 raises the batch-size ValueError before a target-dtype RuntimeError, the weight-shape error before an
-out-of-range target, and so on (docs/torch-semantics.md).
+out-of-range target, and so on (see docs/torch-semantics.md, "Error order").
 """
 
 from __future__ import annotations
