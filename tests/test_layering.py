@@ -7,7 +7,7 @@
       -> kernels: the drivers of each computation (__init__, portable, linear, distill, blocks)
       -> kernels/driver.py (the one chunk driver)
       -> kernels: the backends (backends, triton_rows)
-      -> kernels/rows.py (the row math)
+      -> kernels/rows.py, kernels/distill_rows.py (the row math)
     checks.py (the argument checks shared by validation and the ops' run-time checks), problems.py (the
     typed problems) and reference.py (the formulas) sit below everything.
 
@@ -50,7 +50,7 @@ LAYERS = [  # top to bottom
     {"xent.kernels", "xent.kernels.portable", "xent.kernels.linear", "xent.kernels.distill"},
     {"xent.kernels.driver"},
     {"xent.kernels.backends", "xent.kernels.triton_rows"},
-    {"xent.kernels.rows"},
+    {"xent.kernels.rows", "xent.kernels.distill_rows"},
     {"xent.checks"},
     {"xent.problems", "xent.reference"},
 ]

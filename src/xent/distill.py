@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from . import dtensor
 from .ops import distill as distill_ops
+from .validation.cross_entropy import check_backend, with_backend
 from .validation.distill import linear_distillation_problem
 
 
@@ -90,6 +91,7 @@ def linear_distillation_loss(
     reduction: str = "mean",
     memory_budget: int | None = None,
     output_dtype: torch.dtype | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     r"""Distillation loss of the student ``linear(input, linear_weight, linear_bias)`` towards ``teacher``,
     without materializing the student's logits.
@@ -117,6 +119,8 @@ def linear_distillation_loss(
             logits within [16 MiB, 256 MiB]. The result does not depend on it beyond rounding.
         output_dtype (torch.dtype, optional): of the returned loss; default the input's (float32 under
             autocast). The loss is computed in fp32 (fp64 for fp64 inputs) either way.
+        backend (str, optional): the compute backend, as in :func:`xent.cross_entropy` (the distillation
+            row math is the torch backend's on every backend today).
 
     Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``; with bf16/fp16 parameters the
     matmuls run in that dtype (fp32 accumulation) and the weight and bias gradients are summed in fp32 and
@@ -147,6 +151,7 @@ def linear_distillation_loss(
         )
     if dtensor.is_dtensor(input, linear_weight, linear_bias, target, *tensors.values()):
         raise NotImplementedError("linear_distillation_loss: DTensor inputs are not supported")
+    backend = check_backend(backend, "linear_distillation_loss")
     problem, input, linear_weight, linear_bias = linear_distillation_problem(
         input,
         linear_weight,
@@ -162,7 +167,7 @@ def linear_distillation_loss(
         memory_budget,
         output_dtype,
     )
-    return distill_ops.linear_distillation(problem, input, linear_weight, linear_bias)
+    return distill_ops.linear_distillation(with_backend(problem, backend), input, linear_weight, linear_bias)
 
 
 class LinearDistillationLoss(nn.Module):
@@ -170,7 +175,7 @@ class LinearDistillationLoss(nn.Module):
     teacher are given to ``forward``.
 
     Args:
-        divergence, beta, temperature, ignore_index, reduction, memory_budget: as
+        divergence, beta, temperature, ignore_index, reduction, memory_budget, backend: as
             :func:`linear_distillation_loss`.
 
     Examples::
@@ -187,6 +192,7 @@ class LinearDistillationLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         memory_budget: int | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.divergence = divergence
@@ -195,6 +201,7 @@ class LinearDistillationLoss(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.memory_budget = memory_budget
+        self.backend = backend
 
     def forward(
         self,
@@ -216,6 +223,7 @@ class LinearDistillationLoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             memory_budget=self.memory_budget,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -22,11 +22,13 @@ from .ops import vocab_parallel as ops
 from .ops.vocab_parallel import Layout
 from .problems import FUNC, TRACED, LinearProblem, TokenStatistics, route
 from .validation.cross_entropy import (
-    check_linear,
+    check_backend,
+    check_local_head,
+    check_local_logits_target,
     check_statistics,
     check_temperature,
-    check_tensor,
     vocab_parallel_options,
+    with_backend,
 )
 
 __all__ = [
@@ -53,6 +55,7 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_stats: str | Sequence[str] | None = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Cross-entropy of logits whose classes are split across the ranks of `group`, without gathering them.
 
@@ -72,6 +75,8 @@ def vocab_parallel_cross_entropy(
         return_stats: names of per-token statistics, as :func:`xent.cross_entropy`: global values, the
             same on every rank, merged in the one exchange (every rank must ask for the same ones).
             Returns ``(loss, stats)`` then.
+        backend (str, optional): the compute backend of this rank's block passes, as
+            :func:`xent.cross_entropy`'s.
 
     Forward runs one all-gather (two with ``vocab_start=None``) of 5 float64 numbers per row and rank (one
     more for the entropy, two more for the argmax);
@@ -85,11 +90,8 @@ def vocab_parallel_cross_entropy(
         local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "local_logits"
     )
     statistics = check_statistics(return_stats, fn)
-    if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
-        raise ValueError(
-            f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without "
-            f"its class dimension), got {list(target.shape)}"
-        )
+    opts = with_backend(opts, check_backend(backend, fn))
+    check_local_logits_target(local_logits, target, fn)
     how = route(local_logits, target, weight)
     if how == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
@@ -121,6 +123,7 @@ def vocab_parallel_linear_cross_entropy(
     z_loss: float = 0.0,
     memory_budget: int | None = None,
     return_stats: str | Sequence[str] | None = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Linear cross-entropy with the head's rows split across the ranks of `group`.
 
@@ -135,16 +138,8 @@ def vocab_parallel_linear_cross_entropy(
     fn = "vocab_parallel_linear_cross_entropy"
     opts = vocab_parallel_options(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input")
     statistics = check_statistics(return_stats, fn)
-    check_tensor(local_linear_weight, "local_linear_weight", fn)
-    check_tensor(linear_bias, "linear_bias", fn, optional=True)
-    check_linear(input, local_linear_weight, linear_bias)
-    if local_linear_weight.dim() != 2:
-        raise RuntimeError(f"{fn}: local_linear_weight must be (C_local, H), got {list(local_linear_weight.shape)}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden "
-            f"dimension), got {list(target.shape)}"
-        )
+    opts = with_backend(opts, check_backend(backend, fn))
+    check_local_head(input, local_linear_weight, linear_bias, target, fn)
     x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])  # not -1: ambiguous when H = 0
     problem = LinearProblem(
         x2,
@@ -181,6 +176,7 @@ def vocab_parallel_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r""":func:`xent.token_logprobs_from_logits` for logits whose classes are split across the ranks of
     `group`: each token's log-probability under ``softmax(full_logits / T)`` (and with ``return_entropy``
@@ -203,16 +199,12 @@ def vocab_parallel_token_logprobs(
     fn = "vocab_parallel_token_logprobs"
     t = check_temperature(temperature)
     vocab_parallel_options(local_logits, target, None, "none", ignore_index, 0.0, 0.0, fn, "local_logits")
-    if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
-        raise ValueError(
-            f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without its class "
-            f"dimension), got {list(target.shape)}"
-        )
+    check_local_logits_target(local_logits, target, fn)
     if route(local_logits, target) == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
     flat = local_logits.reshape(math.prod(local_logits.shape[:-1]), local_logits.shape[-1])
     flat = flat / t if t != 1.0 else flat
-    options = ops.rl_options(int(ignore_index))
+    options = ops.rl_options(int(ignore_index), check_backend(backend, fn))
     layout = Layout(group, vocab_start)
     logprobs, entropy = ops.vocab_parallel_token_logprobs(
         flat, target.reshape(-1), layout, options, bool(return_entropy)
@@ -234,6 +226,7 @@ def vocab_parallel_linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     memory_budget: int | None = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r""":func:`xent.token_logprobs` with the head's rows split across the ranks of `group` (tensor-parallel
     RL): ``input`` :math:`(..., H)` replicated, ``local_linear_weight`` :math:`(C_{local}, H)` and
@@ -248,23 +241,14 @@ def vocab_parallel_linear_token_logprobs(
     fn = "vocab_parallel_linear_token_logprobs"
     t = check_temperature(temperature)
     vocab_parallel_options(input, target, None, "none", ignore_index, 0.0, 0.0, fn, "input")
-    check_tensor(local_linear_weight, "local_linear_weight", fn)
-    check_tensor(linear_bias, "linear_bias", fn, optional=True)
-    check_linear(input, local_linear_weight, linear_bias)
-    if local_linear_weight.dim() != 2:
-        raise RuntimeError(f"{fn}: local_linear_weight must be (C_local, H), got {list(local_linear_weight.shape)}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden dimension), "
-            f"got {list(target.shape)}"
-        )
+    check_local_head(input, local_linear_weight, linear_bias, target, fn)
     if route(input, local_linear_weight, linear_bias, target) == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
     # (h W^T + b) / T = (h / T) W^T + b / T: O(tokens x hidden), not O(tokens x vocabulary)
     x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     x2 = x2 / t if t != 1.0 else x2
     bias = linear_bias / t if linear_bias is not None and t != 1.0 else linear_bias
-    options = ops.rl_options(int(ignore_index))
+    options = ops.rl_options(int(ignore_index), check_backend(backend, fn))
     budget = None if memory_budget is None else int(memory_budget)
     p = ops.token_linear_problem(
         x2, local_linear_weight, bias, target.reshape(-1), options, budget, bool(return_entropy)

@@ -113,6 +113,7 @@ def _class_sharded(input, target, weight, mesh, class_dim, reduction, fn, option
         label_smoothing=options.get("label_smoothing", 0.0),
         z_loss=options.get("z_loss", 0.0),
         return_stats=options.get("return_stats"),
+        backend=options.get("backend"),
     )
     loss, stats = out if isinstance(out, tuple) else (out, None)
     return _with_statistics(DTensor.from_local(loss, mesh, [Replicate()], run_check=False), stats, mesh, [Replicate()])

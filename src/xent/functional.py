@@ -13,6 +13,7 @@ from .ops import cross_entropy as ce_ops
 from .problems import TokenStatistics, _as_3d, autocast_dtype
 from .validation.cross_entropy import (
     as_index,
+    check_backend,
     check_float_input,
     check_index_target,
     check_index_weight,
@@ -20,6 +21,7 @@ from .validation.cross_entropy import (
     cross_entropy_problem,
     loss_dtype,
     resolve_reduction,
+    with_backend,
 )
 
 
@@ -36,6 +38,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_stats: str | Sequence[str] | None = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Cross-entropy between logits and targets; the same signature, result and errors as
     :func:`torch.nn.functional.cross_entropy`, computed by xent's fused kernel.
@@ -64,6 +67,8 @@ def cross_entropy(
             the same pass over the logits: any of ``'lse'``, ``'logprob'``, ``'entropy'``, ``'z_loss'``,
             ``'argmax'``, ``'correct'`` (see :class:`xent.TokenStatistics`). The call then returns
             ``(loss, stats)``. Default: None (the loss alone, computed exactly as without the argument).
+        backend (str, keyword-only): the compute backend for this call: ``'torch'``, ``'triton'`` (any
+            registered name) or None: ``XENT_BACKEND``, else the automatic choice (docs/backends.md).
 
     Shape:
         - Output: scalar for 'mean'/'sum'; for 'none' the target's shape without the class dimension:
@@ -83,31 +88,20 @@ def cross_entropy(
         >>> accuracy = stats.correct.float().mean()
     """
     reduction = resolve_reduction(reduction, size_average, reduce)
-    if dtensor.is_dtensor(input, target, weight):  # tensor or data parallel layouts: xent/dtensor.py
-        return dtensor.cross_entropy(
-            cross_entropy,
-            input,
-            target,
-            weight,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            return_stats=return_stats,
-        )
-    problem = cross_entropy_problem(
-        input,
-        target,
-        weight,
-        reduction=reduction,
+    options = dict(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
         return_stats=return_stats,
     )
-    loss, stats = ce_ops.cross_entropy(problem, input, target, weight)
+    if dtensor.is_dtensor(input, target, weight):  # tensor or data parallel layouts: xent/dtensor.py
+        return dtensor.cross_entropy(
+            cross_entropy, input, target, weight, reduction=reduction, backend=backend, **options
+        )
+    backend = check_backend(backend, "cross_entropy")
+    problem = cross_entropy_problem(input, target, weight, reduction=reduction, **options)
+    loss, stats = ce_ops.cross_entropy(with_backend(problem, backend), input, target, weight)
     if return_stats is None:
         return loss
     return loss, TokenStatistics.of(stats, problem.output_shape)

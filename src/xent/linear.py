@@ -23,7 +23,7 @@ from . import dtensor
 from .functional import cross_entropy
 from .ops import linear as linear_ops
 from .problems import TokenStatistics
-from .validation.cross_entropy import ThroughLogits, linear_cross_entropy_problem
+from .validation.cross_entropy import ThroughLogits, check_backend, linear_cross_entropy_problem, with_backend
 
 
 def linear_cross_entropy(
@@ -42,6 +42,7 @@ def linear_cross_entropy(
     memory_budget: int | None = None,
     output_dtype: torch.dtype | None = None,
     return_stats: str | Sequence[str] | None = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without materializing the logits.
 
@@ -73,6 +74,8 @@ def linear_cross_entropy(
             (``'lse'``, ``'logprob'``, ``'entropy'``, ``'z_loss'``, ``'argmax'``, ``'correct'``; see
             :class:`xent.TokenStatistics`); the call then returns ``(loss, stats)``, each statistic of
             ``target``'s shape. Class-index targets with a 2-D head only.
+        backend (str): the compute backend for this call: ``'torch'``, ``'triton'`` (any
+            registered name) or None: ``XENT_BACKEND``, else the automatic choice (docs/backends.md).
 
     Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``; with bf16/fp16 parameters the
     weight and bias gradients are accumulated in fp32 and cast once. Probability targets and K-dim
@@ -106,8 +109,10 @@ def linear_cross_entropy(
                 z_loss=z_loss,
                 memory_budget=memory_budget,
                 return_stats=return_stats,
+                backend=backend,
             ),
         )
+    backend = check_backend(backend, "linear_cross_entropy")
     described = linear_cross_entropy_problem(
         input,
         linear_weight,
@@ -125,8 +130,9 @@ def linear_cross_entropy(
         return_stats,
     )
     if isinstance(described, ThroughLogits):
-        return _through_logits(described)
+        return _through_logits(with_backend(described, backend))
     problem, input, linear_weight, linear_bias = described
+    problem = with_backend(problem, backend)
     loss, stats = linear_ops.linear_cross_entropy(problem, input, linear_weight, linear_bias, target, weight)
     if return_stats is None:
         return loss
@@ -135,40 +141,16 @@ def linear_cross_entropy(
 
 def _through_logits(d: ThroughLogits) -> Tensor:
     """Probability targets and K-dim heads, which torch also accepts: via the materialized logits."""
-    input, linear_weight, linear_bias, target, weight = d.input, d.linear_weight, d.linear_bias, d.target, d.weight
-    reduction, ignore_index, label_smoothing, z_loss, softcap = (
-        d.reduction,
-        d.ignore_index,
-        d.label_smoothing,
-        d.z_loss,
-        d.softcap,
-    )
-    hidden = input.shape[-1]
-    logits = F.linear(
-        input, linear_weight.reshape(-1, hidden), linear_bias.reshape(-1) if linear_bias is not None else None
-    )
-    lead = input.shape[:-1]
-    if linear_weight.dim() > 2:  # (N, C * d...) -> (N, C, d...), torch's K-dim convention
-        logits = logits.reshape(*lead, *linear_weight.shape[:-1])
+    hidden = d.input.shape[-1]
+    bias = d.linear_bias.reshape(-1) if d.linear_bias is not None else None
+    logits = F.linear(d.input, d.linear_weight.reshape(-1, hidden), bias)
+    lead = d.input.shape[:-1]
+    o = d.options
+    names = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "backend")
+    options = {"weight": d.weight, **{name: getattr(o, name) for name in names}}
+    if d.linear_weight.dim() > 2:  # (N, C * d...) -> (N, C, d...), torch's K-dim convention
+        logits = logits.reshape(*lead, *d.linear_weight.shape[:-1])
     elif len(lead) > 1:  # probability targets over (..., V): rows of (V,)
-        loss = cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            target.reshape(-1, target.shape[-1]),
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-        )
-        return (loss.reshape(lead) if reduction == "none" else loss).to(d.output_dtype)
-    return cross_entropy(
-        logits,
-        target,
-        weight=weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-    ).to(d.output_dtype)
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), d.target.reshape(-1, d.target.shape[-1]), **options)
+        return (loss.reshape(lead) if o.reduction == "none" else loss).to(d.output_dtype)
+    return cross_entropy(logits, d.target, **options).to(d.output_dtype)

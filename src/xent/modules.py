@@ -32,6 +32,7 @@ class CrossEntropyLoss(_WeightedLoss):
             CrossEntropyLoss; see :func:`xent.cross_entropy`.
         z_loss (float, keyword-only): weight of the ``lse**2`` auxiliary term. Default: 0.
         softcap (float, keyword-only): logit soft-capping value. Default: None.
+        backend (str, keyword-only): the compute backend, as in :func:`xent.cross_entropy`. Default: None.
 
     Shape:
         - Input: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
@@ -63,29 +64,22 @@ class CrossEntropyLoss(_WeightedLoss):
         *,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__(weight, size_average, reduce, reduction)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor, *, return_stats: str | Sequence[str] | None = None):
-        return F.cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            return_stats=return_stats,
-        )
+        return F.cross_entropy(input, target, return_stats=return_stats, **_cross_entropy_options(self))
 
     def extra_repr(self) -> str:
         extras = [f"z_loss={self.z_loss}"] if self.z_loss else []
-        return ", ".join(extras + ([f"softcap={self.softcap}"] if self.softcap is not None else []))
+        extras += [f"softcap={self.softcap}"] if self.softcap is not None else []
+        return ", ".join(extras + ([f"backend={self.backend!r}"] if self.backend is not None else []))
 
 
 class NLLLoss(_WeightedLoss):
@@ -137,7 +131,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         device, dtype: of the linear layer's parameters.
         weight, reduction, ignore_index, label_smoothing: as :func:`xent.linear_cross_entropy`
             (``ignore_index=None`` means -100, as torch).
-        z_loss, softcap, options, memory_budget: as :func:`xent.linear_cross_entropy`.
+        z_loss, softcap, options, memory_budget, backend: as :func:`xent.linear_cross_entropy`.
 
     Shape:
         - Input: :math:`(..., H)`; target: :math:`(...)` class indices; output: scalar or target's shape.
@@ -168,6 +162,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         softcap: float | None = None,
         options=None,
         memory_budget: int | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__(weight, None, None, reduction)
         self.in_features, self.num_classes, self.out_features = in_features, num_classes, tuple(out_features)
@@ -176,6 +171,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         )
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.z_loss, self.softcap, self.options, self.memory_budget = z_loss, softcap, options, memory_budget
+        self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor, *, return_stats: str | Sequence[str] | None = None):
         shape = (self.num_classes, *self.out_features)
@@ -186,15 +182,10 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             w,
             target,
             linear_bias=b,
-            weight=self.weight,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
             options=self.options,
             memory_budget=self.memory_budget,
             return_stats=return_stats,
+            **_cross_entropy_options(self),
         )
 
     def extra_repr(self) -> str:
@@ -202,7 +193,17 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             f"in_features={self.in_features}, num_classes={self.num_classes}, out_features={self.out_features}, "
             f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
+            + (f", backend={self.backend!r}" if self.backend is not None else "")
         )
+
+
+# What a cross-entropy module passes to its functional, read from its attributes at each call (a user may
+# change them between calls).
+_CROSS_ENTROPY_OPTIONS = ("weight", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "backend")
+
+
+def _cross_entropy_options(module) -> dict:
+    return {name: getattr(module, name) for name in _CROSS_ENTROPY_OPTIONS}
 
 
 __all__ = ["CrossEntropyLoss", "NLLLoss", "LinearCrossEntropyLoss"]

@@ -229,11 +229,7 @@ class ThroughLogits:
     linear_bias: Tensor | None
     target: Tensor
     weight: Tensor | None
-    reduction: str
-    ignore_index: int
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
+    options: Options
     output_dtype: torch.dtype
 
 

@@ -28,9 +28,11 @@ from .ops import cross_entropy as ce_ops
 from .ops import rl as rl_ops
 from .validation.cross_entropy import (
     ThroughLogits,
+    check_backend,
     check_temperature,
     cross_entropy_problem,
     linear_cross_entropy_problem,
+    with_backend,
 )
 
 
@@ -44,6 +46,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     memory_budget: int | None = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Log-probability of each chosen token under ``softmax((input @ linear_weight.T + linear_bias) / T)``.
 
@@ -54,6 +57,7 @@ def token_logprobs(
         temperature (float): the sampling temperature T > 0.
         return_entropy (bool): also return each token's entropy (differentiable too).
         memory_budget (int, optional): bytes of one chunk of logits, as in :func:`xent.linear_cross_entropy`.
+        backend (str, optional): the compute backend, as in :func:`xent.cross_entropy`.
 
     Returns:
         the log-probabilities, shape :math:`(...)` (float32 for half-precision inputs), and with
@@ -73,6 +77,7 @@ def token_logprobs(
             ignore_index=ignore_index,
             return_entropy=return_entropy,
             memory_budget=memory_budget,
+            backend=backend,
         )
         return dtensor.token_logprobs(token_logprobs, input, linear_weight, target, linear_bias, options)
     t = check_temperature(temperature)
@@ -89,6 +94,7 @@ def token_logprobs(
             ignore_index=ignore_index,
             memory_budget=memory_budget,
             output_dtype=out_dtype,
+            backend=backend,
         )
     described = linear_cross_entropy_problem(
         scaled_input,
@@ -109,20 +115,29 @@ def token_logprobs(
     if isinstance(described, ThroughLogits):
         raise ValueError("token_logprobs: target must hold token ids (class indices) and linear_weight must be (V, H)")
     problem, scaled_input, linear_weight, scaled_bias = described
+    problem = with_backend(problem, check_backend(backend, "token_logprobs"))
     logprobs, entropy = rl_ops.linear_token_logprobs(problem, scaled_input, linear_weight, scaled_bias)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)
 
 
 def token_logprobs_from_logits(
-    logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False
+    logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`token_logprobs` for logits already at hand, shape :math:`(..., V)`: xent's fused
     cross-entropy per token (float32 results for half-precision logits, as token_logprobs). A temperature
     other than 1 divides a copy of the logits."""
     if dtensor.is_dtensor(logits, target):  # vocab-parallel or row-split logits: xent/dtensor.py
         options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
+        options.update(backend=backend)
         return dtensor.token_logprobs_from_logits(token_logprobs_from_logits, logits, target, options)
     t = check_temperature(temperature)
+    backend = check_backend(backend, "token_logprobs_from_logits")
     flat = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     flat = flat / t if t != 1.0 else flat
     flat_target = target.reshape(-1)
@@ -136,8 +151,9 @@ def token_logprobs_from_logits(
         label_smoothing=0.0,
         fn="token_logprobs_from_logits",
     )
+    problem = with_backend(problem, backend)
     if not return_entropy:  # the per-row loss in the compute dtype (not rounded to bf16 first)
         loss, _ = ce_ops.cross_entropy(replace(problem, output_dtype=problem.compute_dtype), flat, flat_target, None)
         return -loss.reshape(target.shape)
-    logprobs, entropy = rl_ops.token_logprobs_from_logits(flat, flat_target, ignore_index)
+    logprobs, entropy = rl_ops.token_logprobs_from_logits(flat, flat_target, ignore_index, backend)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)

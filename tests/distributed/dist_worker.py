@@ -338,6 +338,14 @@ def _logits(rank, world, sizes):
         (g,) = torch.autograd.grad(ours, local)
         (ge,) = torch.autograd.grad(expected, ref_full)
         _close(g, ge[:, start : start + sizes[rank]], "float32 grad", rtol=1e-5, atol=1e-6)
+    # the per-call backend choice reaches every rank's block passes; a bad one raises before any collective
+    with check("backend per call"):
+        again = vocab_parallel_cross_entropy(local, target, label_smoothing=0.1, backend="torch")
+        _close(again, expected, "backend='torch' loss", rtol=1e-5, atol=1e-6)
+        logprobs = vocab_parallel_token_logprobs(local.detach(), target, backend="torch")
+        picked = torch.log_softmax(full, 1).gather(1, target.unsqueeze(1)).squeeze(1)
+        _close(logprobs, picked, "backend='torch' logprobs", rtol=1e-5, atol=1e-6)
+        _expect(ValueError, "backend", lambda: vocab_parallel_cross_entropy(local, target, backend="cuda"))
     # retain_graph: a second backward recomputes (collectively)
     with check("retain_graph"):
         ours = vocab_parallel_cross_entropy(local, target)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..problems import HALF_DTYPES, DistillProblem, LinearProblem, Problem
 from . import rows
+from .distill_rows import torch_distill_rows
 
 
 class Work(enum.Enum):
@@ -69,12 +70,27 @@ class ChunkStep:
     coefficients: rows.ChunkCoefficients | None = None  # given: leave the gradient in the workspace
     unshifted: bool = False  # exp(z) without the max shift where it is safe (a host check: CPU only)
 
+    def positional(self) -> tuple:
+        """The row kernels' positional arguments (rows.torch_chunk, triton_rows.triton_chunk)."""
+        return self.workspace, self.r0, self.r1, self.stats, self.load
+
+    def keywords(self) -> dict:
+        """The keyword arguments both row kernels take (not the torch row math's chain_out and unshifted)."""
+        return dict(
+            source=self.source,
+            target=self.target,
+            dense=self.dense,
+            dense_is_ones=self.dense_is_ones,
+            softcap=self.softcap,
+            coefficients=self.coefficients,
+        )
+
 
 @dataclass(frozen=True, eq=False)
 class DistillStep:
     """One chunk of a distillation pass for a backend's distillation row math (what driver.DistillRowPass
     hands over). Every (rows x V) tensor here is a workspace of the pass: the math may overwrite them all.
-    See rows.torch_distill_rows for the math and its conventions."""
+    See kernels/distill_rows.py for the math and its conventions."""
 
     divergence: str  # 'kl' | 'reverse_kl' | 'jsd' (a top-k teacher: 'kl' over the given support)
     beta: float  # jsd's weight of KL(p_t || m)
@@ -174,24 +190,10 @@ class TorchBackend(Backend):
     softcap_chain_scratch = True
 
     def chunk(self, step: ChunkStep) -> None:
-        rows.torch_chunk(
-            step.workspace,
-            step.r0,
-            step.r1,
-            step.stats,
-            step.load,
-            source=step.source,
-            target=step.target,
-            dense=step.dense,
-            dense_is_ones=step.dense_is_ones,
-            softcap=step.softcap,
-            chain_out=step.chain_out,
-            coefficients=step.coefficients,
-            unshifted=step.unshifted,
-        )
+        rows.torch_chunk(*step.positional(), **step.keywords(), chain_out=step.chain_out, unshifted=step.unshifted)
 
     def distill_rows(self, step: DistillStep) -> tuple[Tensor, Tensor | None]:
-        return rows.torch_distill_rows(
+        return torch_distill_rows(
             step.divergence,
             step.beta,
             step.student,
@@ -271,19 +273,9 @@ class TritonBackend(TorchBackend):
         return self._kernels().cross_entropy_forward if self.supports(Work.CROSS_ENTROPY, problem=problem) else None
 
     def chunk(self, step: ChunkStep) -> None:
-        self._kernels().triton_chunk(
-            step.workspace,
-            step.r0,
-            step.r1,
-            step.stats,
-            step.load,
-            source=step.source,
-            target=step.target,
-            dense=step.dense,
-            dense_is_ones=step.dense_is_ones,
-            softcap=step.softcap,
-            coefficients=step.coefficients,
-        )
+        # The kernel applies the softcap chain factor itself and always shifts by the running max: it
+        # needs neither the chain scratch nor the unshifted shortcut of the torch row math.
+        self._kernels().triton_chunk(*step.positional(), **step.keywords())
 
     def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:
         if not grad.is_contiguous():

@@ -18,14 +18,21 @@ from .driver import Chunk, RowPass
 from .portable import CHUNK_ELEMENTS
 
 
-def logits_gradient(x: Tensor, block: rows.ClassBlock, coefficients: rows.ChunkCoefficients, cd, smoothing: bool):
+def logits_gradient(
+    x: Tensor,
+    block: rows.ClassBlock,
+    coefficients: rows.ChunkCoefficients,
+    cd,
+    smoothing: bool,
+    backend: str | None = None,
+):
     """This rank's (rows, C_local) gradient, in x's dtype: one pass of the row kernel over the block with the
     rows' global coefficients (their statistics are recomputed as scratch; the entropy term's needs e log e)."""
     num_rows, local_size = x.shape
     grad = torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
     entropy = coefficients.entropy is not None
     scratch = rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device, entropy=entropy)
-    block_pass(x, scratch, block, cd, smoothing, grad=grad, coefficients=coefficients)
+    block_pass(x, scratch, block, cd, smoothing, grad=grad, coefficients=coefficients, backend=backend)
     return grad
 
 
@@ -37,13 +44,14 @@ def block_pass(
     smoothing: bool,
     grad: Tensor | None = None,
     coefficients: rows.ChunkCoefficients | None = None,
+    backend: str | None = None,
 ) -> None:
     """Chunks of this rank's logits through the row kernel: statistics, and with `grad` the gradient."""
     num_rows, size = x.shape
     if not num_rows or not size:
         rows.classless_stats(stats)
         return
-    backend = backend_for(x.device, cd)
+    backend = backend_for(x.device, cd, backend)
     step = max(1, CHUNK_ELEMENTS // size)
     direct = x.dtype == cd and x.stride(1) == 1
     in_grad = grad is not None and grad.dtype == cd

@@ -3,7 +3,7 @@ at a time, never the whole (tokens x vocabulary) matrix.
 
 For each chunk, a matmul fills a workspace with the student's logits (and another with the teacher's,
 from its head or copied from its ready logits); the backend's distillation row math (Backend.distill_rows:
-the torch backend's rows.torch_distill_rows on every backend, whose conventions are documented there)
+the torch backend's (kernels/distill_rows.py) on every backend, whose conventions are documented there)
 turns them into each token's divergence and, in place in the workspaces, into the gradient of the loss
 with respect to the student's logits; two matmuls fold that into the gradients of the hidden states and
 of the head (the weight's accumulated in fp32) before the next chunk reuses the workspaces.

@@ -26,16 +26,16 @@ def cross_entropy_forward(problem: Problem, need_grad: bool) -> tuple[Tensor, Te
     return forward_for(problem)(problem, need_grad=need_grad)
 
 
-def scale_input_grad_(grad: Tensor, upstream: Tensor, reduction: str) -> None:
+def scale_input_grad_(grad: Tensor, upstream: Tensor, reduction: str, backend: str | None = None) -> None:
     """grad (the input's shape, contiguous) *= the upstream gradient: a scalar, or for reduction='none'
     one value per row (the loss's shape: the input's without its class dimension)."""
     if reduction != "none":
-        scale_by_upstream_(grad, upstream)
+        scale_by_upstream_(grad, upstream, choice=backend)
         return
     g = _as_3d(grad)
     n, _, d = g.shape
     if d == 1:
-        scale_by_upstream_(g, upstream.reshape(n), per_row=True)
+        scale_by_upstream_(g, upstream.reshape(n), per_row=True, choice=backend)
     else:  # K-dim rows are strided: one broadcast multiply (fp32 math, cast once)
         g.mul_(upstream.reshape(n, 1, d))
 
@@ -132,7 +132,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if grad is None:
             _, grad, _ = cross_entropy_forward(replace(problem, statistics=()), need_grad=True)
             grad = grad.view(problem.input_shape)
-        scale_input_grad_(grad.data, grad_loss, problem.options.reduction)
+        scale_input_grad_(grad.data, grad_loss, problem.options.reduction, problem.options.backend)
         return grad, None, None, None
 
 
@@ -209,13 +209,14 @@ class ScaleGrad:
     grad: Tensor  # written in place
     upstream: Tensor
     reduction: str
+    backend: str | None = None
 
 
 SCALE_GRAD = OpFamily(
     "scale_grad_",
     ScaleGrad,
     (),
-    lambda a: scale_input_grad_(a.grad, a.upstream, a.reduction),
+    lambda a: scale_input_grad_(a.grad, a.upstream, a.reduction, a.backend),
     lambda a: None,
     mutates=("grad",),
 )

@@ -172,6 +172,8 @@ class OpFamily:
     # -- arguments ------------------------------------------------------------------------------------
 
     def args_from(self, flat) -> object:
+        """The arguments as the dataclass; trailing optional ones left out (see _define) are None."""
+        flat = tuple(flat) + (None,) * (len(self.fields) - len(flat))
         return _build(self.args_type, dict(zip((f.name for f in self.fields), flat)))
 
     def arguments(self, args) -> tuple:
@@ -192,8 +194,15 @@ class OpFamily:
 
     @staticmethod
     def _define(name, fields, outputs, impl, fake, mutates=()):
+        # The trailing optional arguments default to None: functionalization (a mutating op under compile)
+        # passes the arguments by name and leaves the None ones out. (Only trailing ones may have defaults.)
+        trailing = len(fields)
+        while trailing and fields[trailing - 1].schema.endswith("?"):
+            trailing -= 1
         params = ", ".join(
-            f"{f.schema}{'(a!)' if f.name in mutates else ''} {f.name}".replace("?(a!)", "(a!)?") for f in fields
+            f"{f.schema}{'(a!)' if f.name in mutates else ''} {f.name}".replace("?(a!)", "(a!)?")
+            + ("=None" if k >= trailing else "")
+            for k, f in enumerate(fields)
         )
         returns = (
             "()" if not outputs else "Tensor" if len(outputs) == 1 else f"({', '.join(['Tensor'] * len(outputs))})"

@@ -160,7 +160,7 @@ class LinearDistillationFunction(torch.autograd.Function):
         else:
             for g in grads:
                 if g is not None:
-                    scale_by_upstream_(g.data, grad_loss)
+                    scale_by_upstream_(g.data, grad_loss, choice=ctx.problem.backend)
         gi, gw, gb = grads
         return gi.view(ctx.input_shape) if gi is not None else None, gw, gb, None
 
@@ -221,5 +221,5 @@ LINEAR_DISTILLATION = OpFamily(
     backward_args=Upstream,
     backward_impl=_backward,
     save=lambda call, out: save_inputs_or_grads(call, out, call.problem.reduction),
-    backward=lambda ctx: scale_or_recompute(ctx, ctx.args.problem.reduction),
+    backward=lambda ctx: scale_or_recompute(ctx, ctx.args.problem.reduction, ctx.args.problem.backend),
 )

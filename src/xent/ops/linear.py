@@ -130,7 +130,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             for g in grads:
                 if g is not None:
-                    scale_by_upstream_(g.data, grad_loss)
+                    scale_by_upstream_(g.data, grad_loss, choice=problem.options.backend)
         gi, gw, gb = grads
         return gi.view(ctx.input_shape) if gi is not None else None, gw, gb, None, None, None
 
@@ -200,14 +200,14 @@ def save_inputs_or_grads(args, outputs: dict, reduction: str) -> dict:
     return {f"grad_{n}": outputs[f"grad_{n}"] for n in PARAMETERS}
 
 
-def scale_or_recompute(ctx: BackwardContext, reduction: str) -> dict:
+def scale_or_recompute(ctx: BackwardContext, reduction: str, backend: str | None) -> dict:
     """The traced backward of a loss over a linear head: 'none' recomputes through the family's backward
     op; scalar reductions scale forward's saved gradients in place by the upstream gradient."""
     if reduction == "none":
         return ctx.backward_op(Upstream(ctx.grads["loss"]))
     grads = {n: ctx.saved[f"grad_{n}"] for n in PARAMETERS if ctx.want[n]}
     for g in grads.values():
-        SCALE_GRAD(ScaleGrad(g, ctx.grads["loss"], reduction))
+        SCALE_GRAD(ScaleGrad(g, ctx.grads["loss"], reduction, backend))
     return grads
 
 
@@ -221,5 +221,5 @@ LINEAR_CROSS_ENTROPY = OpFamily(
     backward_args=Upstream,
     backward_impl=_backward,
     save=lambda call, out: save_inputs_or_grads(call, out, call.problem.options.reduction),
-    backward=lambda ctx: scale_or_recompute(ctx, ctx.args.problem.options.reduction),
+    backward=lambda ctx: scale_or_recompute(ctx, ctx.args.problem.options.reduction, ctx.args.problem.options.backend),
 )

@@ -81,7 +81,7 @@ def logits_forward(
         stats = rows.RowStats.for_statistics(
             num_rows, statistics, target=True, dense=smoothing, dtype=cd, device=x.device
         )
-        block_pass(x, stats, block, cd, smoothing)
+        block_pass(x, stats, block, cd, smoothing, backend=opts.backend)
         return stats
 
     def block_max(stats):  # the logit the pass found largest, read back exactly
@@ -94,7 +94,7 @@ def logits_forward(
     loss = targets.reduce(loss_rows)
     loss = (loss.reshape(target.shape) if opts.reduction == "none" else loss).to(x.dtype)
     grad = (
-        logits_gradient(x, block, targets.coefficients(targets.scale(), lse, block), cd, smoothing)
+        logits_gradient(x, block, targets.coefficients(targets.scale(), lse, block), cd, smoothing, opts.backend)
         if need_grad
         else None
     )
@@ -168,7 +168,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         (grad,) = take_handover(ctx)
         if grad is None:  # a second backward (retain_graph=True): recompute, collectively, on every rank
             grad = logits_forward(*saved_inputs(ctx), ctx.layout, ctx.opts, need_grad=True)[1]
-        scale_input_grad_(grad.data, grad_loss, ctx.opts.reduction)
+        scale_input_grad_(grad.data, grad_loss, ctx.opts.reduction, ctx.opts.backend)
         return grad, None, None, None, None, None
 
 
@@ -275,7 +275,7 @@ def _per_row_like(statistics: tuple, num_rows: int, like: Tensor) -> Tensor:
 def _scale_saved_grad(ctx: BackwardContext) -> dict:
     """No communication in backward: the op's unit-upstream gradient, scaled in place."""
     grad = ctx.saved["grad"]
-    SCALE_GRAD(ScaleGrad(grad, ctx.grads["loss"], ctx.args.options.reduction))
+    SCALE_GRAD(ScaleGrad(grad, ctx.grads["loss"], ctx.args.options.reduction, ctx.args.options.backend))
     return {"logits": grad}
 
 
@@ -435,7 +435,7 @@ def _token_op_backward(call: VocabParallelTokenCall, up: TokenUpstreams, want: d
     x, cd = call.logits, _compute_dtype(call.logits)
     block, targets = _block_and_targets(call.target, None, call.options, up.meta, x.shape[1], cd)
     coefficients = token_gradient_coefficients(targets, up.per_row, block, up.grad_logprobs, up.grad_entropy, cd)
-    return {"logits": logits_gradient(x, block, coefficients, cd, False)}
+    return {"logits": logits_gradient(x, block, coefficients, cd, False, call.options.backend)}
 
 
 VOCAB_PARALLEL_TOKEN_LOGPROBS = OpFamily(

@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 from ..checks import as_index, check_weight_shape, shape_str
+from ..kernels import check_backend_name
 from ..problems import (
     HALF_DTYPES,
+    DistillProblem,
     LinearProblem,
     Options,
     Problem,
@@ -352,19 +354,8 @@ def linear_cross_entropy_problem(
     if linear_weight.dim() > 2 or probabilities:
         if statistics:
             raise NotImplementedError(f"{fn}: return_stats with probability targets or a K-dimensional head")
-        return ThroughLogits(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            weight,
-            reduction,
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            softcap,
-            output_dtype or input.dtype,
-        )
+        options = Options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+        return ThroughLogits(input, linear_weight, linear_bias, target, weight, options, output_dtype or input.dtype)
 
     label_smoothing = check_label_smoothing(label_smoothing)
     check_float_input(input, fn)
@@ -403,12 +394,54 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
 
 
+def check_backend(backend, fn: str) -> str | None:
+    """A registered backend's name (kernels/backends.py), or None for the default: ``XENT_BACKEND``, else
+    the automatic choice. ValueError for an unknown name, TypeError for a value that is not a string."""
+    try:
+        return check_backend_name(backend)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{fn}(): backend: {e}") from None
+
+
+def with_backend(problem, backend: str | None):
+    """The problem (any of problems.py's, or its Options) computed by `backend`."""
+    if backend is None:
+        return problem
+    if isinstance(problem, (DistillProblem, Options)):
+        return replace(problem, backend=backend)
+    return replace(problem, options=replace(problem.options, backend=backend))
+
+
 def check_temperature(temperature) -> float:
     """A sampling temperature: a positive finite number (ValueError otherwise)."""
     t = float(temperature)
     if not t > 0 or math.isinf(t):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return t
+
+
+def check_local_head(input: Tensor, local_linear_weight, linear_bias, target: Tensor, fn: str) -> None:
+    """A vocab-parallel linear call's head: this rank's (C_local, H) rows, and targets shaped as the input's
+    leading dimensions."""
+    check_tensor(local_linear_weight, "local_linear_weight", fn)
+    check_tensor(linear_bias, "linear_bias", fn, optional=True)
+    check_linear(input, local_linear_weight, linear_bias)
+    if local_linear_weight.dim() != 2:
+        raise RuntimeError(f"{fn}: local_linear_weight must be (C_local, H), got {list(local_linear_weight.shape)}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"{fn}: expected target of shape {list(input.shape[:-1])} (input without its hidden dimension), "
+            f"got {list(target.shape)}"
+        )
+
+
+def check_local_logits_target(local_logits: Tensor, target: Tensor, fn: str) -> None:
+    """A vocab-parallel call's targets: shaped as this rank's logits without their class dimension."""
+    if local_logits.dim() == 0 or tuple(target.shape) != tuple(local_logits.shape[:-1]):
+        raise ValueError(
+            f"{fn}: expected target of shape {list(local_logits.shape[:-1])} (local_logits without its class "
+            f"dimension), got {list(target.shape)}"
+        )
 
 
 def vocab_parallel_options(
