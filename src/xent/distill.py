@@ -184,6 +184,8 @@ class LinearDistillationLoss(nn.Module):
         >>> loss = criterion(hidden, student.lm_head.weight, TeacherLogits(teacher_logits), labels)
     """
 
+    backend: str | None = None  # (a class default: modules pickled before the attribute existed load)
+
     def __init__(
         self,
         divergence: str = "kl",

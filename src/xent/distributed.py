@@ -25,6 +25,7 @@ from .validation.cross_entropy import (
     check_backend,
     check_local_head,
     check_local_logits_target,
+    check_memory_budget,
     check_statistics,
     check_temperature,
     vocab_parallel_options,
@@ -140,6 +141,7 @@ def vocab_parallel_linear_cross_entropy(
     statistics = check_statistics(return_stats, fn)
     opts = with_backend(opts, check_backend(backend, fn))
     check_local_head(input, local_linear_weight, linear_bias, target, fn)
+    memory_budget = check_memory_budget(memory_budget, fn)
     x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])  # not -1: ambiguous when H = 0
     problem = LinearProblem(
         x2,
@@ -189,6 +191,8 @@ def vocab_parallel_token_logprobs(
         temperature (float): T > 0 (a copy of the logits is divided when T != 1).
         ignore_index (int): tokens to skip: log-probability 0, entropy 0, no gradient.
         return_entropy (bool): also return the entropies.
+        backend (str, optional): the compute backend of this rank's block passes, as
+            :func:`xent.cross_entropy`'s.
 
     Returns:
         the log-probabilities, shape :math:`(...)`, float32 (float64 for float64 logits), the same on every
@@ -236,12 +240,13 @@ def vocab_parallel_linear_token_logprobs(
     Forward runs the chunk loop for this block's statistics and the one exchange; backward recomputes the
     chunks with the global lse and entropy (both upstream gradients folded into each row's gradient) and
     all-reduces the input's gradient, so every rank holds the full gradient of ``input``. Returns as
-    :func:`vocab_parallel_token_logprobs`; ``memory_budget`` as :func:`xent.linear_cross_entropy`.
+    :func:`vocab_parallel_token_logprobs`; ``memory_budget`` and ``backend`` as :func:`xent.linear_cross_entropy`.
     """
     fn = "vocab_parallel_linear_token_logprobs"
     t = check_temperature(temperature)
     vocab_parallel_options(input, target, None, "none", ignore_index, 0.0, 0.0, fn, "input")
     check_local_head(input, local_linear_weight, linear_bias, target, fn)
+    memory_budget = check_memory_budget(memory_budget, fn)
     if route(input, local_linear_weight, linear_bias, target) == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
     # (h W^T + b) / T = (h / T) W^T + b / T: O(tokens x hidden), not O(tokens x vocabulary)
@@ -250,9 +255,7 @@ def vocab_parallel_linear_token_logprobs(
     bias = linear_bias / t if linear_bias is not None and t != 1.0 else linear_bias
     options = ops.rl_options(int(ignore_index), check_backend(backend, fn))
     budget = None if memory_budget is None else int(memory_budget)
-    p = ops.token_linear_problem(
-        x2, local_linear_weight, bias, target.reshape(-1), options, budget, bool(return_entropy)
-    )
+    p = ops.rl_linear_problem(x2, local_linear_weight, bias, target.reshape(-1), options, budget, bool(return_entropy))
     logprobs, entropy = ops.vocab_parallel_linear_token_logprobs(p, Layout(group, vocab_start))
     if not return_entropy:
         return logprobs.reshape(target.shape)

@@ -118,13 +118,13 @@ def check_same_call(codes: list[float], fn: str) -> None:
         )
 
 
-def check_same_targets(identity: list[list[float]], fn: str) -> None:
-    """identity: every rank's _identity, on the host; raise on every rank alike when they differ."""
-    if any(row != identity[0] for row in identity):
+def check_same_targets(identities: list[list[float]], fn: str) -> None:
+    """identities: every rank's identity(target), on the host; raise on every rank alike when they differ."""
+    if any(row != identities[0] for row in identities):
         raise ValueError(
             f"{fn}: the ranks' targets differ (every rank must pass the same target): per rank "
-            f"(numel, ndim, dim 0) = {[tuple(int(v) for v in row[:3]) for row in identity]}, "
-            f"checksums {[row[3] for row in identity]}"
+            f"(numel, ndim, dim 0) = {[tuple(int(v) for v in row[:3]) for row in identities]}, "
+            f"checksums {[row[3] for row in identities]}"
         )
 
 

@@ -51,6 +51,8 @@ class CrossEntropyLoss(_WeightedLoss):
         >>> loss, stats = loss_fn(torch.randn(4, 3), torch.tensor([0, 2, 1, 1]), return_stats="correct")
     """
 
+    backend: str | None = None  # (a class default: modules pickled before the attribute existed load)
+
     __constants__ = ["ignore_index", "reduction", "label_smoothing"]
 
     def __init__(
@@ -144,6 +146,8 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         >>> head = xent.LinearCrossEntropyLoss(64, 32000, label_smoothing=0.1)
         >>> loss = head(torch.randn(8, 64), torch.randint(0, 32000, (8,)))
     """
+
+    backend: str | None = None  # (a class default: modules pickled before the attribute existed load)
 
     def __init__(
         self,

@@ -233,7 +233,7 @@ class ThroughLogits:
     output_dtype: torch.dtype
 
 
-# How a loss is being called; the ops (ops.py) pick their implementation by it.
+# How a loss is being called; the ops (ops/) pick their implementation by it.
 EAGER, TRACED, FUNC = "eager", "traced", "func"
 
 

@@ -81,6 +81,7 @@ def token_logprobs(
         )
         return dtensor.token_logprobs(token_logprobs, input, linear_weight, target, linear_bias, options)
     t = check_temperature(temperature)
+    backend = check_backend(backend, "token_logprobs")
     scaled_input = input / t if t != 1.0 else input
     scaled_bias = linear_bias / t if linear_bias is not None and t != 1.0 else linear_bias
     out_dtype = torch.float32 if input.dtype != torch.float64 else torch.float64
@@ -115,7 +116,7 @@ def token_logprobs(
     if isinstance(described, ThroughLogits):
         raise ValueError("token_logprobs: target must hold token ids (class indices) and linear_weight must be (V, H)")
     problem, scaled_input, linear_weight, scaled_bias = described
-    problem = with_backend(problem, check_backend(backend, "token_logprobs"))
+    problem = with_backend(problem, backend)
     logprobs, entropy = rl_ops.linear_token_logprobs(problem, scaled_input, linear_weight, scaled_bias)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)
 
@@ -131,7 +132,7 @@ def token_logprobs_from_logits(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`token_logprobs` for logits already at hand, shape :math:`(..., V)`: xent's fused
     cross-entropy per token (float32 results for half-precision logits, as token_logprobs). A temperature
-    other than 1 divides a copy of the logits."""
+    other than 1 divides a copy of the logits. ``backend`` as in :func:`xent.cross_entropy`."""
     if dtensor.is_dtensor(logits, target):  # vocab-parallel or row-split logits: xent/dtensor.py
         options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
         options.update(backend=backend)

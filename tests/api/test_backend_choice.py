@@ -131,3 +131,25 @@ def test_unknown_and_malformed_choices_raise(call):
 def test_modules_show_their_backend():
     assert "backend='torch'" in repr(xent.CrossEntropyLoss(backend="torch"))
     assert "backend" not in repr(xent.CrossEntropyLoss())
+
+
+def test_distillation_needs_no_triton_for_its_row_math(monkeypatch):
+    """XENT_BACKEND=triton where Triton cannot run: the distillation row math is the torch backend's on
+    every backend, so the forward pass works (the backward's upstream scaling is a Triton kernel, which
+    does raise there)."""
+    monkeypatch.setenv("XENT_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, w = torch.randn(5, 4), torch.randn(9, 4)
+    teacher = xent.TeacherLogits(torch.randn(5, 9))
+    expected = xent.linear_distillation_loss(h, w, teacher, backend="torch")
+    torch.testing.assert_close(xent.linear_distillation_loss(h, w, teacher), expected)
+    torch.testing.assert_close(xent.linear_distillation_loss(h, w, teacher, reduction="none").mean(), expected)
+
+
+@pytest.mark.parametrize("budget", [0, -1])
+def test_a_memory_budget_must_be_positive(budget):
+    h, w, y = torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0, 1, 2, 5])
+    with pytest.raises(ValueError, match="memory_budget must be a positive"):
+        xent.linear_cross_entropy(h, w, y, memory_budget=budget)
+    with pytest.raises(ValueError, match="memory_budget must be a positive"):
+        xent.token_logprobs(h, w, y, return_entropy=True, memory_budget=budget)

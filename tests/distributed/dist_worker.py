@@ -1052,7 +1052,7 @@ def _rl(rank, world, sizes):
         logits = local.clone().requires_grad_()
         opcheck(op.op, op.arguments(vp_ops.VocabParallelTokenCall(logits, y, options, group_name, None, True)))
         h, w = hid.clone().requires_grad_(), head[start : start + size].clone().requires_grad_()
-        p = vp_ops.token_linear_problem(h, w, None, y, options, None, True)
+        p = vp_ops.rl_linear_problem(h, w, None, y, options, None, True)
         op = vp_ops.VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS
         opcheck(op.op, op.arguments(vp_ops.VocabParallelLinearCall(p, group_name, None)))
 

@@ -96,8 +96,8 @@ def test_registry_names_and_get(registered):
 
 def test_check_backend_name():
     assert kernels.check_backend_name(None) is None
-    assert kernels.check_backend_name("auto") is None
-    assert kernels.check_backend_name(" AUTO ") is None
+    assert kernels.check_backend_name("auto") == "auto"
+    assert kernels.check_backend_name(" AUTO ") == "auto"
     assert kernels.check_backend_name("Torch") == "torch"
     assert kernels.check_backend_name("triton") == "triton"
     with pytest.raises(ValueError, match="one of auto, torch, triton"):
@@ -165,7 +165,7 @@ def test_choice_over_environment_over_auto(no_env):
     # the environment over auto
     no_env.setenv("XENT_BACKEND", "triton")
     assert kernels.backend_for(CPU, torch.float32) is TRITON
-    assert kernels.backend_for(CPU, torch.float32, "auto") is TRITON  # 'auto' is no choice: the environment's
+    assert kernels.backend_for(CPU, torch.float32, "auto") is TORCH  # an explicit 'auto' overrides it
     # the choice over the environment, both ways
     assert kernels.backend_for(CPU, torch.float32, "torch") is TORCH
     assert kernels.backend_for(CUDA, torch.float32, "torch") is TORCH

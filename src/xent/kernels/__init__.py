@@ -22,16 +22,15 @@ AUTO = "auto"
 
 
 def check_backend_name(name: str | None) -> str | None:
-    """A user's ``backend=`` argument, normalised: None or 'auto' (the automatic choice) -> None, else a
-    registered backend's name. ValueError naming the registered ones for anything else."""
+    """A user's ``backend=`` argument, normalised: None (no choice: ``XENT_BACKEND`` decides), 'auto' (the
+    automatic choice, whatever the environment says) or a registered backend's name, in lower case.
+    ValueError naming the registered ones for anything else, TypeError for a value that is not a string."""
     if name is None:
         return None
     if not isinstance(name, str):
         raise TypeError(f"backend must be a backend's name or None, got {type(name).__name__}")
     key = name.strip().lower()
-    if key == AUTO:
-        return None
-    if key not in names():
+    if key != AUTO and key not in names():
         raise ValueError(f"backend must be one of {', '.join((AUTO, *names()))} or None, got {name!r}")
     return key
 
@@ -41,13 +40,16 @@ def _auto(device: torch.device) -> Backend:
     return TRITON if device.type == "cuda" and TRITON.unavailable(device) is None else TORCH
 
 
-def backend_for(device: torch.device, dtype: torch.dtype | None = None, choice: str | None = None) -> Backend:
-    """The backend for tensors of `dtype` on `device`.
+def backend_for(
+    device: torch.device, dtype: torch.dtype | None = None, choice: str | None = None, work: Work = Work.ROWS
+) -> Backend:
+    """The backend that does `work` for tensors of `dtype` on `device`.
 
-    `choice` (a backend's name, e.g. Options.backend; 'auto' or None: no choice) overrides the
-    ``XENT_BACKEND`` environment variable, which overrides the automatic choice. A backend whose dtypes
-    do not include `dtype` hands it to the torch backend (float64 always takes torch); an explicitly
-    chosen backend that cannot run here raises RuntimeError; an unknown name ValueError."""
+    `choice` (a backend's name or 'auto', e.g. Options.backend; None: no choice) overrides the
+    ``XENT_BACKEND`` environment variable, which overrides the automatic choice. A backend that does not
+    do `work` for `dtype` hands it to the torch backend, before any check that it can run here (float64
+    never needs Triton installed, nor distillation, whose row math is torch's); an explicitly chosen
+    backend that cannot run here raises RuntimeError; an unknown name ValueError."""
     name = check_backend_name(choice)
     asked = f"backend={name!r} was asked for"
     if name is None:
@@ -56,8 +58,8 @@ def backend_for(device: torch.device, dtype: torch.dtype | None = None, choice: 
             raise ValueError(f"XENT_BACKEND must be one of {', '.join((AUTO, *names()))}, got {name!r}")
         asked = f"XENT_BACKEND={name}"
     backend = _auto(device) if name == AUTO else get(name)
-    if dtype is not None and not backend.supports(Work.ROWS, dtype=dtype):
-        return TORCH  # before availability: float64 never needs another backend to be installed
+    if not backend.supports(work, dtype=dtype):
+        return TORCH  # before availability: what the backend does not do never needs it installed
     if name != AUTO:
         reason = backend.unavailable(device)
         if reason:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..problems import DistillProblem
-from . import TORCH, backend_for
+from . import backend_for
 from .backends import Work
 from .driver import DistillChunk, DistillRowPass
 from .linear import Head, HeadGradients, chunk_rows, divide_into_, row_ranges
@@ -95,9 +95,8 @@ def distill_pass(
     if not size:  # without rows or classes no chunk runs: every divergence is 0 and so is every gradient
         return (losses, *grads.result())
 
-    backend = backend_for(dev, cd, p.backend)
-    if not backend.supports(Work.DISTILL_ROWS, device=dev, dtype=cd):
-        backend = TORCH  # e.g. Triton: its distillation row math is the torch backend's
+    # Triton, e.g., does not do the distillation row math: the torch backend's runs, Triton or not installed
+    backend = backend_for(dev, cd, p.backend, work=Work.DISTILL_ROWS)
     # d loss / d logits = coef * d divergence / d (logits / T): the 1/T of the chain rule is in the coefficient
     coefficients = torch.where(valid, scale.to(cd), 0) / p.temperature if need_grad else None
     dense_teacher = p.teacher_kind != "topk"

@@ -96,9 +96,9 @@ def linear_pass(
     one chunk covers: one GEMM in the workspace's dtype (fp32 accumulation inside it, as F.linear's
     backward), with no accumulator.
     """
-    backend = backend_for(p.input.device, p.compute_dtype, p.options.backend)
-    if backend.supports(Work.FUSED_LINEAR, problem=p):
-        fused = backend.linear_pass(
+    fusing = backend_for(p.input.device, p.compute_dtype, p.options.backend, work=Work.FUSED_LINEAR)
+    if fusing.supports(Work.FUSED_LINEAR, problem=p):  # the torch backend never: the chunked GEMMs below
+        fused = fusing.linear_pass(
             p,
             block,
             targets=targets,
@@ -110,6 +110,7 @@ def linear_pass(
         )
         if fused is not None:
             return fused
+    backend = backend_for(p.input.device, p.compute_dtype, p.options.backend)
 
     x, w_lin, b_lin = p.input, p.linear_weight, p.linear_bias
     num_rows, vocab = x.shape[0], w_lin.shape[0]

@@ -19,8 +19,8 @@ workspace with the row sums beside it; `gradient_` turns that into the gradient 
 cross-entropy (whose workspace is a chunk of the matmul output) and the vocab-parallel loss (whose classes
 are split in blocks across ranks) all use these same functions.
 
-The distillation losses' row math (divergences between the student's and a teacher's softmaxes) is at the
-end: `torch_distill_rows`, the torch backend's step for one chunk of a distillation pass.
+The distillation losses' row math (divergences between the student's and a teacher's softmaxes) is in
+kernels/distill_rows.py.
 """
 
 from __future__ import annotations

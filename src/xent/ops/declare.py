@@ -212,7 +212,9 @@ class OpFamily:
         def shaped(out):  # the schema's return: nothing, one tensor, or a tuple
             if not outputs:
                 return None
-            return out[0] if len(outputs) == 1 and isinstance(out, (tuple, list)) else tuple(out)
+            if isinstance(out, Tensor):
+                return out
+            return out[0] if len(outputs) == 1 else tuple(out)
 
         def run(*flat):
             return shaped(impl(flat))
@@ -242,8 +244,8 @@ class OpFamily:
 
         def impl(flat):
             args, more, want = split(flat)
-            grads = backward_impl(args, more, want)
-            return tuple(self._grad_or_empty(args, d, grads.get(d)) for d in self.differentiable)
+            grads = backward_impl(args, more, want)  # an unwanted gradient is an empty tensor, as the fake's
+            return tuple(self._grad_or_empty(args, d, grads.get(d) if want[d] else None) for d in self.differentiable)
 
         def fake(flat):
             args, _, want = split(flat)

@@ -116,7 +116,7 @@ def linear_token_logprobs(
     if route(input, linear_weight, linear_bias, p.target) == FUNC:
         logits = F.linear(p.input, linear_weight, linear_bias)
         return _token_formula(logits, p.target, p.options.ignore_index)
-    out = LINEAR_TOKEN_LOGPROBS(token_linear_problem(replace(p, linear_weight=linear_weight, linear_bias=linear_bias)))
+    out = LINEAR_TOKEN_LOGPROBS(token_linear_problem(p))
     return out["logprob"], out["entropy"]
 
 

@@ -43,7 +43,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 def _meta(shards: exchange.Shards) -> Tensor:
     """[this rank's first class, C] on the CPU: what backward needs of the exchange, without a device sync."""
-    return torch.tensor([shards.start, shards.num_classes], dtype=torch.int64)
+    return torch.tensor([shards.start, shards.num_classes], dtype=torch.int64, device="cpu")
 
 
 def _block_and_targets(target: Tensor, weight, opts: Options, meta: Tensor, local_size: int, cd):
@@ -59,7 +59,7 @@ def _block_and_targets(target: Tensor, weight, opts: Options, meta: Tensor, loca
 # The forward passes: this rank's block, the exchange, the merged rows
 
 
-def logits_forward(
+def logits_block_forward(
     x: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -101,7 +101,7 @@ def logits_forward(
     return loss, grad, per_row, shards
 
 
-def linear_forward(p: LinearProblem, layout: Layout, fn: str = "vocab_parallel_linear_cross_entropy"):
+def linear_block_forward(p: LinearProblem, layout: Layout, fn: str = "vocab_parallel_linear_cross_entropy"):
     """(loss, lse, block, targets, shards, per_row): this rank's block's statistics and the one exchange."""
     block, targets, lse, loss_rows, shards, per_row = exchange.vocab_parallel_loss(
         p.target,
@@ -155,7 +155,7 @@ def linear_backward(
 class VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, weight, layout: Layout, opts: Options, statistics: tuple):
-        loss, grad, per_row, _ = logits_forward(x, target, weight, layout, opts, True, statistics)
+        loss, grad, per_row, _ = logits_block_forward(x, target, weight, layout, opts, True, statistics)
         ctx.layout, ctx.opts = layout, opts
         save_for_handover(ctx, [grad], (x, target, weight))
         ctx.mark_non_differentiable(per_row)
@@ -167,7 +167,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
             raise RuntimeError("vocab_parallel_cross_entropy does not support double backward (create_graph=True)")
         (grad,) = take_handover(ctx)
         if grad is None:  # a second backward (retain_graph=True): recompute, collectively, on every rank
-            grad = logits_forward(*saved_inputs(ctx), ctx.layout, ctx.opts, need_grad=True)[1]
+            grad = logits_block_forward(*saved_inputs(ctx), ctx.layout, ctx.opts, need_grad=True)[1]
         scale_input_grad_(grad.data, grad_loss, ctx.opts.reduction, ctx.opts.backend)
         return grad, None, None, None, None, None
 
@@ -175,7 +175,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 class VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, local_linear_weight, linear_bias, target, weight, layout: Layout, p: LinearProblem):
-        loss, lse, block, targets, _, per_row = linear_forward(p, layout)
+        loss, lse, block, targets, _, per_row = linear_block_forward(p, layout)
         ctx.layout, ctx.problem, ctx.input_shape = layout, p, input.shape
         ctx.lse, ctx.targets, ctx.block = lse, targets, block
         ctx.save_for_backward(input, local_linear_weight, linear_bias)
@@ -213,7 +213,7 @@ def vocab_parallel_cross_entropy(
         out = VOCAB_PARALLEL_CROSS_ENTROPY(call)
         return out["loss"], out["per_row"]
     if not need_grad:
-        loss, _, per_row, _ = logits_forward(x, target, weight, layout, opts, False, statistics)
+        loss, _, per_row, _ = logits_block_forward(x, target, weight, layout, opts, False, statistics)
         return loss, per_row
     return VocabParallelCrossEntropy.apply(x, target, weight, layout, opts, statistics)
 
@@ -253,7 +253,7 @@ def _logits_op(call: VocabParallelCall) -> tuple:
     """The loss and, with need_grad, this rank's (rows, C_local) gradient for a unit upstream gradient; the
     merged rows (exchange.vocab_parallel_loss' per_row, for the per-token statistics)."""
     layout = Layout(_resolve(call.group_name), call.vocab_start)
-    loss, grad, per_row, _ = logits_forward(
+    loss, grad, per_row, _ = logits_block_forward(
         call.logits, call.target, call.weight, layout, call.options, call.need_grad, call.statistics
     )
     return loss.clone(), grad if grad is not None else call.logits.new_empty(0), per_row
@@ -314,14 +314,16 @@ class LinearUpstream(MergedRows):
 
 def _linear_op(call: VocabParallelLinearCall) -> tuple:
     """(loss of the (R, H) rows, the merged rows (global lse first, which backward takes), the meta)."""
-    loss, _, _, _, shards, per_row = linear_forward(call.problem, Layout(_resolve(call.group_name), call.vocab_start))
+    loss, _, _, _, shards, per_row = linear_block_forward(
+        call.problem, Layout(_resolve(call.group_name), call.vocab_start)
+    )
     return loss.clone(), per_row, _meta(shards)
 
 
 def _linear_op_fake(call: VocabParallelLinearCall) -> tuple:
     p = call.problem
     loss = p.input.new_empty(() if p.options.reduction != "none" else p.output_shape)
-    return loss, _per_row_like(p.statistics, p.input.shape[0], p.input), torch.empty(2, dtype=torch.int64)
+    return loss, _per_row_like(p.statistics, p.input.shape[0], p.input), torch.empty(2, dtype=torch.int64, device="cpu")
 
 
 def _linear_op_backward(call: VocabParallelLinearCall, up: LinearUpstream, want: dict) -> dict:
@@ -385,16 +387,16 @@ def _token_outputs(per_row: Tensor, target: Tensor, ignore_index: int, with_entr
 def _token_outputs_like(rows_: int, like: Tensor, cd, with_entropy: bool) -> tuple:
     entropy = like.new_empty(rows_ if with_entropy else 0, dtype=cd)
     per_row = like.new_empty((3 if with_entropy else 2, rows_), dtype=torch.float64)
-    return like.new_empty(rows_, dtype=cd), entropy, per_row, torch.empty(2, dtype=torch.int64)
+    return like.new_empty(rows_, dtype=cd), entropy, per_row, torch.empty(2, dtype=torch.int64, device="cpu")
 
 
 @dataclass(frozen=True)
-class TokenUpstreams(MergedRows):
+class MergedTokenUpstreams(MergedRows):
     grad_logprobs: Tensor
     grad_entropy: Tensor | None  # None without the entropy
 
 
-def _token_upstreams(ctx: BackwardContext, num_rows: int, device) -> TokenUpstreams:
+def _token_upstreams(ctx: BackwardContext, num_rows: int, device) -> MergedTokenUpstreams:
     """Both upstream gradients (zeros for an output autograd passed None for), and forward's merged rows."""
     per_row = ctx.saved["per_row"]
 
@@ -403,7 +405,7 @@ def _token_upstreams(ctx: BackwardContext, num_rows: int, device) -> TokenUpstre
 
     with_entropy = per_row.shape[0] > 2
     entropy = given(ctx.grads["entropy"]) if with_entropy else None
-    return TokenUpstreams(per_row, ctx.saved["meta"], given(ctx.grads["logprob"]), entropy)
+    return MergedTokenUpstreams(per_row, ctx.saved["meta"], given(ctx.grads["logprob"]), entropy)
 
 
 @dataclass(frozen=True)
@@ -422,7 +424,7 @@ def _token_op(call: VocabParallelTokenCall) -> tuple:
     layout = Layout(_resolve(call.group_name), call.vocab_start)
     statistics = ("entropy",) if call.with_entropy else ()
     o = call.options
-    _, _, per_row, shards = logits_forward(
+    _, _, per_row, shards = logits_block_forward(
         call.logits, call.target, None, layout, o, False, statistics, "vocab_parallel_token_logprobs"
     )
     cd = _compute_dtype(call.logits)
@@ -430,7 +432,7 @@ def _token_op(call: VocabParallelTokenCall) -> tuple:
     return logprobs, entropy, per_row, _meta(shards)
 
 
-def _token_op_backward(call: VocabParallelTokenCall, up: TokenUpstreams, want: dict) -> dict:
+def _token_op_backward(call: VocabParallelTokenCall, up: MergedTokenUpstreams, want: dict) -> dict:
     """This rank's (R, C_local) gradient (no communication: the global lse and H are in per_row)."""
     x, cd = call.logits, _compute_dtype(call.logits)
     block, targets = _block_and_targets(call.target, None, call.options, up.meta, x.shape[1], cd)
@@ -446,14 +448,14 @@ VOCAB_PARALLEL_TOKEN_LOGPROBS = OpFamily(
     lambda c: _token_outputs_like(c.logits.shape[0], c.logits, _compute_dtype(c.logits), c.with_entropy),
     differentiable=("logits",),
     differentiable_outputs=("logprob", "entropy"),
-    backward_args=TokenUpstreams,
+    backward_args=MergedTokenUpstreams,
     backward_impl=_token_op_backward,
     save=lambda c, out: {"logits": c.logits, "target": c.target, "per_row": out["per_row"], "meta": out["meta"]},
     backward=lambda ctx: ctx.backward_op(_token_upstreams(ctx, ctx.args.logits.shape[0], ctx.args.logits.device)),
 )
 
 
-def token_linear_problem(
+def rl_linear_problem(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, options: Options,
     memory_budget: int | None, with_entropy: bool,
 ) -> LinearProblem:  # fmt: skip
@@ -470,13 +472,13 @@ def _linear_token_op(call: VocabParallelLinearCall) -> tuple:
     """As xent::vocab_parallel_token_logprobs, from the (R, H) rows and this rank's rows of the head."""
     p = call.problem
     layout = Layout(_resolve(call.group_name), call.vocab_start)
-    _, _, _, _, shards, per_row = linear_forward(p, layout, "vocab_parallel_linear_token_logprobs")
+    _, _, _, _, shards, per_row = linear_block_forward(p, layout, "vocab_parallel_linear_token_logprobs")
     with_entropy = "entropy" in p.statistics
     logprobs, entropy = _token_outputs(per_row, p.target, p.options.ignore_index, with_entropy, p.compute_dtype)
     return logprobs, entropy, per_row, _meta(shards)
 
 
-def _linear_token_op_backward(call: VocabParallelLinearCall, up: TokenUpstreams, want: dict) -> dict:
+def _linear_token_op_backward(call: VocabParallelLinearCall, up: MergedTokenUpstreams, want: dict) -> dict:
     """The gradients (the input's all-reduced)."""
     p = call.problem
     cd = p.compute_dtype
@@ -499,7 +501,7 @@ VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS = OpFamily(
     ),
     differentiable=PARAMETERS,
     differentiable_outputs=("logprob", "entropy"),
-    backward_args=TokenUpstreams,
+    backward_args=MergedTokenUpstreams,
     backward_impl=_linear_token_op_backward,
     save=lambda c, out: {
         "input": c.problem.input,

@@ -334,6 +334,7 @@ def linear_cross_entropy_problem(
     ):
         check_tensor(t, name, fn, optional=optional)
     ignore_index = -100 if ignore_index is None else as_index(ignore_index, "ignore_index", fn)
+    memory_budget = check_memory_budget(memory_budget, fn)
     label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
     z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
     softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
@@ -392,6 +393,16 @@ def linear_cross_entropy_problem(
 def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """What autocast does to F.linear's arguments: float32 (and the other half type) become `dtype`."""
     return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+
+
+def check_memory_budget(memory_budget, fn: str) -> int | None:
+    """A chunk budget in bytes: None (the default) or a positive integer (ValueError otherwise)."""
+    if memory_budget is None:
+        return None
+    memory_budget = as_index(memory_budget, "memory_budget", fn)
+    if memory_budget <= 0:
+        raise ValueError(f"{fn}: memory_budget must be a positive number of bytes, got {memory_budget}")
+    return memory_budget
 
 
 def check_backend(backend, fn: str) -> str | None:

@@ -18,6 +18,7 @@ from .cross_entropy import (
     as_float,
     check_float_input,
     check_linear,
+    check_memory_budget,
     check_same_device,
     check_target_dtype,
     check_tensor,
@@ -67,10 +68,7 @@ def linear_distillation_problem(
     temperature = as_float(temperature, "temperature", fn)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"{fn}: temperature must be a positive finite number, got {temperature:g}")
-    if memory_budget is not None:
-        memory_budget = as_index(memory_budget, "memory_budget", fn)
-        if memory_budget <= 0:
-            raise ValueError(f"{fn}: memory_budget must be a positive number of bytes, got {memory_budget}")
+    memory_budget = check_memory_budget(memory_budget, fn)
     if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
         raise TypeError(f"{fn}: output_dtype must be a floating point torch.dtype, got {output_dtype!r}")
     # Liger Kernel's convention: the generalised JSD is the forward KL at beta = 0 and the reverse KL at 1
