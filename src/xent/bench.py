@@ -188,7 +188,7 @@ def median(xs: list[float]) -> float:
 # Memory
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -196,7 +196,7 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -218,10 +218,10 @@ def peak_growth_of(step: Callable[[], object], device: str) -> tuple[int, bool]:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, True
     gc.collect()
-    exact = _reset_peak()
-    base = _status_bytes("VmRSS")
+    exact = reset_peak()
+    base = status_bytes("VmRSS")
     step()
-    return _status_bytes("VmHWM") - base, exact
+    return status_bytes("VmHWM") - base, exact
 
 
 def peak_growth_here(w: Workload, impl: str, warm: bool = True) -> dict:

@@ -282,7 +282,7 @@ _MEMORY_PROBE = r"""
 import json, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 import xent.integrations.transformers as xent_hf
-from xent.bench import _reset_peak, _status_bytes
+from xent.bench import reset_peak, status_bytes
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2)).train()
@@ -293,9 +293,9 @@ def step():
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids).loss.backward()
 step()  # warm-up: parameter gradients and one-time buffers exist before the measured step
-_reset_peak(); base = _status_bytes("VmRSS")
+reset_peak(); base = status_bytes("VmRSS")
 step()
-print(json.dumps({"peak": _status_bytes("VmHWM") - base}))
+print(json.dumps({"peak": status_bytes("VmHWM") - base}))
 """
 
 
