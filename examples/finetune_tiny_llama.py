@@ -26,7 +26,7 @@ def train(variant: str, steps: int, vocab: int, batch: int, seq: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from xent.bench import _reset_peak, _status_bytes
+    from xent.bench import reset_peak, status_bytes
 
     torch.manual_seed(0)
     data = torch.tensor(list(TEXT.read_bytes()), dtype=torch.long)
@@ -47,8 +47,8 @@ def train(variant: str, steps: int, vocab: int, batch: int, seq: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
     losses = []
-    _reset_peak()
-    base = _status_bytes("VmRSS")
+    reset_peak()
+    base = status_bytes("VmRSS")
     start = time.perf_counter()
     for _ in range(steps):
         offsets = torch.randint(0, data.numel() - seq, (batch,), generator=gen)
@@ -60,7 +60,7 @@ def train(variant: str, steps: int, vocab: int, batch: int, seq: int) -> dict:
         losses.append(float(out.loss))
     return {
         "losses": losses,
-        "peak_mb": (_status_bytes("VmHWM") - base) / 2**20,
+        "peak_mb": (status_bytes("VmHWM") - base) / 2**20,
         "seconds": time.perf_counter() - start,
     }
 
