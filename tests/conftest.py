@@ -70,3 +70,26 @@ def device(request) -> torch.device:
     tests may take it (their examples share one fixture value).
     """
     return torch.device(request.param)
+
+
+if int(pytest.__version__.split(".")[0]) < 9:  # pytest 9 has a built-in `subtests` fixture; 8 does not
+
+    @pytest.fixture
+    def subtests():
+        """pytest 8: each failed subtest is recorded, and the test fails at its end listing all of them (the
+        distributed tests report one subtest per failed check)."""
+        import contextlib
+
+        failures = []
+
+        class Subtests:
+            @contextlib.contextmanager
+            def test(self, msg=None, **kwargs):
+                try:
+                    yield
+                except BaseException as failure:  # pytest.fail raises an OutcomeException, a BaseException
+                    failures.append(f"[{msg}] {kwargs}: {failure}")
+
+        yield Subtests()
+        if failures:
+            pytest.fail("\n\n".join(failures), pytrace=False)
