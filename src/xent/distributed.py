@@ -15,12 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from .ops import vocab_parallel as ops
 from .ops.vocab_parallel import Layout
-from .problems import FUNC, TRACED, LinearProblem, TokenStatistics, route
+from .problems import FUNC, TRACED, LinearProblem, TokenStatistics, compute_dtype, route
 from .validation.cross_entropy import (
     check_backend,
     check_local_head,
@@ -101,8 +100,7 @@ def vocab_parallel_cross_entropy(
     loss, per_row = ops.vocab_parallel_cross_entropy(x, target, weight, layout, opts, statistics, how == TRACED)
     if return_stats is None:
         return loss
-    cd = torch.float64 if local_logits.dtype == torch.float64 else torch.float32
-    return loss, ops.token_statistics(statistics, per_row, target, opts, cd)
+    return loss, ops.token_statistics(statistics, per_row, target, opts, compute_dtype(local_logits.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import Tensor
 from . import dtensor
 from .checks import check_target_range
 from .ops import cross_entropy as ce_ops
-from .problems import TokenStatistics, _as_3d, autocast_dtype
+from .problems import TokenStatistics, _as_3d, autocast_dtype, compute_dtype
 from .validation.cross_entropy import (
     as_index,
     check_backend,
@@ -157,17 +157,17 @@ def nll_loss(
 
     # A gather of the target column: autograd's own backward (a scatter) gives the gradient and its
     # derivative, so no custom kernel is needed.
-    compute_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(input.dtype)
     x = _as_3d(input)
     n, _, d = x.shape
     t = target.reshape(n, 1, d).long()  # uint8 targets compare as int64, as torch (-100 must not wrap)
     valid = t != ignore_index
     index = torch.where(valid, t, 0)
     if num_classes:
-        picked = x.gather(1, index).to(compute_dtype)
+        picked = x.gather(1, index).to(cd)
     else:  # no classes, so every target is ignore_index: nothing to pick, still connected to the input
-        picked = (x.sum() * 0).to(compute_dtype).expand(n, 1, d)
-    w_y = weight.to(compute_dtype)[index] if weight is not None and num_classes else torch.ones_like(picked)
+        picked = (x.sum() * 0).to(cd).expand(n, 1, d)
+    w_y = weight.to(cd)[index] if weight is not None and num_classes else torch.ones_like(picked)
     w_y = torch.where(valid, w_y, 0)
     loss = torch.where(valid, -w_y * picked, 0)
     if reduction == "none":

@@ -16,6 +16,12 @@ from torch import Tensor
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype xent computes and reduces in for tensors of `dtypes`: fp64 if any is fp64, else fp32
+    (math and reductions never run in half precision)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """torch.autocast's lower-precision dtype when it is on for `device`'s type, else None."""
     try:
@@ -106,9 +112,7 @@ class Problem:
     @property
     def compute_dtype(self) -> torch.dtype:
         """fp32 for fp32/bf16/fp16 (our math and reductions never run in half precision), else fp64."""
-        return (
-            torch.float64 if self.output_dtype == torch.float64 or self.logits.dtype == torch.float64 else torch.float32
-        )
+        return compute_dtype(self.output_dtype, self.logits.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,7 +133,7 @@ class LinearProblem:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if self.linear_weight.dtype == torch.float64 else torch.float32
+        return compute_dtype(self.linear_weight.dtype)
 
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -167,7 +171,7 @@ class DistillProblem:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if self.input.dtype == torch.float64 else torch.float32
+        return compute_dtype(self.input.dtype)
 
     @property
     def teacher_tensors(self) -> tuple:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..problems import HALF_DTYPES, LinearProblem, autocast_dtype
+from ..problems import HALF_DTYPES, LinearProblem, autocast_dtype, compute_dtype
 from . import backend_for, rows
 from .backends import Work
 from .driver import Chunk, RowPass
@@ -38,7 +38,7 @@ def workspace_dtype(device: torch.device, dtype: torch.dtype, choice: str | None
     """The dtype of the logits workspace for a head of `dtype`: the head's own for bf16/fp16 on a backend
     whose chunk step works in half-precision workspaces (Triton: half-precision GEMMs, fp32 math in the
     kernel), else the compute dtype (fp32 or fp64). `choice`: the call's backend choice."""
-    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    cd = compute_dtype(dtype)
     return dtype if dtype in HALF_DTYPES and backend_for(device, cd, choice).half_precision_workspace else cd
 
 

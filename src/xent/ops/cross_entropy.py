@@ -44,9 +44,15 @@ def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, n
     """The 'mean' reduction's denominator D of class-index targets, in float64, as the kernels divide by it:
     the number of counted targets, or their class weights' sum (torch's weighted mean)."""
     return rows.IndexTargets(
-        target, weight, ignore_index=ignore_index, label_smoothing=0.0, z_loss=0.0, reduction="mean",
-        num_classes=num_classes, dtype=torch.float64,
-    ).denominator  # fmt: skip
+        target,
+        weight,
+        ignore_index=ignore_index,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        reduction="mean",
+        num_classes=num_classes,
+        dtype=torch.float64,
+    ).denominator
 
 
 def cross_entropy(

@@ -314,6 +314,11 @@ class BackwardContext:
     saved: dict
     family: OpFamily
 
+    def grad_or_zeros(self, output: str, num_rows: int, dtype: torch.dtype, device) -> Tensor:
+        """The gradient of `output`, or zeros of (num_rows,) where autograd passes None (an unused output)."""
+        g = self.grads[output]
+        return g if g is not None else torch.zeros(num_rows, dtype=dtype, device=device)
+
     def backward_op(self, extra=None, want: dict | None = None) -> dict:
         return self.family.backward_op(self.args, extra, want if want is not None else self.want)
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import reference
 from ..kernels import forward_for
 from ..kernels import linear as linear_kernels
-from ..problems import FUNC, LinearProblem, Options, Problem, make_problem, route
+from ..problems import FUNC, LinearProblem, Options, Problem, compute_dtype, make_problem, route
 from .cross_entropy import cross_entropy_forward
 from .declare import BackwardContext, OpFamily
 from .linear import PARAMETERS, cast_like, linear_forward
@@ -35,11 +35,9 @@ class TokenUpstreams:
 
 
 def _upstreams(ctx: BackwardContext, like: Tensor, dtype: torch.dtype) -> TokenUpstreams:
-    """Both upstream gradients as tensors: autograd passes None for an output that was not used."""
-    cd = torch.float64 if dtype == torch.float64 else torch.float32
-    zeros = torch.zeros(like.shape[0], dtype=cd, device=like.device)
-    g_lp, g_h = ctx.grads["logprob"], ctx.grads["entropy"]
-    return TokenUpstreams(g_lp if g_lp is not None else zeros, g_h if g_h is not None else zeros)
+    """Both upstream gradients as tensors (zeros for an unused output)."""
+    n, cd = like.shape[0], compute_dtype(dtype)
+    return TokenUpstreams(*(ctx.grad_or_zeros(name, n, cd, like.device) for name in TOKEN_STATISTICS))
 
 
 def _valid(target: Tensor, ignore_index: int) -> Tensor:
@@ -56,9 +54,18 @@ def token_linear_problem(p: LinearProblem) -> LinearProblem:
     options = Options("none", p.options.ignore_index, backend=p.options.backend)
     n = p.input.shape[0]
     return LinearProblem(
-        p.input, p.linear_weight, p.linear_bias, p.target, None, options, (n,), p.compute_dtype, 0,
-        p.memory_budget, TOKEN_STATISTICS,
-    )  # fmt: skip
+        p.input,
+        p.linear_weight,
+        p.linear_bias,
+        p.target,
+        None,
+        options,
+        (n,),
+        p.compute_dtype,
+        0,
+        p.memory_budget,
+        TOKEN_STATISTICS,
+    )
 
 
 def _linear_forward(p: LinearProblem) -> tuple[Tensor, Tensor]:
@@ -104,7 +111,7 @@ LINEAR_TOKEN_LOGPROBS = OpFamily(
         "linear_weight": p.linear_weight,
         "linear_bias": p.linear_bias,
         "target": p.target,
-    },  # fmt: skip
+    },
     backward=lambda ctx: ctx.backward_op(_upstreams(ctx, ctx.args.input, ctx.args.linear_weight.dtype)),
 )
 
@@ -122,8 +129,7 @@ def linear_token_logprobs(
 
 def _token_formula(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """The definitions, as differentiable torch ops (torch.func transforms)."""
-    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    lp = reference.log_softmax(logits.to(cd))
+    lp = reference.log_softmax(logits.to(compute_dtype(logits.dtype)))
     flat = target.reshape(-1).long()
     valid = flat != ignore_index
     picked = lp.gather(1, torch.where(valid, flat, 0).unsqueeze(1)).squeeze(1) if lp.shape[1] else lp.sum(1) * 0
@@ -174,7 +180,7 @@ def token_logprobs_from_logits(
     """(logprob, entropy) per row of (R, V) logits, differentiable with respect to the logits."""
     if route(logits, target) == FUNC:
         return _token_formula(logits, target, ignore_index)
-    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
     options = Options("none", ignore_index, backend=backend)
-    out = TOKEN_LOGPROBS_FROM_LOGITS(make_problem(logits, target, None, options, cd, TOKEN_STATISTICS))
+    problem = make_problem(logits, target, None, options, compute_dtype(logits.dtype), TOKEN_STATISTICS)
+    out = TOKEN_LOGPROBS_FROM_LOGITS(problem)
     return out["logprob"], out["entropy"]

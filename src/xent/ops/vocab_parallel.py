@@ -20,7 +20,7 @@ from .. import exchange
 from ..kernels import rows
 from ..kernels.blocks import block_pass, linear_logit_at, logits_gradient, token_gradient_coefficients
 from ..kernels.linear import linear_pass
-from ..problems import LinearProblem, Options
+from ..problems import LinearProblem, Options, compute_dtype
 from .cross_entropy import SCALE_GRAD, ScaleGrad, scale_input_grad_
 from .declare import BackwardContext, OpFamily
 from .handover import save_for_handover, saved_inputs, take_handover
@@ -35,10 +35,6 @@ def _resolve(group_name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(group_name)
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _meta(shards: exchange.Shards) -> Tensor:
@@ -73,7 +69,7 @@ def logits_block_forward(
     (exchange.vocab_parallel_loss), shards) of the (rows, C_local) logits `x`; `fn` names the caller in
     errors and in the exchange's header."""
     num_rows, local_size = x.shape
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x.dtype)
     smoothing = opts.label_smoothing > 0
 
     # Pass 1: this block's statistics; 2: after the exchange, the gradient (global lse) in place.
@@ -88,9 +84,18 @@ def logits_block_forward(
         return x.gather(1, stats.argmax.clamp_min(0).unsqueeze(1)).squeeze(1) if local_size else stats.shift
 
     block, targets, lse, loss_rows, shards, per_row = exchange.vocab_parallel_loss(
-        target, weight, local_size, layout.group, layout.vocab_start, opts, cd, fn, statistics, local_statistics,
+        target,
+        weight,
+        local_size,
+        layout.group,
+        layout.vocab_start,
+        opts,
+        cd,
+        fn,
+        statistics,
+        local_statistics,
         block_max,
-    )  # fmt: skip
+    )
     loss = targets.reduce(loss_rows)
     loss = (loss.reshape(target.shape) if opts.reduction == "none" else loss).to(x.dtype)
     grad = (
@@ -208,8 +213,8 @@ def vocab_parallel_cross_entropy(
     """(loss, per_row) of the (rows, C_local) logits `x`; differentiable with respect to them."""
     need_grad = torch.is_grad_enabled() and x.requires_grad
     if traced:
-        call = VocabParallelCall(x, target, weight, opts, group_name(layout.group), layout.vocab_start, need_grad,
-                                 statistics)  # fmt: skip
+        group = exchange.group_name(layout.group)
+        call = VocabParallelCall(x, target, weight, opts, group, layout.vocab_start, need_grad, statistics)
         out = VOCAB_PARALLEL_CROSS_ENTROPY(call)
         return out["loss"], out["per_row"]
     if not need_grad:
@@ -223,14 +228,11 @@ def vocab_parallel_linear_cross_entropy(
 ) -> tuple[Tensor, Tensor]:
     """(loss, per_row) of the (R, H) rows p.input (a view of the caller's `input`) under this rank's head."""
     if traced:
-        out = VOCAB_PARALLEL_LINEAR_CROSS_ENTROPY(VocabParallelLinearCall(p, group_name(layout.group),
-                                                                          layout.vocab_start))  # fmt: skip
+        out = VOCAB_PARALLEL_LINEAR_CROSS_ENTROPY(
+            VocabParallelLinearCall(p, exchange.group_name(layout.group), layout.vocab_start)
+        )
         return out["loss"], out["per_row"]
     return VocabParallelLinear.apply(input, p.linear_weight, p.linear_bias, target, p.weight, layout, p)
-
-
-def group_name(group) -> str:
-    return exchange.group_name(group)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,19 +331,32 @@ def _linear_op_fake(call: VocabParallelLinearCall) -> tuple:
 def _linear_op_backward(call: VocabParallelLinearCall, up: LinearUpstream, want: dict) -> dict:
     """The gradients for `upstream` (the input's all-reduced)."""
     p = replace(call.problem, statistics=())
-    block, targets = _block_and_targets(p.target, p.weight, p.options, up.meta, p.linear_weight.shape[0],
-                                        p.compute_dtype)  # fmt: skip
+    block, targets = _block_and_targets(
+        p.target, p.weight, p.options, up.meta, p.linear_weight.shape[0], p.compute_dtype
+    )
     grads = linear_backward(
-        p, _resolve(call.group_name), block, targets, up.per_row[0], row_scale(p, targets, up.upstream),
+        p,
+        _resolve(call.group_name),
+        block,
+        targets,
+        up.per_row[0],
+        row_scale(p, targets, up.upstream),
         tuple(want[n] for n in PARAMETERS),
-    )  # fmt: skip
+    )
     return dict(zip(PARAMETERS, grads))
 
 
 def _save_inputs_and_rows(call, out: dict) -> dict:
     p = call.problem
-    return {"input": p.input, "linear_weight": p.linear_weight, "linear_bias": p.linear_bias, "target": p.target,
-            "weight": p.weight, "per_row": out["per_row"], "meta": out["meta"]}  # fmt: skip
+    return {
+        "input": p.input,
+        "linear_weight": p.linear_weight,
+        "linear_bias": p.linear_bias,
+        "target": p.target,
+        "weight": p.weight,
+        "per_row": out["per_row"],
+        "meta": out["meta"],
+    }
 
 
 def _every_rank_input(ctx: BackwardContext) -> dict:
@@ -399,13 +414,10 @@ class MergedTokenUpstreams(MergedRows):
 def _token_upstreams(ctx: BackwardContext, num_rows: int, device) -> MergedTokenUpstreams:
     """Both upstream gradients (zeros for an output autograd passed None for), and forward's merged rows."""
     per_row = ctx.saved["per_row"]
-
-    def given(g):
-        return g if g is not None else torch.zeros(num_rows, dtype=per_row.dtype, device=device)
-
     with_entropy = per_row.shape[0] > 2
-    entropy = given(ctx.grads["entropy"]) if with_entropy else None
-    return MergedTokenUpstreams(per_row, ctx.saved["meta"], given(ctx.grads["logprob"]), entropy)
+    entropy = ctx.grad_or_zeros("entropy", num_rows, per_row.dtype, device) if with_entropy else None
+    logprob = ctx.grad_or_zeros("logprob", num_rows, per_row.dtype, device)
+    return MergedTokenUpstreams(per_row, ctx.saved["meta"], logprob, entropy)
 
 
 @dataclass(frozen=True)
@@ -427,14 +439,14 @@ def _token_op(call: VocabParallelTokenCall) -> tuple:
     _, _, per_row, shards = logits_block_forward(
         call.logits, call.target, None, layout, o, False, statistics, "vocab_parallel_token_logprobs"
     )
-    cd = _compute_dtype(call.logits)
+    cd = compute_dtype(call.logits.dtype)
     logprobs, entropy = _token_outputs(per_row, call.target, o.ignore_index, call.with_entropy, cd)
     return logprobs, entropy, per_row, _meta(shards)
 
 
 def _token_op_backward(call: VocabParallelTokenCall, up: MergedTokenUpstreams, want: dict) -> dict:
     """This rank's (R, C_local) gradient (no communication: the global lse and H are in per_row)."""
-    x, cd = call.logits, _compute_dtype(call.logits)
+    x, cd = call.logits, compute_dtype(call.logits.dtype)
     block, targets = _block_and_targets(call.target, None, call.options, up.meta, x.shape[1], cd)
     coefficients = token_gradient_coefficients(targets, up.per_row, block, up.grad_logprobs, up.grad_entropy, cd)
     return {"logits": logits_gradient(x, block, coefficients, cd, False, call.options.backend)}
@@ -445,7 +457,7 @@ VOCAB_PARALLEL_TOKEN_LOGPROBS = OpFamily(
     VocabParallelTokenCall,
     ("logprob", "entropy", "per_row", "meta"),
     _token_op,
-    lambda c: _token_outputs_like(c.logits.shape[0], c.logits, _compute_dtype(c.logits), c.with_entropy),
+    lambda c: _token_outputs_like(c.logits.shape[0], c.logits, compute_dtype(c.logits.dtype), c.with_entropy),
     differentiable=("logits",),
     differentiable_outputs=("logprob", "entropy"),
     backward_args=MergedTokenUpstreams,
@@ -456,16 +468,22 @@ VOCAB_PARALLEL_TOKEN_LOGPROBS = OpFamily(
 
 
 def rl_linear_problem(
-    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, options: Options,
-    memory_budget: int | None, with_entropy: bool,
-) -> LinearProblem:  # fmt: skip
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    options: Options,
+    memory_budget: int | None,
+    with_entropy: bool,
+) -> LinearProblem:
     """The linear problem of the RL ops: 'none' reduction, no other term, the entropy on request; the
     per-token outputs in the compute dtype."""
-    cd = torch.float64 if linear_weight.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(linear_weight.dtype)
     statistics = ("entropy",) if with_entropy else ()
     n = input.shape[0]
-    return LinearProblem(input, linear_weight, linear_bias, target, None, options, (n,), cd, 0, memory_budget,
-                         statistics)  # fmt: skip
+    return LinearProblem(
+        input, linear_weight, linear_bias, target, None, options, (n,), cd, 0, memory_budget, statistics
+    )
 
 
 def _linear_token_op(call: VocabParallelLinearCall) -> tuple:
@@ -485,9 +503,16 @@ def _linear_token_op_backward(call: VocabParallelLinearCall, up: MergedTokenUpst
     block, targets = _block_and_targets(p.target, None, p.options, up.meta, p.linear_weight.shape[0], cd)
     c = token_gradient_coefficients(targets, up.per_row, block, up.grad_logprobs, up.grad_entropy, cd)
     grads = linear_backward(
-        p, _resolve(call.group_name), block, targets, up.per_row[0], c.scale, tuple(want[n] for n in PARAMETERS),
-        c.entropy, c.entropy_value,
-    )  # fmt: skip
+        p,
+        _resolve(call.group_name),
+        block,
+        targets,
+        up.per_row[0],
+        c.scale,
+        tuple(want[n] for n in PARAMETERS),
+        c.entropy,
+        c.entropy_value,
+    )
     return dict(zip(PARAMETERS, grads))
 
 
@@ -510,7 +535,7 @@ VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS = OpFamily(
         "target": c.problem.target,
         "per_row": out["per_row"],
         "meta": out["meta"],
-    },  # fmt: skip
+    },
     backward=lambda ctx: ctx.backward_op(
         _token_upstreams(ctx, ctx.args.problem.input.shape[0], ctx.args.problem.input.device), _every_rank_input(ctx)
     ),
@@ -521,12 +546,16 @@ def vocab_parallel_token_logprobs(
     x: Tensor, target: Tensor, layout: Layout, options: Options, with_entropy: bool
 ) -> tuple[Tensor, Tensor]:
     """(log-probabilities, entropies or empty) of the (R, C_local) logits, differentiable."""
-    call = VocabParallelTokenCall(x, target, options, group_name(layout.group), layout.vocab_start, with_entropy)
+    call = VocabParallelTokenCall(
+        x, target, options, exchange.group_name(layout.group), layout.vocab_start, with_entropy
+    )
     out = VOCAB_PARALLEL_TOKEN_LOGPROBS(call)
     return out["logprob"], out["entropy"]
 
 
 def vocab_parallel_linear_token_logprobs(p: LinearProblem, layout: Layout) -> tuple[Tensor, Tensor]:
     """(log-probabilities, entropies or empty) of the (R, H) rows under this rank's head, differentiable."""
-    out = VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS(VocabParallelLinearCall(p, group_name(layout.group), layout.vocab_start))
+    out = VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS(
+        VocabParallelLinearCall(p, exchange.group_name(layout.group), layout.vocab_start)
+    )
     return out["logprob"], out["entropy"]
