@@ -25,8 +25,10 @@ from .validation.cross_entropy import (
     check_local_head,
     check_local_logits_target,
     check_memory_budget,
+    check_output_dtype,
     check_statistics,
     check_temperature,
+    chunk_size_of,
     vocab_parallel_options,
     with_backend,
 )
@@ -54,6 +56,7 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
@@ -71,7 +74,8 @@ def vocab_parallel_cross_entropy(
             sizes gathered by one extra small all-gather (which also checks that all ranks have the same
             targets before the main exchange).
         weight (Tensor, optional): the full :math:`(C,)` class weights, the same on every rank.
-        ignore_index, reduction, label_smoothing, z_loss: as :func:`xent.cross_entropy`.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as :func:`xent.cross_entropy` (every
+            rank must pass the same).
         return_stats: names of per-token statistics, as :func:`xent.cross_entropy`: global values, the
             same on every rank, merged in the one exchange (every rank must ask for the same ones).
             Returns ``(loss, stats)`` then.
@@ -87,7 +91,7 @@ def vocab_parallel_cross_entropy(
     """
     fn = "vocab_parallel_cross_entropy"
     opts = vocab_parallel_options(
-        local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "local_logits"
+        local_logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "local_logits", softcap
     )
     statistics = check_statistics(return_stats, fn)
     opts = with_backend(opts, check_backend(backend, fn))
@@ -120,7 +124,10 @@ def vocab_parallel_linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
+    options=None,
     memory_budget: int | None = None,
+    output_dtype=None,
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
@@ -132,14 +139,18 @@ def vocab_parallel_linear_cross_entropy(
     this block's statistics, one all-gather (two with ``vocab_start=None``), and backward recomputes the
     chunks for the gradients (one more matmul than the single-process path) and all-reduces the input
     gradient, so every rank holds the full gradient of ``input``. Options (``return_stats`` too) as
-    :func:`vocab_parallel_cross_entropy`.
+    :func:`vocab_parallel_cross_entropy`; ``options`` (torch's ``LinearCrossEntropyOptions``: its
+    ``batch_chunk_size``), ``memory_budget`` and ``output_dtype`` as :func:`xent.linear_cross_entropy`.
     """
     fn = "vocab_parallel_linear_cross_entropy"
-    opts = vocab_parallel_options(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input")
+    opts = vocab_parallel_options(
+        input, target, weight, reduction, ignore_index, label_smoothing, z_loss, fn, "input", softcap
+    )
     statistics = check_statistics(return_stats, fn)
     opts = with_backend(opts, check_backend(backend, fn))
     check_local_head(input, local_linear_weight, linear_bias, target, fn)
     memory_budget = check_memory_budget(memory_budget, fn)
+    output_dtype = check_output_dtype(output_dtype, fn)
     x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])  # not -1: ambiguous when H = 0
     problem = LinearProblem(
         x2,
@@ -149,7 +160,8 @@ def vocab_parallel_linear_cross_entropy(
         weight,
         opts,
         tuple(target.shape),
-        input.dtype,
+        output_dtype or input.dtype,
+        chunk_size=chunk_size_of(options),
         memory_budget=memory_budget,
         statistics=statistics,
     )
@@ -186,7 +198,7 @@ def vocab_parallel_token_logprobs(
         local_logits (Tensor): this rank's logits, shape :math:`(..., C_{local})`.
         target (Tensor): the chosen token ids (global), shape :math:`(...)`, the same on every rank.
         group, vocab_start: as :func:`vocab_parallel_cross_entropy`.
-        temperature (float): T > 0 (a copy of the logits is divided when T != 1).
+        temperature (float): T > 0; it divides the logits in fp32 inside the pass (no copy).
         ignore_index (int): tokens to skip: log-probability 0, entropy 0, no gradient.
         return_entropy (bool): also return the entropies.
         backend (str, optional): the compute backend of this rank's block passes, as
@@ -205,8 +217,7 @@ def vocab_parallel_token_logprobs(
     if route(local_logits, target) == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
     flat = local_logits.reshape(math.prod(local_logits.shape[:-1]), local_logits.shape[-1])
-    flat = flat / t if t != 1.0 else flat
-    options = ops.rl_options(int(ignore_index), check_backend(backend, fn))
+    options = ops.rl_options(int(ignore_index), t, check_backend(backend, fn))
     layout = Layout(group, vocab_start)
     logprobs, entropy = ops.vocab_parallel_token_logprobs(
         flat, target.reshape(-1), layout, options, bool(return_entropy)
@@ -247,13 +258,13 @@ def vocab_parallel_linear_token_logprobs(
     memory_budget = check_memory_budget(memory_budget, fn)
     if route(input, local_linear_weight, linear_bias, target) == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
-    # (h W^T + b) / T = (h / T) W^T + b / T: O(tokens x hidden), not O(tokens x vocabulary)
+    # the temperature divides the logits in fp32 inside the block passes (not the half-precision hidden states)
     x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
-    x2 = x2 / t if t != 1.0 else x2
-    bias = linear_bias / t if linear_bias is not None and t != 1.0 else linear_bias
-    options = ops.rl_options(int(ignore_index), check_backend(backend, fn))
+    options = ops.rl_options(int(ignore_index), t, check_backend(backend, fn))
     budget = None if memory_budget is None else int(memory_budget)
-    p = ops.rl_linear_problem(x2, local_linear_weight, bias, target.reshape(-1), options, budget, bool(return_entropy))
+    p = ops.rl_linear_problem(
+        x2, local_linear_weight, linear_bias, target.reshape(-1), options, budget, bool(return_entropy)
+    )
     logprobs, entropy = ops.vocab_parallel_linear_token_logprobs(p, Layout(group, vocab_start))
     if not return_entropy:
         return logprobs.reshape(target.shape)

@@ -1,15 +1,21 @@
 """xent's losses on DTensors: torch's tensor-parallel and data-parallel layouts, without gathering logits.
 
 `xent.cross_entropy` / `nll_loss` / `linear_cross_entropy` (and their modules) come here when an
-argument is a DTensor (torch.distributed.tensor), on a 1-D device mesh:
+argument is a DTensor (torch.distributed.tensor), on a 1-D device mesh. Every placement combination torch's
+DTensor `cross_entropy` / `nll_loss` accepts is accepted, with torch's values (docs/distributed.md, "DTensor
+layouts"); the arguments are first brought to one of these layouts:
 
 * logits sharded on the **class** dimension (what ``ColwiseParallel(use_local_output=False)`` on an
   lm_head gives, and what torch's ``loss_parallel()`` handles): the vocab-parallel loss
   (xent.distributed) on the local shards, one collective, every option (torch's loss_parallel refuses
-  label smoothing with class weights; xent does not). The target must be replicated.
+  label smoothing with class weights; xent does not). The target (any placement) is made whole.
+  Probability targets and nll_loss, which the vocab-parallel loss does not take, redistribute the logits
+  to a row split first.
 * logits sharded on the **batch** (or a spatial) dimension, or replicated: each rank computes its rows
   with the ordinary kernels; the reduction sums the loss (and the 'mean' denominator) across ranks as a
-  DTensor, so autograd brings each rank its rows' gradient.
+  DTensor, so autograd brings each rank its rows' gradient. A DTensor target in another placement is
+  redistributed to the logits' rows.
+* Partial logits (a pending sum) are redistributed to Replicate; DTensor class weights are made whole.
 * linear_cross_entropy with a head sharded on the vocabulary and replicated hidden states (DTensors on
   the same mesh): the vocab-parallel linear loss. A sharded head with plain hidden states is what
   fully_shard (FSDP2) leaves outside the module's forward: the head is gathered (never a local shard
@@ -66,10 +72,32 @@ def cross_entropy(local_loss, input, target, weight, *, reduction: str, fn: str 
     With options' `return_stats`, (loss, TokenStatistics of DTensors): laid out like the loss with
     reduction='none' (replicated for logits sharded on their classes, whose statistics every rank merges
     from the one exchange; split like the rows otherwise)."""
+    if not is_dtensor(input):
+        # torch refuses a plain input beside DTensor target/weight ("mixed torch.Tensor and DTensor")
+        raise RuntimeError(
+            f"{fn}: the input is a plain tensor but the target or weight is a DTensor; pass all of them as "
+            f"DTensors, or all as plain tensors"
+        )
     mesh, placement = _mesh_and_placement(input, fn)
+    for name, t in (("target", target), ("weight", weight)):
+        if is_dtensor(t) and t.device_mesh != mesh:
+            raise RuntimeError(f"{fn}: {name} is a DTensor on another device mesh than the input's")
     class_dim = 0 if input.dim() == 1 else 1
-    weight_local = _replicated_local(weight, mesh, fn, "weight")
-    if placement.is_shard() and placement.dim % max(input.dim(), 1) == class_dim:
+    # class weights are small and needed whole by every rank, whatever their placement (torch accepts
+    # Replicate and Shard(0)); a pending sum of logits (Partial) is summed first
+    weight_local = weight.full_tensor() if is_dtensor(weight) else weight
+    if placement.is_partial():
+        input = input.redistribute(mesh, [Replicate()])
+        placement = Replicate()
+    class_sharded = placement.is_shard() and placement.dim % max(input.dim(), 1) == class_dim
+    probabilities = input.shape == target.shape
+    if class_sharded and (fn != "cross_entropy" or probabilities or input.dim() == 1):
+        # the vocab-parallel loss takes class-index targets only: split the rows instead (a 1-D input, one
+        # row, is replicated); the gradient comes back in the caller's class split
+        row_placement = Shard(0) if input.dim() > 1 else Replicate()
+        input = input.redistribute(mesh, [row_placement])
+        placement, class_sharded = row_placement, False
+    if class_sharded:
         return _class_sharded(input, target, weight_local, mesh, class_dim, reduction, fn, options)
     return _row_parallel(local_loss, input, target, weight_local, mesh, placement, class_dim, reduction, fn, options)
 
@@ -95,13 +123,8 @@ def _rows_dtensor(local: Tensor, mesh, placements, shape=None) -> DTensor:
 
 
 def _class_sharded(input, target, weight, mesh, class_dim, reduction, fn, options):
-    if fn != "cross_entropy":
-        raise NotImplementedError(f"{fn} on logits sharded on the class dimension: use xent.cross_entropy")
-    if input.shape == target.shape:
-        raise NotImplementedError(f"{fn}: probability targets with logits sharded on the class dimension")
-    if options.get("softcap") is not None:
-        raise NotImplementedError(f"{fn}: softcap with logits sharded on the class dimension")
-    target_local = _replicated_local(target, mesh, fn, "target (with logits sharded on the class dimension)")
+    # every rank needs every row's target (index targets are small): whatever its placement, made whole
+    target_local = target.full_tensor() if is_dtensor(target) else target
     local = input.to_local().movedim(class_dim, -1)  # vocab_parallel_cross_entropy: classes last
     out = distributed.vocab_parallel_cross_entropy(
         local,
@@ -112,6 +135,7 @@ def _class_sharded(input, target, weight, mesh, class_dim, reduction, fn, option
         ignore_index=options.get("ignore_index", -100),
         label_smoothing=options.get("label_smoothing", 0.0),
         z_loss=options.get("z_loss", 0.0),
+        softcap=options.get("softcap"),
         return_stats=options.get("return_stats"),
         backend=options.get("backend"),
     )
@@ -124,16 +148,23 @@ def _row_parallel(local_loss, input, target, weight, mesh, placement, class_dim,
     local = input.to_local()
     probabilities = input.shape == target.shape
     if is_dtensor(target):
-        if target.device_mesh != mesh or target.placements != (_target_placement(placement, class_dim, probabilities),):
-            raise ValueError(
-                f"{fn}: target must be split like the logits' rows (placements "
-                f"{(_target_placement(placement, class_dim, probabilities),)}), got {target.placements}"
-            )
-        target_local = target.to_local()
+        # torch redistributes a target laid out otherwise (replicated, split on another dimension, a
+        # probability target split on its classes) to the logits' rows; so does xent
+        want = (_target_placement(placement, class_dim, probabilities),)
+        target_local = (target if target.placements == want else target.redistribute(mesh, want)).to_local()
     elif placement.is_replicate():
         target_local = target
     else:
-        raise ValueError(f"{fn}: with logits split on their rows ({input.placements}), pass target as a DTensor")
+        if target.dim() and input.dim() > 1 and target.shape[0] != input.shape[0]:
+            # torch compares the plain target with the global logits first
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+            )
+        # torch: "aten.nll_loss_forward.default: got mixed torch.Tensor and DTensor" (a RuntimeError)
+        raise RuntimeError(
+            f"{fn}: with logits split on their rows ({input.placements}), pass target as a DTensor (torch "
+            f"refuses a plain target there: which rows would this rank's part be?)"
+        )
     with_stats = options.get("return_stats") is not None
     if placement.is_replicate():  # every rank computes the same loss
         out = local_loss(local, target_local, weight=weight, reduction=reduction, **options)

@@ -36,7 +36,7 @@ from .problems import Options, TokenStatistics
 # Per-rank header in the gathered payload: what every rank must agree on, and its block of classes.
 _NUMEL, _NDIM, _DIM0, _CHECKSUM, _SIZE, _START, _WEIGHT_SUM = range(7)
 # ... and the options every rank must have passed alike (checked after the exchange, on every rank)
-_OPTIONS = ("label_smoothing", "z_loss", "ignore_index", "reduction", "class weights")
+_OPTIONS = ("label_smoothing", "z_loss", "ignore_index", "reduction", "class weights", "softcap", "temperature")
 # ... and which function the rank is in: torch.compile may order two vocab-parallel calls in one graph
 # differently on different ranks (inductor's peak-memory reordering sees rank-dependent block sizes), and
 # a collective paired across different calls must raise, not mix their numbers
@@ -203,6 +203,8 @@ def exchange_statistics(
             float(opts.ignore_index),
             _REDUCTION_CODES[opts.reduction],
             float(block.class_weight is not None),
+            opts.softcap if opts.softcap is not None else 0.0,  # a softcap is > 0: 0 means none
+            opts.temperature,
             _CALL_CODES[fn],
         ],
         dtype=torch.float64,
@@ -223,6 +225,8 @@ def check_same_options(table: list[list[float]], fn: str) -> None:
                 values = [{c: r for r, c in _REDUCTION_CODES.items()}[v] for v in values]
             elif name == "class weights":
                 values = ["given" if v else "None" for v in values]
+            elif name == "softcap":
+                values = [v if v else None for v in values]
             raise ValueError(f"{fn}: every rank must pass the same {name}; per rank: {values}")
 
 

@@ -13,6 +13,7 @@ computes losses and backward recomputes the chunks (one extra matmul).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,7 @@ def linear_cross_entropy(
     linear_bias: Tensor | None = None,
     weight: Tensor | None = None,
     reduction: str = "mean",
-    ignore_index: int | None = -100,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -57,7 +58,9 @@ def linear_cross_entropy(
         linear_bias (Tensor, optional): the head's bias, shape :math:`(V,)`.
         weight (Tensor, optional): a weight per class, shape :math:`(V,)`.
         reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``.
-        ignore_index (int): target value to skip; ``None`` means -100 (as torch). Default: -100.
+        ignore_index (int, optional): target value to skip; ``None`` (the default) means -100, as torch.
+            Class-index targets only: with probability targets an explicit one raises RuntimeError, as
+            torch's.
         label_smoothing (float): in [0, 1], as in :func:`xent.cross_entropy`.
         z_loss (float): adds ``z_loss * lse**2`` per non-ignored token (unweighted; 'mean' divides by the
             same denominator as the cross-entropy).
@@ -93,8 +96,6 @@ def linear_cross_entropy(
         >>> loss.backward()
     """
     if dtensor.is_dtensor(input, linear_weight, linear_bias):  # tensor parallel heads: xent/dtensor.py
-        if softcap is not None:
-            raise NotImplementedError("linear_cross_entropy: softcap with a DTensor head")
         return dtensor.linear_cross_entropy(
             linear_cross_entropy,
             input,
@@ -107,7 +108,10 @@ def linear_cross_entropy(
                 ignore_index=-100 if ignore_index is None else ignore_index,
                 label_smoothing=label_smoothing,
                 z_loss=z_loss,
+                softcap=softcap,
+                options=options,
                 memory_budget=memory_budget,
+                output_dtype=output_dtype,
                 return_stats=return_stats,
                 backend=backend,
             ),
@@ -143,14 +147,18 @@ def _through_logits(d: ThroughLogits) -> Tensor:
     """Probability targets and K-dim heads, which torch also accepts: via the materialized logits."""
     hidden = d.input.shape[-1]
     bias = d.linear_bias.reshape(-1) if d.linear_bias is not None else None
-    logits = F.linear(d.input, d.linear_weight.reshape(-1, hidden), bias)
+    # not -1: ambiguous when H = 0
+    logits = F.linear(d.input, d.linear_weight.reshape(math.prod(d.linear_weight.shape[:-1]), hidden), bias)
     lead = d.input.shape[:-1]
     o = d.options
     names = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "backend")
     options = {"weight": d.weight, **{name: getattr(o, name) for name in names}}
-    if d.linear_weight.dim() > 2:  # (N, C * d...) -> (N, C, d...), torch's K-dim convention
-        logits = logits.reshape(*lead, *d.linear_weight.shape[:-1])
-    elif len(lead) > 1:  # probability targets over (..., V): rows of (V,)
-        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), d.target.reshape(-1, d.target.shape[-1]), **options)
-        return (loss.reshape(lead) if o.reduction == "none" else loss).to(d.output_dtype)
-    return cross_entropy(logits, d.target, **options).to(d.output_dtype)
+    if len(lead) > 1 and d.linear_weight.dim() == 2:  # probability targets over (..., V): rows of (V,)
+        rows, vocab = math.prod(lead), logits.shape[-1]  # not -1: ambiguous when V = 0
+        loss = cross_entropy(logits.reshape(rows, vocab), d.target.reshape(rows, vocab), **options)
+        loss = loss.reshape(lead) if o.reduction == "none" else loss
+    else:
+        if d.linear_weight.dim() > 2:  # (N, C * d...) -> (N, C, d...), torch's K-dim convention
+            logits = logits.reshape(*lead, *d.linear_weight.shape[:-1])
+        loss = cross_entropy(logits, d.target, **options)
+    return loss.to(d.output_dtype) if d.output_dtype is not None else loss

@@ -22,6 +22,20 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def handover_keeps_range(dtype: torch.dtype) -> bool:
+    """Whether a gradient that forward computes for a unit upstream gradient and stores in `dtype`, for
+    backward to scale by the real one, loses nothing that a gradient computed with the upstream folded in
+    would keep.
+
+    Not in fp16: its range is 2^-24..65504, and a stored 'mean' gradient is already divided by the number
+    of tokens, so with a gradient scaler's upstream (2^15-2^16) most softmax entries of a long row land
+    below 2^-24 before the scale could lift them (91% of the nonzero entries at 2048 x 32000) while torch,
+    which applies the upstream first, keeps them. fp16 losses therefore compute their gradients in
+    backward, with the upstream folded into each row's coefficients and one rounding to fp16. bf16 has
+    fp32's exponent range: its stored gradient only rounds once more, as torch's own bf16 gradients do."""
+    return dtype != torch.float16
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """torch.autocast's lower-precision dtype when it is on for `device`'s type, else None."""
     try:
@@ -79,6 +93,7 @@ class Options:
     label_smoothing: float = 0.0  # 0 when torch would not smooth (eps <= 0 or NaN)
     z_loss: float = 0.0
     softcap: float | None = None
+    temperature: float = 1.0  # the (capped) logits are divided by it, in fp32, inside the pass (RL sampling)
     backend: str | None = None  # a registered backend's name (kernels/backends.py); None: XENT_BACKEND, else auto
 
 
@@ -234,7 +249,7 @@ class ThroughLogits:
     target: Tensor
     weight: Tensor | None
     options: Options
-    output_dtype: torch.dtype
+    output_dtype: torch.dtype | None  # None: cross_entropy's (its dtype promotion of logits, target and weight)
 
 
 # How a loss is being called; the ops (ops/) pick their implementation by it.

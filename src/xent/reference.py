@@ -36,8 +36,10 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     dtype: torch.dtype = torch.float64,
+    temperature: float = 1.0,
 ) -> Tensor:
-    """torch.nn.functional.cross_entropy's value (plus xent's z_loss and softcap), computed in `dtype`.
+    """torch.nn.functional.cross_entropy's value (plus xent's z_loss and softcap), computed in `dtype`,
+    of the logits z = softcap * tanh(input / softcap) (without softcap: the input), divided by `temperature`.
 
     class indices (input.shape != target.shape):
         l_i = v_i * [ (1-eps) * w[y_i] * (-lp[i, y_i])  +  (eps/C) * sum_c w[c] * (-lp[i, c])  +  z_loss * lse_i^2 ]
@@ -50,6 +52,8 @@ def cross_entropy(
     z = input.to(dtype).movedim(class_dim, -1)  # rows x classes, class dimension last
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    if temperature != 1.0:
+        z = z / temperature
     num_classes = z.shape[-1]
     w = weight.to(dtype) if weight is not None else torch.ones(num_classes, dtype=dtype, device=z.device)
     eps = label_smoothing if label_smoothing > 0 else 0.0
@@ -122,9 +126,10 @@ def token_statistics(
     z_loss: float = 0.0,
     softcap: float | None = None,
     dtype: torch.dtype = torch.float64,
+    temperature: float = 1.0,
 ) -> dict:
     """The per-token statistics of `return_stats=`, straight from their definitions, per row (the shape of
-    reduction='none'), with z the (softcapped) logits in `dtype`:
+    reduction='none'), with z the (softcapped) logits in `dtype`, divided by `temperature`:
 
         lse = log sum_c exp(z_c)            logprob = lp[y] (0 where y is ignored)
         entropy = -sum_c p_c lp_c           z_loss = z_loss * lse^2 (0 where y is ignored)
@@ -136,6 +141,7 @@ def token_statistics(
     class_dim = 0 if input.dim() == 1 else 1
     raw = input.to(dtype).movedim(class_dim, -1)
     z = softcap * torch.tanh(raw / softcap) if softcap is not None else raw
+    z = z / temperature if temperature != 1.0 else z
     lse = logsumexp(z)
     indices = input.shape != target.shape
     # uint8 targets compare as int64: -100 must not wrap to class 156

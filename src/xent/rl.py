@@ -2,9 +2,10 @@
 
     logprob_i = log_softmax((h_i @ W.T + b) / T)[y_i]        entropy_i = -sum_j p_ij log p_ij
 
-`token_logprobs` takes the hidden states and the head. The temperature divides the hidden states and the
-bias, not the logits: (h W^T + b) / T = (h / T) W^T + b / T, which costs O(tokens x hidden), not
-O(tokens x vocabulary). The log-probabilities alone are xent's fused linear cross-entropy per token
+`token_logprobs` takes the hidden states and the head. The temperature divides the logits in fp32 inside
+the pass, after the GEMM (whose fp32 accumulator a half-precision head rounds once to its dtype, as
+F.linear does): dividing the half-precision hidden states instead would round them once more. The
+log-probabilities alone are xent's fused linear cross-entropy per token
 (logprob = -cross-entropy, 'none' reduction). With the entropy, both come from one fused pass over the
 chunks of logits (the row kernel takes the entropy while it streams each row), and backward runs one
 more pass with both upstream gradients folded into each row's gradient (ops/rl.py): the logits are
@@ -23,8 +24,8 @@ import torch
 from torch import Tensor
 
 from . import dtensor
-from .linear import linear_cross_entropy
 from .ops import cross_entropy as ce_ops
+from .ops import linear as linear_ops
 from .ops import rl as rl_ops
 from .validation.cross_entropy import (
     ThroughLogits,
@@ -82,26 +83,12 @@ def token_logprobs(
         return dtensor.token_logprobs(token_logprobs, input, linear_weight, target, linear_bias, options)
     t = check_temperature(temperature)
     backend = check_backend(backend, "token_logprobs")
-    scaled_input = input / t if t != 1.0 else input
-    scaled_bias = linear_bias / t if linear_bias is not None and t != 1.0 else linear_bias
     out_dtype = torch.float32 if input.dtype != torch.float64 else torch.float64
-    if not return_entropy:
-        return -linear_cross_entropy(
-            scaled_input,
-            linear_weight,
-            target,
-            linear_bias=scaled_bias,
-            reduction="none",
-            ignore_index=ignore_index,
-            memory_budget=memory_budget,
-            output_dtype=out_dtype,
-            backend=backend,
-        )
     described = linear_cross_entropy_problem(
-        scaled_input,
+        input,
         linear_weight,
         target,
-        scaled_bias,
+        linear_bias,
         None,
         "none",
         ignore_index,
@@ -112,12 +99,16 @@ def token_logprobs(
         memory_budget,
         out_dtype,
         fn="token_logprobs",
+        temperature=t,
     )
     if isinstance(described, ThroughLogits):
         raise ValueError("token_logprobs: target must hold token ids (class indices) and linear_weight must be (V, H)")
-    problem, scaled_input, linear_weight, scaled_bias = described
+    problem, input, linear_weight, linear_bias = described
     problem = with_backend(problem, backend)
-    logprobs, entropy = rl_ops.linear_token_logprobs(problem, scaled_input, linear_weight, scaled_bias)
+    if not return_entropy:  # logprob = -(the per-token linear cross-entropy), at the temperature
+        loss, _ = linear_ops.linear_cross_entropy(problem, input, linear_weight, linear_bias, problem.target, None)
+        return -loss.reshape(target.shape)
+    logprobs, entropy = rl_ops.linear_token_logprobs(problem, input, linear_weight, linear_bias)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)
 
 
@@ -132,7 +123,8 @@ def token_logprobs_from_logits(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`token_logprobs` for logits already at hand, shape :math:`(..., V)`: xent's fused
     cross-entropy per token (float32 results for half-precision logits, as token_logprobs). A temperature
-    other than 1 divides a copy of the logits. ``backend`` as in :func:`xent.cross_entropy`."""
+    other than 1 divides the logits in fp32 inside the pass (no copy, no half-precision rounding).
+    ``backend`` as in :func:`xent.cross_entropy`."""
     if dtensor.is_dtensor(logits, target):  # vocab-parallel or row-split logits: xent/dtensor.py
         options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
         options.update(backend=backend)
@@ -140,7 +132,6 @@ def token_logprobs_from_logits(
     t = check_temperature(temperature)
     backend = check_backend(backend, "token_logprobs_from_logits")
     flat = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
-    flat = flat / t if t != 1.0 else flat
     flat_target = target.reshape(-1)
     # the checks (a class-index target per row, in range, on the logits' device)
     problem = cross_entropy_problem(
@@ -150,11 +141,12 @@ def token_logprobs_from_logits(
         reduction="none",
         ignore_index=ignore_index,
         label_smoothing=0.0,
+        temperature=t,
         fn="token_logprobs_from_logits",
     )
     problem = with_backend(problem, backend)
     if not return_entropy:  # the per-row loss in the compute dtype (not rounded to bf16 first)
         loss, _ = ce_ops.cross_entropy(replace(problem, output_dtype=problem.compute_dtype), flat, flat_target, None)
         return -loss.reshape(target.shape)
-    logprobs, entropy = rl_ops.token_logprobs_from_logits(flat, flat_target, ignore_index, backend)
+    logprobs, entropy = rl_ops.token_logprobs_from_logits(flat, flat_target, problem.options)
     return logprobs.reshape(target.shape), entropy.reshape(target.shape)

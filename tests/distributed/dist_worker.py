@@ -700,12 +700,8 @@ def _dtensor(rank, world, sizes):
     # layouts that cannot work are refused on every rank
     with check("refused layouts"):
         dx = distribute_tensor(x, mesh, [Shard(0)])
-        _expect(ValueError, "pass target as a DTensor", lambda: xent.cross_entropy(dx, y[: dx.to_local().shape[0]]))
-        _expect(
-            ValueError,
-            "must be replicated",
-            lambda: xent.cross_entropy(distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(y, mesh, [Shard(0)])),
-        )
+        _expect(ValueError, "batch_size", lambda: xent.cross_entropy(dx, y[: dx.to_local().shape[0]]))
+        _expect(RuntimeError, "pass target as a DTensor", lambda: xent.cross_entropy(dx, y))
     # plain hidden states with a sharded head (FSDP2 between forwards): the head is gathered, not taken
     # for a shard; the gradient of the shard is the ranks' average (here all ranks agree)
     with check("gathered head"):
@@ -723,6 +719,178 @@ def _dtensor(rank, world, sizes):
             torch.autograd.grad(xent.linear_cross_entropy(hidden, head.requires_grad_(), y), head)[0],
             "gathered head grad",
         )
+
+
+def _dtensor_layouts(rank, world, sizes):
+    """Every 1-D placement combination torch's DTensor cross_entropy / nll_loss accepts: logits replicated,
+    split on the rows, on the classes, on a spatial dimension, or a pending sum (Partial); index or
+    probability targets in any placement; class weights replicated or split; the single-process loss and
+    gradient (torch's own DTensor answer where torch's is right; it is not for a weighted mean or label
+    smoothing on row-split logits, docs/distributed.md). Where torch raises, a RuntimeError as torch's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(11)
+    n, c = 2 * world + 1, 7  # uneven row and class splits
+    x = torch.randn(n, c, generator=gen, dtype=torch.float64) * 2
+    y = torch.randint(0, c, (n,), generator=gen)
+    y[1] = -100
+    probs = torch.softmax(torch.randn(n, c, generator=gen, dtype=torch.float64), 1)
+    w = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+
+    def logits_as(placement, values):
+        if placement == "partial":  # each rank holds a part of the sum
+            return DTensor.from_local(values / world, mesh, [Partial()], run_check=False)
+        return distribute_tensor(values, mesh, [placement])
+
+    def weight_as(placement):
+        return None if placement is None else distribute_tensor(w, mesh, [placement])
+
+    logit_layouts = (Replicate(), Shard(0), Shard(1), "partial")
+    for fn_name, targets in (("cross_entropy", (y, "index")), ("cross_entropy", (probs, "probabilities"))):
+        target, kind = targets
+        target_layouts = (Replicate(), Shard(0)) + ((Shard(1),) if kind == "probabilities" else ())
+        for lp, tp, wp, reduction, smoothing in itertools.product(
+            logit_layouts, target_layouts, (None, Replicate(), Shard(0)), ("mean", "sum", "none"), (0.0, 0.1)
+        ):
+            if smoothing and wp is None and reduction != "mean":
+                continue  # keep the matrix to what differs
+            kw = dict(reduction=reduction, label_smoothing=smoothing)
+            with check(f"{fn_name} {kind} logits {lp} target {tp} weight {wp} {reduction} smoothing {smoothing}"):
+                ref_x = x.clone().requires_grad_()
+                ref = F.cross_entropy(ref_x, target, weight=None if wp is None else w, **kw)
+                up = torch.linspace(0.5, 2.0, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+                (ref_grad,) = torch.autograd.grad(ref, ref_x, up)
+                dx = logits_as(lp, x).requires_grad_()
+                dt = distribute_tensor(target, mesh, [tp])
+                loss = xent.cross_entropy(dx, dt, weight=weight_as(wp), **kw)
+                _require(isinstance(loss, DTensor), type(loss))
+                _close(loss.full_tensor(), ref, "loss")
+                (grad,) = torch.autograd.grad(loss, dx, distribute_tensor(up, mesh, loss.placements))
+                _close(grad.full_tensor(), ref_grad, "gradient")
+                if lp != "partial":
+                    _require(grad.placements == dx.placements, (grad.placements, dx.placements))
+    # nll_loss on log-probabilities in every layout, index targets in any placement
+    logp = torch.log_softmax(x, 1)
+    for lp, tp, reduction in itertools.product(logit_layouts, (Replicate(), Shard(0)), ("mean", "sum", "none")):
+        with check(f"nll_loss logits {lp} target {tp} {reduction}"):
+            ref_x = logp.clone().requires_grad_()
+            ref = F.nll_loss(ref_x, y, weight=w, reduction=reduction)
+            dx = logits_as(lp, logp).requires_grad_()
+            loss = xent.nll_loss(
+                dx, distribute_tensor(y, mesh, [tp]), weight=distribute_tensor(w, mesh, [Shard(0)]), reduction=reduction
+            )
+            _close(loss.full_tensor(), ref, "nll loss")
+            up = torch.ones_like(ref)
+            (grad,) = torch.autograd.grad(loss, dx, distribute_tensor(up, mesh, loss.placements))
+            _close(grad.full_tensor(), torch.autograd.grad(ref, ref_x, up)[0], "nll gradient")
+    # spatial logits (N, C, d) split on d, with targets (N, d) split on their rows, their d or replicated;
+    # torch refuses 'mean' there (its intermediate results), xent computes it
+    x3 = torch.randn(3, c, 2 * world + 1, generator=gen, dtype=torch.float64)
+    y3 = torch.randint(0, c, (3, 2 * world + 1), generator=gen)
+    for tp, reduction in itertools.product((Replicate(), Shard(0), Shard(1)), ("mean", "sum", "none")):
+        with check(f"spatial logits Shard(2) target {tp} {reduction}"):
+            ref = F.cross_entropy(x3, y3, reduction=reduction)
+            loss = xent.cross_entropy(
+                distribute_tensor(x3, mesh, [Shard(2)]), distribute_tensor(y3, mesh, [tp]), reduction=reduction
+            )
+            _close(loss.full_tensor(), ref, "spatial loss")
+    # where torch raises, xent raises torch's type: a plain target beside row-split logits, plain logits
+    # beside a DTensor target
+    with check("refused like torch"):
+        dx = distribute_tensor(x, mesh, [Shard(0)])
+        for fn in (F.cross_entropy, xent.cross_entropy):
+            _expect(ValueError, "batch_size", lambda fn=fn: fn(dx, y[: dx.to_local().shape[0]]))  # this rank's rows
+            _expect(RuntimeError, "", lambda fn=fn: fn(dx, y))  # all rows: which are this rank's?
+            _expect(RuntimeError, "", lambda fn=fn: fn(x, distribute_tensor(y, mesh, [Replicate()])))
+
+
+def _distributed_options(rank, world, sizes):
+    """Every argument of the single-process call means the same on the distributed paths: fp16 gradients
+    under a GradScaler-sized upstream (not flushed by a stored 1/N), softcap and temperature on the
+    vocab-parallel losses, output_dtype and softcap through DTensor heads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    c = sum(sizes)
+    start, size = _layout(rank, sizes, False)
+    gen = torch.Generator().manual_seed(5)
+    n, h = 512, 8
+    with check("fp16 vocab-parallel gradient under a 32768 upstream"):
+        full = (torch.randn(n, c, generator=gen) * 2).half()
+        target = torch.randint(0, c, (n,), generator=gen)
+        local = full[:, start : start + size].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(local, target)
+        (grad,) = torch.autograd.grad(loss, local, torch.tensor(32768.0, dtype=torch.float16))
+        exact_x = full.double().requires_grad_()
+        (exact,) = torch.autograd.grad(F.cross_entropy(exact_x, target) * 32768, exact_x)
+        exact = exact[:, start : start + size]
+        torch_x = full.clone().requires_grad_()
+        (theirs,) = torch.autograd.grad(F.cross_entropy(torch_x, target), torch_x, torch.tensor(32768.0).half())
+        theirs = theirs[:, start : start + size]
+        representable = exact.abs() >= 2.0**-24
+        flushed = ((grad == 0) & representable).sum().item()
+        torch_flushed = ((theirs == 0) & representable).sum().item()
+        _require(flushed <= torch_flushed, (flushed, torch_flushed))
+        scale = exact.abs().sum().clamp_min(1e-30)  # a rank holding no classes has no gradient at all
+        err = ((grad.double() - exact).abs().sum() / scale).item()
+        torch_err = ((theirs.double() - exact).abs().sum() / scale).item()
+        _require(err <= 2 * torch_err + 1e-7, (err, torch_err))
+    with check("fp16 vocab-parallel linear gradient under a 32768 upstream"):
+        hidden = torch.randn(n, h, generator=gen).half()
+        head = (torch.randn(c, h, generator=gen) / 2).half()
+        local_head = head[start : start + size].clone().requires_grad_()
+        x_ = hidden.clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(x_, local_head, target)
+        g_x, g_w = torch.autograd.grad(loss, (x_, local_head), torch.tensor(32768.0, dtype=torch.float16))
+        ref_p = [hidden.double().requires_grad_(), head.double().requires_grad_()]
+        ref = F.cross_entropy(ref_p[0] @ ref_p[1].T, target) * 32768
+        e_x, e_w = torch.autograd.grad(ref, ref_p)
+        for got, want in ((g_x, e_x), (g_w, e_w[start : start + size])):
+            _require(((got == 0) & (want.abs() >= 2.0**-24)).sum().item() <= got.numel() // 10**4)
+            rel = ((got.double() - want).abs().sum() / want.abs().sum().clamp_min(1e-30)).item()
+            _require(rel < 1e-2, rel)
+    x64 = torch.randn(6, c, generator=gen, dtype=torch.float64) * 8
+    y64 = torch.randint(0, c, (6,), generator=gen)
+    for kw in (dict(softcap=5.0), dict(softcap=5.0, label_smoothing=0.1, reduction="none")):
+        with check(f"vocab-parallel cross-entropy {kw}"):
+            local = x64[:, start : start + size].clone().requires_grad_()
+            ours = vocab_parallel_cross_entropy(local, y64, **kw)
+            full = x64.clone().requires_grad_()
+            expected = xent.cross_entropy(full, y64, **kw)
+            _close(ours, expected, "loss")
+            up = torch.ones_like(ours)
+            _close(
+                torch.autograd.grad(ours, local, up)[0],
+                torch.autograd.grad(expected, full, up)[0][:, start : start + size],
+                "gradient",
+            )
+    hidden64 = torch.randn(6, h, generator=gen, dtype=torch.float64)
+    head64 = torch.randn(c, h, generator=gen, dtype=torch.float64)
+    with check("vocab-parallel linear softcap"):
+        ours = vocab_parallel_linear_cross_entropy(hidden64, head64[start : start + size], y64, softcap=3.0)
+        _close(ours, xent.linear_cross_entropy(hidden64, head64, y64, softcap=3.0), "linear softcap")
+    with check("vocab-parallel token_logprobs temperature"):
+        ours = vocab_parallel_token_logprobs(x64[:, start : start + size], y64, temperature=0.7, return_entropy=True)
+        expected = xent.token_logprobs_from_logits(x64, y64, temperature=0.7, return_entropy=True)
+        for a, b in zip(ours, expected):
+            _close(a, b, "logprobs/entropy at T=0.7")
+    mesh = init_device_mesh("cpu", (world,))
+    hidden_bf16, head_bf16 = hidden64.bfloat16(), head64.bfloat16()
+    for kw in (dict(output_dtype=torch.float32), dict(output_dtype=torch.float32, softcap=3.0, reduction="none")):
+        with check(f"DTensor head {kw}"):
+            expected = xent.linear_cross_entropy(hidden_bf16, head_bf16, y64, **kw)
+            _require(expected.dtype == torch.float32, expected.dtype)
+            tp_head = distribute_tensor(head_bf16, mesh, [Shard(0)])
+            tensor_parallel = xent.linear_cross_entropy(
+                distribute_tensor(hidden_bf16, mesh, [Replicate()]), tp_head, y64, **kw
+            ).full_tensor()
+            gathered = xent.linear_cross_entropy(hidden_bf16, tp_head, y64, **kw)
+            direct = vocab_parallel_linear_cross_entropy(hidden_bf16, head_bf16[start : start + size], y64, **kw)
+            for what, got in (("tensor-parallel", tensor_parallel), ("gathered", gathered), ("direct", direct)):
+                _require(got.dtype == torch.float32, (what, got.dtype))
+                _close(got, expected, what, rtol=1e-5, atol=1e-5)
 
 
 def _fsdp(rank, world, sizes):
@@ -1076,6 +1244,8 @@ def _rl(rank, world, sizes):
 
 # scenario name (the pytest side's) -> the function every rank runs
 SCENARIOS = {
+    "dtensor_layouts": _dtensor_layouts,
+    "distributed_options": _distributed_options,
     "logits": _logits,
     "linear": _linear,
     "errors": _errors,

@@ -127,6 +127,20 @@ def test_dtensor_logits_and_heads_match_single_process(world, tmp_path, subtests
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_layouts_torch_accepts(world, tmp_path, subtests):
+    _spawn(world, LAYOUTS[world], "dtensor_layouts", tmp_path, subtests)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, "empty rank"])
+def test_every_option_means_the_same_distributed(world, tmp_path, subtests):
+    _spawn(len(LAYOUTS[world]), LAYOUTS[world], "distributed_options", tmp_path, subtests)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.compile
 def test_vocab_parallel_loss_under_torch_compile_fullgraph(tmp_path, subtests):
     _spawn(2, LAYOUTS[2], "compiled", tmp_path, subtests)

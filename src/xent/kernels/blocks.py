@@ -25,6 +25,8 @@ def logits_gradient(
     cd,
     smoothing: bool,
     backend: str | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ):
     """This rank's (rows, C_local) gradient, in x's dtype: one pass of the row kernel over the block with the
     rows' global coefficients (their statistics are recomputed as scratch; the entropy term's needs e log e)."""
@@ -32,7 +34,9 @@ def logits_gradient(
     grad = torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
     entropy = coefficients.entropy is not None
     scratch = rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device, entropy=entropy)
-    block_pass(x, scratch, block, cd, smoothing, grad=grad, coefficients=coefficients, backend=backend)
+    block_pass(
+        x, scratch, block, cd, smoothing, grad, coefficients, backend=backend, softcap=softcap, temperature=temperature
+    )
     return grad
 
 
@@ -45,15 +49,18 @@ def block_pass(
     grad: Tensor | None = None,
     coefficients: rows.ChunkCoefficients | None = None,
     backend: str | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> None:
-    """Chunks of this rank's logits through the row kernel: statistics, and with `grad` the gradient."""
+    """Chunks of this rank's logits through the row kernel: statistics, and with `grad` the gradient, of
+    the logits after `softcap` and divided by `temperature`."""
     num_rows, size = x.shape
     if not num_rows or not size:
         rows.classless_stats(stats)
         return
     backend = backend_for(x.device, cd, backend)
     step = max(1, CHUNK_ELEMENTS // size)
-    direct = x.dtype == cd and x.stride(1) == 1
+    direct = x.dtype == cd and x.stride(1) == 1 and softcap is None and temperature == 1.0  # read in place
     in_grad = grad is not None and grad.dtype == cd
     scratch = None if in_grad else torch.empty(min(step, num_rows) * size, dtype=cd, device=x.device)
 
@@ -65,8 +72,19 @@ def block_pass(
             if grad is not None and not in_grad:
                 grad[r0:r1].copy_(ws)
 
+    chain_buf = None
+    if softcap is not None and coefficients is not None and backend.softcap_chain_scratch:
+        chain_buf = torch.empty(min(step, num_rows) * size, dtype=cd, device=x.device)
     RowPass.over_block(
-        backend, stats, block, smoothing, coefficients=coefficients, unshifted=x.device.type == "cpu"
+        backend,
+        stats,
+        block,
+        smoothing,
+        softcap=softcap,
+        temperature=temperature,
+        coefficients=coefficients,
+        chain_buf=chain_buf,
+        unshifted=x.device.type == "cpu",
     ).run(chunks())
 
 

@@ -10,7 +10,9 @@ Conventions (s = student logits / T, t = teacher logits / T; p_s, p_t their soft
                 m = beta p_t + (1 - beta) p_s, 0 < beta < 1             g = (1 - beta)(log p_s - log m)
     top-k kl    sum_k q_k (log q_k - log p_s[i_k]), q = exp(logprobs)  d/ds = (sum_k q_k) p_s - sum_k q_k e_{i_k}
 
-A term whose weight is exactly 0 (p log p with p = 0, e.g. a -inf teacher logit) counts as 0, its limit.
+A term whose weight is exactly 0 (p log p with p = 0, e.g. a -inf teacher logit) counts as 0, its limit; in
+the reverse KL a weight is 0 only where the student's logit is -inf (a finite logit whose probability
+underflows still has mass, so a teacher without mass there makes the divergence +inf).
 Each *_rows function takes the chunk's log-softmaxes (overwritten), scratch buffers of their shape and,
 for the gradient, `coef` (rows x 1: the reduction's scale times the upstream gradient over T, 0 on
 ignored rows). Returns (the rows' divergences, coef * d divergence / d s in one of the buffers, or None).
@@ -61,11 +63,15 @@ def kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Tensor | No
 
 
 def reverse_kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Tensor | None):
-    """KL(p_s || p_t) per row (infinite where the teacher has no mass and the student has some)."""
+    """KL(p_s || p_t) per row: infinite where the teacher has no mass (log p_t = -inf) and the student has
+    some. Some means a finite student logit (log p_s > -inf), even where p_s underflows to 0 in fp32: the
+    term p_s (log p_s - log p_t) is then +inf, not 0 * inf. Only a student logit of -inf adds nothing."""
     p_s = torch.exp(log_p_s, out=scratch)
-    student_none = p_s == 0  # those terms are 0, their limit (-inf logits on both sides: 0 * NaN)
+    student_none = log_p_s == -math.inf  # those terms are 0, their limit (-inf logits on both sides: 0 * NaN)
     log_ratio = torch.sub(log_p_s, log_p_t, out=log_p_t)
-    rows = torch.mul(log_ratio, p_s, out=log_p_s).masked_fill_(student_none, 0).sum(1)
+    forbidden = torch.isposinf(log_ratio)  # the teacher has no mass where the student has some
+    terms = torch.mul(log_ratio, p_s, out=log_p_s).masked_fill_(forbidden, math.inf)
+    rows = terms.masked_fill_(student_none, 0).sum(1)
     if coef is None:
         return rows, None
     return rows, log_ratio.sub_(rows.unsqueeze(1)).mul_(p_s).mul_(coef).masked_fill_(student_none, 0)

@@ -53,6 +53,7 @@ class RowPass:
     dense: Tensor | None = None  # u shared by all rows (C,), when the loss has a dense term
     dense_is_ones: bool = False
     softcap: float | None = None
+    temperature: float = 1.0  # divides the (capped) logits in the row math (a chunk with `source` needs 1)
     coefficients: rows.ChunkCoefficients | None = None  # given: leave the gradient in each workspace
     chain_buf: Tensor | None = None  # scratch for the softcap chain factor (torch backend)
     unshifted: bool = False  # exp(z) without the max shift (a host check per chunk: CPU only)
@@ -86,6 +87,7 @@ class RowPass:
                 dense=chunk.dense if chunk.dense is not None else self.dense,
                 dense_is_ones=self.dense_is_ones and chunk.dense is None,
                 softcap=self.softcap,
+                temperature=self.temperature,
                 chain_out=self.chain_buf[: ws.numel()].view_as(ws) if self.chain_buf is not None else None,
                 coefficients=self.coefficients,
                 unshifted=self.unshifted,

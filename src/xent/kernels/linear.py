@@ -167,6 +167,7 @@ def linear_pass(
         block,
         smoothing,
         softcap=cap,
+        temperature=p.options.temperature,
         coefficients=coefficients,
         chain_buf=chain_buf,
         unshifted=unshifted,
@@ -259,11 +260,15 @@ class HeadGradients:
 
 
 def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32/fp64) += a @ b, with a GEMM in a's and b's dtype (half inputs never run an fp32 GEMM).
+    """acc (fp32/fp64) += a @ b, with a GEMM in a's and b's dtype (half inputs never run an fp32 GEMM on a GPU).
 
     Half inputs on CUDA accumulate straight into fp32 through the GEMM's beta = 1 (torch's
-    `addmm(..., out_dtype=float32)`); where that overload is missing (CPU, older torch) the product is
-    taken in half precision with fp32 accumulation inside the GEMM, rounded once, and added in fp32.
+    `addmm(..., out_dtype=float32)`). Where that overload is missing (CPU, older torch) a bf16 product is
+    taken with fp32 accumulation inside the GEMM, rounded once, and added in fp32. An fp16 product on the
+    CPU is instead an fp32 GEMM of the exactly upcast inputs: rounded to fp16, a chunk's partial sums of a
+    small gradient (a tiny upstream, or 'mean' over many tokens) fall below fp16's 2^-24 and flush to 0
+    where the whole sum would not, and torch's CPU fp16 GEMM accumulates in fp32 anyway (here it also took
+    78x the fp32 GEMM's time: no fp16 hardware).
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
@@ -274,6 +279,9 @@ def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_ADDMM[a.device.type] = False  # this torch has no such kernel: do not try again
+    if a.dtype == torch.float16 and a.device.type == "cpu":
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        return
     acc.add_(torch.mm(a, b))
 
 

@@ -95,7 +95,8 @@ def cross_entropy_forward(
     unshifted = dev.type == "cpu"
 
     if num_rows and c:
-        direct = d == 1 and x.dtype == cd and cap is None  # the pass reads the caller's logits in place
+        # the pass reads the caller's logits in place (the cap and the temperature work in the workspace)
+        direct = d == 1 and x.dtype == cd and cap is None and opts.temperature == 1.0
         in_grad = d == 1 and grad is not None and grad.dtype == cd  # the workspace is the gradient itself
         chunk = max(1, min(budget, num_rows * c) // c) * c
 
@@ -138,6 +139,7 @@ def cross_entropy_forward(
             dense=weight if terms.b else None,
             dense_is_ones=bool(terms.b) and weight is None,
             softcap=cap,
+            temperature=opts.temperature,
             coefficients=coefficients,
             chain_buf=scratch(cap is not None and need_grad),
             unshifted=unshifted,

@@ -337,8 +337,16 @@ def token_statistics_of_rows(
 
 
 def dense_cross_entropy(lse: Tensor, shift: Tensor, dense_mass, dense_rel: Tensor) -> Tensor:
-    """<u, lse - z> = U (lse - shift) - <u, z - shift> for one block (sum it over blocks)."""
-    return dense_mass * (lse - shift) - dense_rel
+    """<u, lse - z> = U (lse - shift) - <u, z - shift> for one block (sum it over blocks).
+
+    An infinite weight u_c (U = +-inf) makes the term u_c (lse - z_c) = +-inf, since lse > z_c; the split
+    form would give inf - inf or inf * 0 = NaN there (the max-shifted z_c - shift of the row's largest
+    logit is 0). So a non-finite U is the term itself: +-inf, or NaN for weights of both signs or a NaN
+    weight, as torch's sum of w_c * -log_softmax gives."""
+    value = dense_mass * (lse - shift) - dense_rel
+    if not isinstance(dense_mass, Tensor):
+        return value if math.isfinite(dense_mass) else torch.full_like(value, dense_mass)
+    return torch.where(torch.isfinite(dense_mass), value, dense_mass.to(value.dtype))
 
 
 def torch_chunk(
@@ -353,6 +361,7 @@ def torch_chunk(
     dense: Tensor | None = None,
     dense_is_ones: bool = False,
     softcap: float | None = None,
+    temperature: float = 1.0,
     chain_out: Tensor | None = None,
     coefficients: ChunkCoefficients | None = None,
     unshifted: bool = False,
@@ -363,18 +372,25 @@ def torch_chunk(
     Fills `stats` (the batch's RowStats; when `coefficients` carry a global lse, the vocab-parallel
     gradient pass, they are scratch) and, given `coefficients`, leaves the gradient in `workspace`.
     dense / dense_is_ones: the loss's u, passed only when it has a dense term. softcap is applied here,
-    with its chain factor kept in `chain_out` for the gradient.
+    with its chain factor kept in `chain_out` for the gradient; then the temperature divides the (capped)
+    logits in the workspace's dtype (fp32/fp64, never a half-precision rounding), and its chain factor
+    1/T joins the gradient's per-row coefficients. A temperature other than 1 needs the logits loaded
+    (no `source`): the division is in place.
     """
+    assert source is None or temperature == 1.0, "a temperature divides the workspace: load the logits"
 
     def load_capped() -> Tensor | None:
         if source is not None:
             return None
         load()
-        if softcap is None:
-            return None
-        if stats.argmax is not None:
-            stats.argmax_(workspace, r0, r1)
-        return softcap_(workspace, softcap, chain_out)
+        chain = None
+        if softcap is not None:
+            if stats.argmax is not None:
+                stats.argmax_(workspace, r0, r1)
+            chain = softcap_(workspace, softcap, chain_out)
+        if temperature != 1.0:
+            workspace.div_(temperature)
+        return chain
 
     chain, xlogy = stats.chunk_(
         workspace,
@@ -390,9 +406,10 @@ def torch_chunk(
     )
     if coefficients is not None:
         entropy_rel = stats.entropy_rel[r0:r1] if coefficients.entropy is not None else None
-        softmax_coef, target_coef, dense_coef, xlogy_coef = coefficients(
-            r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1], entropy_rel
-        )
+        coefs = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1], entropy_rel)
+        if temperature != 1.0:  # d/d(raw logits) = (1/T) d/d(logits / T): every term is linear in them
+            coefs = tuple(c / temperature if c is not None else None for c in coefs)
+        softmax_coef, target_coef, dense_coef, xlogy_coef = coefs
         gradient_(  # the entropy term's e log e was taken with the statistics, before e turns into the gradient
             workspace,
             softmax_coef,

@@ -84,6 +84,7 @@ def _rows_kernel(
     n_rows,
     n_cols,
     softcap,
+    temperature,
     BLOCK: tl.constexpr,
     STATS: tl.constexpr,
     GRAD: tl.constexpr,
@@ -92,6 +93,7 @@ def _rows_kernel(
     STORE_DENSE: tl.constexpr,
     DENSE_MODE: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    TEMPERATURE: tl.constexpr,
     ZLOSS: tl.constexpr,
     STORE_ARGMAX: tl.constexpr,
     STORE_ENTROPY: tl.constexpr,
@@ -116,6 +118,8 @@ def _rows_kernel(
                 zt = tl.load(z_row + tl.where(inside, target, 0)).to(tl.float32)
                 if SOFTCAP:
                     zt = softcap * _tanh(zt / softcap)
+                if TEMPERATURE:
+                    zt = zt / temperature
                 zt = tl.where(inside, zt, 0.0)
             m = -float("inf")  # the running max (-inf while every logit so far is -inf)
             shift = 0.0  # what the sums below are relative to: the running max, or 0 while it is -inf
@@ -136,6 +140,8 @@ def _rows_kernel(
                     best = tl.maximum(best, raw_max)
                 if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
                     z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
+                if TEMPERATURE:  # the (capped) logits over T, in fp32: the half-precision input is not rounded again
+                    z = z / temperature
                 m_new = tl.maximum(m, tl.max(z, 0))
                 new_shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
                 # the sums so far, re-based from `shift` to `new_shift`: exp(shift - new_shift) <= 1, and 0 when
@@ -197,6 +203,8 @@ def _rows_kernel(
                 if SOFTCAP:
                     th = _tanh(z / softcap)
                     z = softcap * th
+                if TEMPERATURE:
+                    z = z / temperature
                 # exp((z - m) - log s), not exp(z - lse): lse rounded to fp32 would cost absolute precision
                 # in proportion to the largest logit.
                 p = tl.exp((z - m) - log_s)
@@ -211,6 +219,8 @@ def _rows_kernel(
                     g -= c_dense * tl.load(dense_row + idx, mask=mask, other=0.0).to(tl.float32)
                 if SOFTCAP:
                     g *= 1.0 - th * th
+                if TEMPERATURE:  # the chain rule's 1/T
+                    g = g / temperature
                 tl.store(out_row + idx, _downcast(g, OUT.dtype.element_ty), mask=mask)
 
 
@@ -268,6 +278,7 @@ def rows_(
     dense: Tensor | None = None,
     dense_is_ones: bool = False,
     softcap: float | None = None,
+    temperature: float = 1.0,
     out: Tensor | None = None,
     coefs=None,
     lse: Tensor | None = None,
@@ -280,7 +291,9 @@ def rows_(
     pass u only when the loss has a dense term (then stats.dense_rel and the dense coefficient exist).
     out + coefs = (softmax, zloss, target, dense, entropy; None where absent) per-row fp32 vectors: write the
     gradient into `out` (rows, C), which may be z itself (each element is read before it is written).
-    With `lse` and an entropy coefficient, `row_entropy` holds the rows' (global) entropies.
+    With `lse` and an entropy coefficient, `row_entropy` holds the rows' (global) entropies. The logits
+    are (softcap, then) divided by `temperature` in fp32 as they are read; the gradient is with respect to
+    the raw logits (the chain rule's 1/T included).
     """
     num_rows, n_cols = z.shape
     if num_rows == 0 or n_cols == 0:
@@ -323,6 +336,7 @@ def rows_(
             num_rows,
             n_cols,
             float(softcap) if softcap is not None else 1.0,
+            float(temperature),
             BLOCK=block,
             STATS=stats is not None,
             GRAD=coefs is not None,
@@ -331,6 +345,7 @@ def rows_(
             STORE_DENSE=stats is not None and stats.dense_rel is not None and dense_mode != DENSE_NONE,
             DENSE_MODE=dense_mode,
             SOFTCAP=softcap is not None,
+            TEMPERATURE=temperature != 1.0,
             ZLOSS=zloss_c is not None,
             STORE_ARGMAX=stats is not None and stats.argmax is not None,
             STORE_ENTROPY=stats is not None and stats.entropy_rel is not None,
@@ -351,6 +366,7 @@ def triton_chunk(
     dense: Tensor | None = None,
     dense_is_ones: bool = False,
     softcap: float | None = None,
+    temperature: float = 1.0,
     coefficients=None,
 ) -> None:
     """rows.torch_chunk's contract, in one launch of the kernel."""
@@ -367,6 +383,7 @@ def triton_chunk(
         dense=dense,
         dense_is_ones=dense_is_ones,
         softcap=softcap,
+        temperature=temperature,
         out=workspace if coefficients is not None else None,
         coefs=coefficients.rows(r0, r1) if coefficients is not None else None,
         lse=lse,
@@ -405,6 +422,7 @@ def cross_entropy_forward(
         dense=targets.class_weight if smoothing else None,
         dense_is_ones=smoothing and targets.class_weight is None,
         softcap=opts.softcap,
+        temperature=opts.temperature,
         out=grad[:, :, 0] if grad is not None else None,
         coefs=targets.coefficients(targets.scale(upstream), entropy=entropy).rows(0, n) if need_grad else None,
     )
@@ -432,9 +450,12 @@ def _scale_kernel(G, UP, n_cols, stride_row, STRIDE, PER_ROW: tl.constexpr, BLOC
         # the grid may be smaller than the blocks (a few programs per multiprocessor, so that a unit
         # upstream costs a few thousand programs that return at once, not one per block)
         for b in range(col_block, tl.cdiv(n_cols, BLOCK), STRIDE):
-            idx = b * BLOCK + tl.arange(0, BLOCK)
-            mask = idx < n_cols
-            ptr = G + row * stride_row + idx
+            # the block's start in 64 bits on the scalar side, the lanes' 32-bit offsets from it: no
+            # element offset is ever formed in 32 bits (flat buffers above 2^31 elements)
+            start = b * BLOCK
+            lanes = tl.arange(0, BLOCK)
+            mask = lanes < n_cols - start
+            ptr = G + row * stride_row + start + lanes
             g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
             # exact zeros (ignored rows) stay zero even for an inf or NaN upstream, as torch's
             tl.store(ptr, _downcast(tl.where(g == 0.0, g, g * u), G.dtype.element_ty), mask=mask)

@@ -12,18 +12,20 @@ from torch import Tensor
 from .. import reference
 from ..checks import check_target_range
 from ..kernels import forward_for, rows, scale_by_upstream_
-from ..problems import EAGER, FUNC, TRACED, Problem, _as_3d, route
+from ..problems import EAGER, FUNC, TRACED, Problem, _as_3d, handover_keeps_range, route
 from .declare import BackwardContext, OpFamily, Upstream
 from .handover import save_for_handover, saved_inputs, take_handover
 from .statistics import op_statistics, pack_statistics, packed_statistics_like, unpack_statistics
 
 
-def cross_entropy_forward(problem: Problem, need_grad: bool) -> tuple[Tensor, Tensor | None, dict]:
-    """(loss, d loss / d input for a unit upstream gradient, laid out (N, C, D) contiguous, or None, the
-    requested per-token statistics by name)."""
+def cross_entropy_forward(
+    problem: Problem, need_grad: bool, upstream: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, dict]:
+    """(loss, d loss / d input for a unit upstream gradient, or for `upstream` (the loss's gradient) when
+    given, laid out (N, C, D) contiguous, or None, the requested per-token statistics by name)."""
     if not problem.probabilities:
         check_target_range(problem.target, problem.num_classes, problem.options.ignore_index)
-    return forward_for(problem)(problem, need_grad=need_grad)
+    return forward_for(problem)(problem, need_grad=need_grad, upstream=upstream)
 
 
 def scale_input_grad_(grad: Tensor, upstream: Tensor, reduction: str, backend: str | None = None) -> None:
@@ -96,6 +98,7 @@ def cross_entropy_formula(problem: Problem, input: Tensor, target: Tensor, weigh
         z_loss=o.z_loss,
         softcap=o.softcap,
         dtype=problem.compute_dtype,
+        temperature=o.temperature,
     ).to(problem.output_dtype)
     return loss.reshape(problem.output_shape) if o.reduction == "none" else loss
 
@@ -106,7 +109,9 @@ def formula_statistics(problem: Problem, input: Tensor, target: Tensor) -> dict[
         return {}
     o = problem.options
     cd = problem.compute_dtype
-    stats = reference.token_statistics(input, target, problem.statistics, o.ignore_index, o.z_loss, o.softcap, cd)
+    stats = reference.token_statistics(
+        input, target, problem.statistics, o.ignore_index, o.z_loss, o.softcap, cd, o.temperature
+    )
     return {name: t.detach().reshape(-1) for name, t in stats.items()}
 
 
@@ -118,8 +123,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, target: Tensor, weight: Tensor | None, problem: Problem) -> Tensor:
         # The fused gradient covers d/d(input); gradients for target or weight come from the formulas,
-        # which then give all of them.
-        fused = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        # which then give all of them. fp16 computes its gradient in backward (problems.handover_keeps_range).
+        fused = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3]) and handover_keeps_range(input.dtype)
         loss, grad, stats = cross_entropy_forward(problem, need_grad=fused)
         ctx.problem = problem
         save_for_handover(ctx, [grad.view(problem.input_shape) if grad is not None else None], (input, target, weight))
@@ -135,9 +140,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         if create_graph or any(ctx.needs_input_grad[1:3]):
             return (*_differentiate_formula(ctx, grad_loss, create_graph), None)
         (grad,) = take_handover(ctx)
-        if grad is None:
-            _, grad, _ = cross_entropy_forward(replace(problem, statistics=()), need_grad=True)
-            grad = grad.view(problem.input_shape)
+        if grad is None:  # fp16, or a second backward: the fused pass again, with the upstream folded in
+            _, grad, _ = cross_entropy_forward(replace(problem, statistics=()), need_grad=True, upstream=grad_loss)
+            return grad.view(problem.input_shape), None, None, None
         scale_input_grad_(grad.data, grad_loss, problem.options.reduction, problem.options.backend)
         return grad, None, None, None
 

@@ -31,7 +31,14 @@ from ..kernels.linear import no_autocast
 from ..problems import EAGER, FUNC, TRACED, DistillProblem, route
 from .declare import OpFamily, Upstream
 from .handover import save_for_handover, saved_inputs, take_handover
-from .linear import PARAMETERS, cast_like, save_inputs_or_grads, scale_or_recompute, wanted_grads
+from .linear import (
+    PARAMETERS,
+    cast_like,
+    recomputes_in_backward,
+    save_inputs_or_grads,
+    scale_or_recompute,
+    wanted_grads,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # The kernels behind both the eager Function and the custom ops
@@ -95,7 +102,8 @@ def linear_distillation(p: DistillProblem, input: Tensor, linear_weight: Tensor,
         if not any(want):
             return distill_forward(p, want)[0]
         return LinearDistillationFunction.apply(input, linear_weight, linear_bias, p)
-    return LINEAR_DISTILLATION(DistillCall(p, want))["loss"]
+    recompute = recomputes_in_backward(p.reduction, p.input.dtype)
+    return LINEAR_DISTILLATION(DistillCall(p, (False,) * 3 if recompute else want, recompute))["loss"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,8 +127,10 @@ def distill_formula(p: DistillProblem, input2d: Tensor, linear_weight: Tensor, l
         log_p_t = torch.log_softmax(teacher.to(cd) / p.temperature, -1)
         if p.divergence == "kl":
             rows = _xlog(log_p_t.exp(), log_p_t - log_p_s).sum(1)
-        elif p.divergence == "reverse_kl":
-            rows = _xlog(log_p_s.exp(), log_p_s - log_p_t).sum(1)
+        elif p.divergence == "reverse_kl":  # a finite student logit has mass, even if exp() underflows
+            log_ratio = log_p_s - log_p_t
+            terms = torch.where(torch.isposinf(log_ratio), math.inf, log_p_s.exp() * log_ratio)
+            rows = torch.where(log_p_s == -math.inf, 0, terms).sum(1)
         else:
             b = p.beta
             log_mix = torch.logaddexp(log_p_s + math.log1p(-b), log_p_t + math.log(b))
@@ -145,7 +155,8 @@ class LinearDistillationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, problem: DistillProblem):
         want = tuple(ctx.needs_input_grad[:3])
-        loss, grads = distill_forward(problem, want)
+        recompute = recomputes_in_backward(problem.reduction, problem.input.dtype)
+        loss, grads = distill_forward(problem, (False, False, False) if recompute else want)
         ctx.problem, ctx.want, ctx.input_shape = problem, want, input.shape
         save_for_handover(ctx, grads if grads is not None else [None, None, None], (input, linear_weight, linear_bias))
         return loss
@@ -185,6 +196,7 @@ def _double_backward(ctx, grad_loss) -> tuple:
 class DistillCall:
     problem: DistillProblem
     forward_grads: tuple[bool, ...]  # input, linear_weight, linear_bias: the unit-upstream gradients forward returns
+    recompute: bool = False  # backward recomputes the chunks with the upstream (ops.linear.recomputes_in_backward)
 
 
 def _forward(call: DistillCall) -> tuple:
@@ -207,7 +219,7 @@ def _forward_fake(call: DistillCall) -> tuple:
 
 
 def _backward(call: DistillCall, extra: Upstream, want: dict) -> dict:
-    """The wanted gradients for per-token upstream gradients ('none'), recomputing the chunks."""
+    """The wanted gradients for the upstream gradient (per token for 'none'), recomputing the chunks."""
     return dict(zip(PARAMETERS, distill_backward(call.problem, extra.upstream, tuple(want[n] for n in PARAMETERS))))
 
 
@@ -220,6 +232,8 @@ LINEAR_DISTILLATION = OpFamily(
     differentiable=PARAMETERS,
     backward_args=Upstream,
     backward_impl=_backward,
-    save=lambda call, out: save_inputs_or_grads(call, out, call.problem.reduction),
-    backward=lambda ctx: scale_or_recompute(ctx, ctx.args.problem.reduction, ctx.args.problem.backend),
+    save=lambda call, out: save_inputs_or_grads(call, out, call.recompute),
+    backward=lambda ctx: scale_or_recompute(
+        ctx, ctx.args.recompute, ctx.args.problem.reduction, ctx.args.problem.backend
+    ),
 )

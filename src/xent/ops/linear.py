@@ -13,7 +13,7 @@ from torch import Tensor
 from ..checks import check_target_range
 from ..kernels import linear as linear_kernels
 from ..kernels import rows, scale_by_upstream_
-from ..problems import EAGER, FUNC, LinearProblem, make_problem, route
+from ..problems import EAGER, FUNC, LinearProblem, handover_keeps_range, make_problem, route
 from .cross_entropy import SCALE_GRAD, ScaleGrad, cross_entropy, cross_entropy_formula, formula_statistics
 from .declare import BackwardContext, OpFamily, Upstream, as_flat_dict
 from .handover import save_for_handover, saved_inputs, take_handover
@@ -50,6 +50,13 @@ def linear_backward(p: LinearProblem, upstream: Tensor, want: tuple[bool, bool, 
     return [gi, cast_like(gw, p.linear_weight), cast_like(gb, p.linear_bias)]
 
 
+def recomputes_in_backward(reduction: str, dtype: torch.dtype) -> bool:
+    """Whether backward recomputes the chunks with the upstream gradient folded in instead of scaling
+    gradients forward computed for a unit one: for reduction='none' (one upstream per token) and for fp16
+    parameters (problems.handover_keeps_range)."""
+    return reduction == "none" or not handover_keeps_range(dtype)
+
+
 def cast_like(t: Tensor | None, like: Tensor | None) -> Tensor | None:
     return t if t is None or like is None or t.dtype == like.dtype else t.to(like.dtype)
 
@@ -81,7 +88,11 @@ def linear_cross_entropy(
             return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, p), {}
         loss, *values = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, p)
         return loss, dict(zip(p.statistics, values))
-    out = LINEAR_CROSS_ENTROPY(LinearCall(replace(p, statistics=op_statistics(p.statistics)), want))
+    recompute = recomputes_in_backward(p.options.reduction, p.input.dtype)
+    call = LinearCall(
+        replace(p, statistics=op_statistics(p.statistics)), (False,) * 3 if recompute else want, recompute
+    )
+    out = LINEAR_CROSS_ENTROPY(call)
     stats = unpack_statistics(out["packed"], out["argmax"], p.statistics, p.target, p.options.ignore_index)
     return out["loss"], stats
 
@@ -109,7 +120,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, problem: LinearProblem):
         want = tuple(ctx.needs_input_grad[:3])
-        loss, grads, stats = linear_forward(problem, want)
+        recompute = recomputes_in_backward(problem.options.reduction, problem.input.dtype)
+        loss, grads, stats = linear_forward(problem, (False, False, False) if recompute else want)
         ctx.problem, ctx.want, ctx.input_shape = problem, want, input.shape
         save_for_handover(
             ctx, grads if grads is not None else [None, None, None], (input, linear_weight, linear_bias, target, weight)
@@ -162,6 +174,7 @@ def _linear_double_backward(ctx, grad_loss) -> tuple:
 class LinearCall:
     problem: LinearProblem
     forward_grads: tuple[bool, ...]  # input, linear_weight, linear_bias: the unit-upstream gradients forward returns
+    recompute: bool = False  # backward recomputes with the upstream (recomputes_in_backward): forward returns none
 
 
 def _forward(call: LinearCall) -> tuple:
@@ -187,23 +200,23 @@ def _forward_fake(call: LinearCall) -> tuple:
 
 
 def _backward(call: LinearCall, extra: Upstream, want: dict) -> dict:
-    """reduction='none': the wanted gradients for per-row upstream gradients."""
+    """The wanted gradients for the upstream gradient (per row for reduction='none'), recomputing the chunks."""
     grads = linear_backward(call.problem, extra.upstream, tuple(want[n] for n in PARAMETERS))
     return dict(zip(PARAMETERS, grads))
 
 
-def save_inputs_or_grads(args, outputs: dict, reduction: str) -> dict:
-    """What the traced backward of a loss over a linear head needs: for 'none' the inputs (backward
-    recomputes the chunks with each row's upstream gradient), else forward's unit-upstream gradients."""
-    if reduction == "none":
+def save_inputs_or_grads(args, outputs: dict, recompute: bool) -> dict:
+    """What the traced backward of a loss over a linear head needs: when it recomputes (recomputes_in_backward)
+    the inputs, else forward's unit-upstream gradients."""
+    if recompute:
         return {n: v for n, v in as_flat_dict(args).items() if isinstance(v, Tensor)}
     return {f"grad_{n}": outputs[f"grad_{n}"] for n in PARAMETERS}
 
 
-def scale_or_recompute(ctx: BackwardContext, reduction: str, backend: str | None) -> dict:
-    """The traced backward of a loss over a linear head: 'none' recomputes through the family's backward
-    op; scalar reductions scale forward's saved gradients in place by the upstream gradient."""
-    if reduction == "none":
+def scale_or_recompute(ctx: BackwardContext, recompute: bool, reduction: str, backend: str | None) -> dict:
+    """The traced backward of a loss over a linear head: recomputing through the family's backward op, or
+    scaling forward's saved unit-upstream gradients in place by the upstream gradient."""
+    if recompute:
         return ctx.backward_op(Upstream(ctx.grads["loss"]))
     grads = {n: ctx.saved[f"grad_{n}"] for n in PARAMETERS if ctx.want[n]}
     for g in grads.values():
@@ -220,6 +233,8 @@ LINEAR_CROSS_ENTROPY = OpFamily(
     differentiable=PARAMETERS,
     backward_args=Upstream,
     backward_impl=_backward,
-    save=lambda call, out: save_inputs_or_grads(call, out, call.problem.options.reduction),
-    backward=lambda ctx: scale_or_recompute(ctx, ctx.args.problem.options.reduction, ctx.args.problem.options.backend),
+    save=lambda call, out: save_inputs_or_grads(call, out, call.recompute),
+    backward=lambda ctx: scale_or_recompute(
+        ctx, ctx.args.recompute, ctx.args.problem.options.reduction, ctx.args.problem.options.backend
+    ),
 )

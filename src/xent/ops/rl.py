@@ -50,8 +50,10 @@ def _valid(target: Tensor, ignore_index: int) -> Tensor:
 
 def token_linear_problem(p: LinearProblem) -> LinearProblem:
     """The op's problem for a validated linear head: 'none', no class weights or other terms (only
-    ignore_index and the backend carried over), both statistics, outputs in the compute dtype."""
-    options = Options("none", p.options.ignore_index, backend=p.options.backend)
+    ignore_index, the temperature and the backend carried over), both statistics, outputs in the compute
+    dtype."""
+    o = p.options
+    options = Options("none", o.ignore_index, temperature=o.temperature, backend=o.backend)
     n = p.input.shape[0]
     return LinearProblem(
         p.input,
@@ -122,14 +124,14 @@ def linear_token_logprobs(
     """(logprob, entropy) per row of p.input (the caller's `input` reshaped to (R, H)), differentiable."""
     if route(input, linear_weight, linear_bias, p.target) == FUNC:
         logits = F.linear(p.input, linear_weight, linear_bias)
-        return _token_formula(logits, p.target, p.options.ignore_index)
+        return _token_formula(logits, p.target, p.options.ignore_index, p.options.temperature)
     out = LINEAR_TOKEN_LOGPROBS(token_linear_problem(p))
     return out["logprob"], out["entropy"]
 
 
-def _token_formula(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """The definitions, as differentiable torch ops (torch.func transforms)."""
-    lp = reference.log_softmax(logits.to(compute_dtype(logits.dtype)))
+def _token_formula(logits: Tensor, target: Tensor, ignore_index: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """The definitions, as differentiable torch ops (torch.func transforms); the logits over T in fp32."""
+    lp = reference.log_softmax(logits.to(compute_dtype(logits.dtype)) / temperature)
     flat = target.reshape(-1).long()
     valid = flat != ignore_index
     picked = lp.gather(1, torch.where(valid, flat, 0).unsqueeze(1)).squeeze(1) if lp.shape[1] else lp.sum(1) * 0
@@ -174,13 +176,12 @@ TOKEN_LOGPROBS_FROM_LOGITS = OpFamily(
 )
 
 
-def token_logprobs_from_logits(
-    logits: Tensor, target: Tensor, ignore_index: int, backend: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """(logprob, entropy) per row of (R, V) logits, differentiable with respect to the logits."""
+def token_logprobs_from_logits(logits: Tensor, target: Tensor, options: Options) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) per row of (R, V) logits, differentiable with respect to the logits; of `options`
+    only ignore_index, the temperature and the backend are read."""
     if route(logits, target) == FUNC:
-        return _token_formula(logits, target, ignore_index)
-    options = Options("none", ignore_index, backend=backend)
+        return _token_formula(logits, target, options.ignore_index, options.temperature)
+    options = Options("none", options.ignore_index, temperature=options.temperature, backend=options.backend)
     problem = make_problem(logits, target, None, options, compute_dtype(logits.dtype), TOKEN_STATISTICS)
     out = TOKEN_LOGPROBS_FROM_LOGITS(problem)
     return out["logprob"], out["entropy"]

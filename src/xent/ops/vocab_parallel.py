@@ -20,7 +20,7 @@ from .. import exchange
 from ..kernels import rows
 from ..kernels.blocks import block_pass, linear_logit_at, logits_gradient, token_gradient_coefficients
 from ..kernels.linear import linear_pass
-from ..problems import LinearProblem, Options, compute_dtype
+from ..problems import LinearProblem, Options, compute_dtype, handover_keeps_range
 from .cross_entropy import SCALE_GRAD, ScaleGrad, scale_input_grad_
 from .declare import BackwardContext, OpFamily
 from .handover import save_for_handover, saved_inputs, take_handover
@@ -40,6 +40,11 @@ def _resolve(group_name: str):
 def _meta(shards: exchange.Shards) -> Tensor:
     """[this rank's first class, C] on the CPU: what backward needs of the exchange, without a device sync."""
     return torch.tensor([shards.start, shards.num_classes], dtype=torch.int64, device="cpu")
+
+
+def logit_transform(opts: Options) -> dict:
+    """What the block passes do to each logit before the row math: the cap, then the temperature."""
+    return dict(softcap=opts.softcap, temperature=opts.temperature)
 
 
 def _block_and_targets(target: Tensor, weight, opts: Options, meta: Tensor, local_size: int, cd):
@@ -77,7 +82,7 @@ def logits_block_forward(
         stats = rows.RowStats.for_statistics(
             num_rows, statistics, target=True, dense=smoothing, dtype=cd, device=x.device
         )
-        block_pass(x, stats, block, cd, smoothing, backend=opts.backend)
+        block_pass(x, stats, block, cd, smoothing, backend=opts.backend, **logit_transform(opts))
         return stats
 
     def block_max(stats):  # the logit the pass found largest, read back exactly
@@ -99,7 +104,15 @@ def logits_block_forward(
     loss = targets.reduce(loss_rows)
     loss = (loss.reshape(target.shape) if opts.reduction == "none" else loss).to(x.dtype)
     grad = (
-        logits_gradient(x, block, targets.coefficients(targets.scale(), lse, block), cd, smoothing, opts.backend)
+        logits_gradient(
+            x,
+            block,
+            targets.coefficients(targets.scale(), lse, block),
+            cd,
+            smoothing,
+            opts.backend,
+            **logit_transform(opts),
+        )
         if need_grad
         else None
     )
@@ -160,8 +173,11 @@ def linear_backward(
 class VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, weight, layout: Layout, opts: Options, statistics: tuple):
-        loss, grad, per_row, _ = logits_block_forward(x, target, weight, layout, opts, True, statistics)
-        ctx.layout, ctx.opts = layout, opts
+        # fp16 computes its gradient in backward, with the upstream folded in (problems.handover_keeps_range):
+        # from the merged rows, with no communication
+        handover = handover_keeps_range(x.dtype)
+        loss, grad, per_row, shards = logits_block_forward(x, target, weight, layout, opts, handover, statistics)
+        ctx.layout, ctx.opts, ctx.per_row, ctx.meta = layout, opts, per_row, _meta(shards)
         save_for_handover(ctx, [grad], (x, target, weight))
         ctx.mark_non_differentiable(per_row)
         return loss, per_row
@@ -171,10 +187,20 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("vocab_parallel_cross_entropy does not support double backward (create_graph=True)")
         (grad,) = take_handover(ctx)
-        if grad is None:  # a second backward (retain_graph=True): recompute, collectively, on every rank
-            grad = logits_block_forward(*saved_inputs(ctx), ctx.layout, ctx.opts, need_grad=True)[1]
+        if grad is None:  # fp16, or a second backward (retain_graph=True): from forward's merged rows
+            x, target, weight = saved_inputs(ctx)
+            return logits_block_gradient(x, target, weight, ctx.opts, ctx.per_row, ctx.meta, grad_loss), *(None,) * 5
         scale_input_grad_(grad.data, grad_loss, ctx.opts.reduction, ctx.opts.backend)
         return grad, None, None, None, None, None
+
+
+def logits_block_gradient(x, target, weight, opts: Options, per_row: Tensor, meta: Tensor, upstream: Tensor) -> Tensor:
+    """This rank's (rows, C_local) gradient for the loss's `upstream` gradient (folded into each row's
+    coefficients), from forward's merged rows (the global lse first) and meta: no communication."""
+    cd = compute_dtype(x.dtype)
+    block, targets = _block_and_targets(target, weight, opts, meta, x.shape[1], cd)
+    coefficients = targets.coefficients(targets.scale(upstream), per_row[0], block)
+    return logits_gradient(x, block, coefficients, cd, opts.label_smoothing > 0, opts.backend, **logit_transform(opts))
 
 
 class VocabParallelLinear(torch.autograd.Function):
@@ -214,7 +240,8 @@ def vocab_parallel_cross_entropy(
     need_grad = torch.is_grad_enabled() and x.requires_grad
     if traced:
         group = exchange.group_name(layout.group)
-        call = VocabParallelCall(x, target, weight, opts, group, layout.vocab_start, need_grad, statistics)
+        handover = need_grad and handover_keeps_range(x.dtype)
+        call = VocabParallelCall(x, target, weight, opts, group, layout.vocab_start, handover, statistics)
         out = VOCAB_PARALLEL_CROSS_ENTROPY(call)
         return out["loss"], out["per_row"]
     if not need_grad:
@@ -247,25 +274,27 @@ class VocabParallelCall:
     options: Options
     group_name: str
     vocab_start: int | None
-    need_grad: bool
+    need_grad: bool  # forward computes the unit-upstream gradient (else backward computes it, if wanted)
     statistics: tuple[str, ...]
 
 
 def _logits_op(call: VocabParallelCall) -> tuple:
     """The loss and, with need_grad, this rank's (rows, C_local) gradient for a unit upstream gradient; the
-    merged rows (exchange.vocab_parallel_loss' per_row, for the per-token statistics)."""
+    merged rows (exchange.vocab_parallel_loss' per_row, for the per-token statistics and a backward that
+    computes the gradient) and the meta."""
     layout = Layout(_resolve(call.group_name), call.vocab_start)
-    loss, grad, per_row, _ = logits_block_forward(
+    loss, grad, per_row, shards = logits_block_forward(
         call.logits, call.target, call.weight, layout, call.options, call.need_grad, call.statistics
     )
-    return loss.clone(), grad if grad is not None else call.logits.new_empty(0), per_row
+    return loss.clone(), grad if grad is not None else call.logits.new_empty(0), per_row, _meta(shards)
 
 
 def _logits_op_fake(call: VocabParallelCall) -> tuple:
     x = call.logits
     loss = x.new_empty(() if call.options.reduction != "none" else call.target.shape)
     grad = x.new_empty(x.shape if call.need_grad else (0,))
-    return loss, grad, _per_row_like(call.statistics, x.shape[0], x)
+    meta = torch.empty(2, dtype=torch.int64, device="cpu")
+    return loss, grad, _per_row_like(call.statistics, x.shape[0], x), meta
 
 
 def _per_row_like(statistics: tuple, num_rows: int, like: Tensor) -> Tensor:
@@ -274,23 +303,31 @@ def _per_row_like(statistics: tuple, num_rows: int, like: Tensor) -> Tensor:
     return like.new_empty((k, num_rows), dtype=torch.float64)
 
 
-def _scale_saved_grad(ctx: BackwardContext) -> dict:
-    """No communication in backward: the op's unit-upstream gradient, scaled in place."""
+def _logits_backward(ctx: BackwardContext) -> dict:
+    """No communication in backward: the op's unit-upstream gradient scaled in place, or (fp16: forward
+    computed none) the gradient from the merged rows with the upstream folded in."""
+    if not ctx.args.need_grad:
+        return ctx.backward_op(MergedUpstream(ctx.saved["per_row"], ctx.saved["meta"], ctx.grads["loss"]))
     grad = ctx.saved["grad"]
     SCALE_GRAD(ScaleGrad(grad, ctx.grads["loss"], ctx.args.options.reduction, ctx.args.options.backend))
     return {"logits": grad}
 
 
-VOCAB_PARALLEL_CROSS_ENTROPY = OpFamily(
-    "vocab_parallel_cross_entropy",
-    VocabParallelCall,
-    ("loss", "grad", "per_row"),
-    _logits_op,
-    _logits_op_fake,
-    differentiable=("logits",),
-    save=lambda call, out: {"grad": out["grad"]},
-    backward=_scale_saved_grad,
-)
+def _save_grad_or_rows(call: VocabParallelCall, out: dict) -> dict:
+    if call.need_grad:
+        return {"grad": out["grad"]}
+    return {
+        "logits": call.logits,
+        "target": call.target,
+        "weight": call.weight,
+        "per_row": out["per_row"],
+        "meta": out["meta"],
+    }
+
+
+def _logits_op_backward(call: VocabParallelCall, up: MergedUpstream, want: dict) -> dict:
+    grad = logits_block_gradient(call.logits, call.target, call.weight, call.options, up.per_row, up.meta, up.upstream)
+    return {"logits": grad}
 
 
 @dataclass(frozen=True)
@@ -310,8 +347,22 @@ class MergedRows:
 
 
 @dataclass(frozen=True)
-class LinearUpstream(MergedRows):
+class MergedUpstream(MergedRows):
     upstream: Tensor
+
+
+VOCAB_PARALLEL_CROSS_ENTROPY = OpFamily(
+    "vocab_parallel_cross_entropy",
+    VocabParallelCall,
+    ("loss", "grad", "per_row", "meta"),
+    _logits_op,
+    _logits_op_fake,
+    differentiable=("logits",),
+    backward_args=MergedUpstream,
+    backward_impl=_logits_op_backward,
+    save=_save_grad_or_rows,
+    backward=_logits_backward,
+)
 
 
 def _linear_op(call: VocabParallelLinearCall) -> tuple:
@@ -328,7 +379,7 @@ def _linear_op_fake(call: VocabParallelLinearCall) -> tuple:
     return loss, _per_row_like(p.statistics, p.input.shape[0], p.input), torch.empty(2, dtype=torch.int64, device="cpu")
 
 
-def _linear_op_backward(call: VocabParallelLinearCall, up: LinearUpstream, want: dict) -> dict:
+def _linear_op_backward(call: VocabParallelLinearCall, up: MergedUpstream, want: dict) -> dict:
     """The gradients for `upstream` (the input's all-reduced)."""
     p = replace(call.problem, statistics=())
     block, targets = _block_and_targets(
@@ -371,11 +422,11 @@ VOCAB_PARALLEL_LINEAR_CROSS_ENTROPY = OpFamily(
     _linear_op,
     _linear_op_fake,
     differentiable=PARAMETERS,
-    backward_args=LinearUpstream,
+    backward_args=MergedUpstream,
     backward_impl=_linear_op_backward,
     save=_save_inputs_and_rows,
     backward=lambda ctx: ctx.backward_op(
-        LinearUpstream(ctx.saved["per_row"], ctx.saved["meta"], ctx.grads["loss"]), _every_rank_input(ctx)
+        MergedUpstream(ctx.saved["per_row"], ctx.saved["meta"], ctx.grads["loss"]), _every_rank_input(ctx)
     ),
 )
 
@@ -384,9 +435,10 @@ VOCAB_PARALLEL_LINEAR_CROSS_ENTROPY = OpFamily(
 # Token log-probabilities and entropies (RL) over a vocabulary split across ranks
 
 
-def rl_options(ignore_index: int, backend: str | None = None) -> Options:
-    """A token's log-probability is minus its cross-entropy with reduction='none' and no other term."""
-    return Options("none", ignore_index, backend=backend)
+def rl_options(ignore_index: int, temperature: float = 1.0, backend: str | None = None) -> Options:
+    """A token's log-probability is minus its cross-entropy with reduction='none' and no other term, at
+    the temperature (which the block passes apply to the logits in fp32)."""
+    return Options("none", ignore_index, temperature=temperature, backend=backend)
 
 
 def _token_outputs(per_row: Tensor, target: Tensor, ignore_index: int, with_entropy: bool, cd):
@@ -449,7 +501,8 @@ def _token_op_backward(call: VocabParallelTokenCall, up: MergedTokenUpstreams, w
     x, cd = call.logits, compute_dtype(call.logits.dtype)
     block, targets = _block_and_targets(call.target, None, call.options, up.meta, x.shape[1], cd)
     coefficients = token_gradient_coefficients(targets, up.per_row, block, up.grad_logprobs, up.grad_entropy, cd)
-    return {"logits": logits_gradient(x, block, coefficients, cd, False, call.options.backend)}
+    o = call.options
+    return {"logits": logits_gradient(x, block, coefficients, cd, False, o.backend, **logit_transform(o))}
 
 
 VOCAB_PARALLEL_TOKEN_LOGPROBS = OpFamily(

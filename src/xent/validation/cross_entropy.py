@@ -222,15 +222,19 @@ def cross_entropy_problem(
     z_loss=0.0,
     softcap=None,
     return_stats=None,
+    temperature: float = 1.0,
     fn: str = "cross_entropy",
 ) -> Problem:
     """Validate cross_entropy's arguments, in torch's order, into a Problem.
 
-    `reduction` must already be resolved (torch checks it before anything else).
+    `reduction` must already be resolved (torch checks it before anything else). `temperature` (the RL
+    functions', already checked by check_temperature) divides the logits inside the pass.
     """
     problem = _cross_entropy_problem(
         input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, fn
     )
+    if temperature != 1.0:
+        problem = replace(problem, options=replace(problem.options, temperature=temperature))
     statistics = check_statistics(return_stats, fn, problem.probabilities)
     return replace(problem, statistics=statistics) if statistics else problem
 
@@ -293,7 +297,7 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | Non
             f"{input.shape[-1]} and {linear_weight.shape[-1]}, respectively"
         )
     out_shape = tuple(linear_weight.shape[:-1])
-    if linear_bias is not None and tuple(linear_bias.shape) not in (out_shape, (math.prod(out_shape),)):
+    if linear_bias is not None and tuple(linear_bias.shape) != out_shape:
         raise RuntimeError(f"expected linear_bias shape {out_shape}, got {tuple(linear_bias.shape)}")
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is not None and t.dtype != input.dtype:
@@ -321,10 +325,11 @@ def linear_cross_entropy_problem(
     output_dtype,
     return_stats=None,
     fn: str = "linear_cross_entropy",
+    temperature: float = 1.0,
 ):
     """Validate linear_cross_entropy's arguments (torch 2.13's F.linear_cross_entropy order) into either
-    (LinearProblem, input, linear_weight, linear_bias), the tensors as autocast casts them, or ThroughLogits."""
-    reduction = resolve_reduction(reduction)
+    (LinearProblem, input, linear_weight, linear_bias), the tensors as autocast casts them, or ThroughLogits.
+    `temperature` (the RL functions', already checked) divides the logits inside the pass."""
     for name, t, optional in (
         ("input", input, False),
         ("linear_weight", linear_weight, False),
@@ -333,11 +338,12 @@ def linear_cross_entropy_problem(
         ("weight", weight, True),
     ):
         check_tensor(t, name, fn, optional=optional)
+    explicit_ignore_index = ignore_index is not None  # torch refuses one with probability targets
     ignore_index = -100 if ignore_index is None else as_index(ignore_index, "ignore_index", fn)
     memory_budget = check_memory_budget(memory_budget, fn)
-    label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
     z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
     softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
+    output_dtype = check_output_dtype(output_dtype, fn)
     autocast = autocast_dtype(input.device)
     if autocast is not None:  # as under autocast F.linear casts, then cross_entropy returns float32
         input, linear_weight, linear_bias = (_autocast(t, autocast) for t in (input, linear_weight, linear_bias))
@@ -345,26 +351,32 @@ def linear_cross_entropy_problem(
     check_linear(input, linear_weight, linear_bias)
 
     vocab = linear_weight.shape[0]
-    probabilities = target.is_floating_point() and tuple(target.shape) == (*input.shape[:-1], vocab)
+    # torch's test: the target has the logits' shape (a non-float one then fails cross_entropy's dtype check)
+    probabilities = tuple(target.shape) == (*input.shape[:-1], *linear_weight.shape[:-1])
     if linear_weight.dim() > 2 and input.dim() != 2:
         raise RuntimeError(
             f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires "
             f"batched input, (N, {input.shape[-1]}), got input with shape {tuple(input.shape)}"
         )
+    if probabilities and explicit_ignore_index:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    # then cross_entropy's own checks, in its order: the reduction, then the smoothing's type
+    reduction = resolve_reduction(reduction)
+    label_smoothing = as_float(label_smoothing, "label_smoothing", fn)
     statistics = check_statistics(return_stats, fn)
     if linear_weight.dim() > 2 or probabilities:
         if statistics:
             raise NotImplementedError(f"{fn}: return_stats with probability targets or a K-dimensional head")
-        options = Options(reduction, ignore_index, label_smoothing, z_loss, softcap)
-        return ThroughLogits(input, linear_weight, linear_bias, target, weight, options, output_dtype or input.dtype)
+        options = Options(reduction, ignore_index, label_smoothing, z_loss, softcap, temperature)
+        return ThroughLogits(input, linear_weight, linear_bias, target, weight, options, output_dtype)
 
     label_smoothing = check_label_smoothing(label_smoothing)
     check_float_input(input, fn)
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        if input.dim() == 2 and target.dim() >= 1:
-            raise ValueError(
-                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
-            )
+    if input.dim() <= 2:
+        # torch's domain: cross_entropy's own checks on the logits, in its order; a zero-stride view stands
+        # in for them (their shape, dtype and device, no memory)
+        check_index_target(input.new_empty(()).expand(*input.shape[:-1], vocab), target)
+    elif tuple(target.shape) != tuple(input.shape[:-1]):  # xent's (..., H) inputs: classes last
         raise ValueError(
             f"Expected target of shape {list(input.shape[:-1])} (input without its last, hidden "
             f"dimension), got {list(target.shape)}"
@@ -373,17 +385,17 @@ def linear_cross_entropy_problem(
     check_same_device(target, input, "target")
     check_weight_shape(weight, vocab)
     check_class_weight(input, weight, autocast is not None)
-    chunk_size = getattr(options, "batch_chunk_size", None) or 0
+    chunk_size = chunk_size_of(options)
     problem = LinearProblem(
         input.reshape(math.prod(input.shape[:-1]), input.shape[-1]),  # not -1: ambiguous when H = 0
         linear_weight,
         linear_bias,
         target.reshape(-1),
         weight,
-        Options(reduction, ignore_index, label_smoothing, z_loss, softcap),
+        Options(reduction, ignore_index, label_smoothing, z_loss, softcap, temperature),
         tuple(target.shape),
         output_dtype or input.dtype,
-        int(chunk_size),
+        chunk_size,
         memory_budget,
         statistics,
     )
@@ -403,6 +415,20 @@ def check_memory_budget(memory_budget, fn: str) -> int | None:
     if memory_budget <= 0:
         raise ValueError(f"{fn}: memory_budget must be a positive number of bytes, got {memory_budget}")
     return memory_budget
+
+
+def check_output_dtype(output_dtype, fn: str) -> torch.dtype | None:
+    """The dtype a linear loss is returned in: None (the input's) or a floating-point torch.dtype."""
+    if output_dtype is None:
+        return None
+    if not isinstance(output_dtype, torch.dtype) or output_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}(): output_dtype must be None or a floating-point torch.dtype, got {output_dtype!r}")
+    return output_dtype
+
+
+def chunk_size_of(options) -> int:
+    """Tokens per chunk from torch's LinearCrossEntropyOptions (its batch_chunk_size); 0: sized from the budget."""
+    return int(getattr(options, "batch_chunk_size", None) or 0)
 
 
 def check_backend(backend, fn: str) -> str | None:
@@ -465,6 +491,7 @@ def vocab_parallel_options(
     z_loss,
     fn: str,
     logits_name: str,
+    softcap=None,
 ) -> Options:
     """The vocab-parallel losses' local checks (those that need the other ranks run after the exchange)."""
     reduction = resolve_reduction(reduction)
@@ -476,7 +503,7 @@ def vocab_parallel_options(
         as_index(ignore_index, "ignore_index", fn),
         check_label_smoothing(as_float(label_smoothing, "label_smoothing", fn)),
         check_optional_positive(z_loss, "z_loss", fn, allow_none=False),
-        None,
+        check_optional_positive(softcap, "softcap", fn, allow_none=True),
     )
     check_float_input(local_logits, fn)
     check_target_dtype(target)
