@@ -20,6 +20,7 @@ from torch.library import opcheck
 from xent.distill import LinearDistillationLoss, TeacherHead, TeacherLogits, TeacherTopK, linear_distillation_loss
 from xent.ops.declare import Upstream
 from xent.ops.distill import LINEAR_DISTILLATION, DistillCall
+from xent.ops.linear import recomputes_in_backward
 from xent.problems import DistillProblem
 
 BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") is not None else [])
@@ -691,15 +692,17 @@ def _op_problem(kind, reduction, dtype=torch.float32) -> DistillProblem:
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["head", "logits", "topk"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.slow
 def test_opcheck(kind, reduction, dtype):
     p = _op_problem(kind, reduction, dtype)
     op = LINEAR_DISTILLATION
-    opcheck(op.op, op.arguments(DistillCall(p, (True, True, True))))
-    opcheck(op.op, op.arguments(DistillCall(p, (True, False, False))))
+    recompute = recomputes_in_backward(reduction, dtype)  # fp16 'mean': backward recomputes with the upstream
+    wants = (False,) * 3 if recompute else (True, True, True)
+    opcheck(op.op, op.arguments(DistillCall(p, wants, recompute)))
+    opcheck(op.op, op.arguments(DistillCall(p, (True, False, False) if not recompute else wants, recompute)))
     up = torch.rand(() if reduction != "none" else (6,))
     want = dict(input=True, linear_weight=True, linear_bias=True)
-    opcheck(op.backward_overload, op.backward_arguments(DistillCall(p, (True, True, True)), Upstream(up), want))
+    opcheck(op.backward_overload, op.backward_arguments(DistillCall(p, wants, recompute), Upstream(up), want))

@@ -35,9 +35,10 @@ def _targets(n, c, device=DEVICE):
     return (torch.arange(n, device=device) * 7919 + 13) % c
 
 
-def _far_rows(n, c):
-    """The first rows, and every row that starts at or beyond element 2^31 (plus the one straddling it)."""
-    first_far = (2**31) // c
+def _far_rows(n, c, itemsize=1):
+    """The first rows, and every row that starts at or beyond element 2^31, or byte 2^31 where there are
+    fewer elements than that (plus the row straddling it)."""
+    first_far = min(f for f in ((2**31) // c, (2**31) // (c * itemsize)) if f < n)
     return torch.cat([torch.arange(3), torch.arange(max(first_far - 1, 3), n)])
 
 
@@ -66,7 +67,7 @@ def test_portable_cross_entropy_above_2_31(dtype, n, c):
     x.requires_grad_()
     loss = xent.cross_entropy(x, target, reduction="none", backend="torch")
     (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
-    rows = _far_rows(n, c)
+    rows = _far_rows(n, c, dtype.itemsize)
     ref_loss, ref_grad = _row_reference(base, rows, target)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.detach()[rows].double().cpu(), ref_loss, **tol)

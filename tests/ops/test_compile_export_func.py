@@ -16,7 +16,7 @@ from torch.library import opcheck
 import xent
 from xent.ops.cross_entropy import CROSS_ENTROPY, SCALE_GRAD, ScaleGrad
 from xent.ops.declare import Upstream
-from xent.ops.linear import LINEAR_CROSS_ENTROPY, LinearCall
+from xent.ops.linear import LINEAR_CROSS_ENTROPY, LinearCall, recomputes_in_backward
 from xent.problems import LinearProblem, Options, make_problem
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,7 +227,7 @@ def test_opcheck_cross_entropy_ops(args, statistics):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.slow
 def test_opcheck_linear_ops(reduction, dtype):
     gen = torch.Generator().manual_seed(6)
@@ -240,7 +240,10 @@ def test_opcheck_linear_ops(reduction, dtype):
         return LinearProblem(h, w, bias, y, weight, options, (6,), torch.float32, 0, 4 * 9 * 4, statistics)
 
     op = LINEAR_CROSS_ENTROPY
-    opcheck(op.op, op.arguments(LinearCall(problem(b, cw), (True, True, True))))
+    # fp16 with a reduction: forward computes no gradient, backward recomputes with the upstream
+    recompute = recomputes_in_backward(reduction, dtype)
+    wants = (False,) * 3 if recompute else (True, True, True)
+    opcheck(op.op, op.arguments(LinearCall(problem(b, cw), wants, recompute)))
     opcheck(
         op.op,
         op.arguments(LinearCall(problem(None, None, ("lse", "logprob", "entropy", "argmax")), (True, False, False))),
@@ -248,7 +251,8 @@ def test_opcheck_linear_ops(reduction, dtype):
     up = torch.rand(() if reduction != "none" else (6,))
     want = dict(input=True, linear_weight=True, linear_bias=True)
     opcheck(
-        op.backward_overload, op.backward_arguments(LinearCall(problem(b, cw), (True, True, True)), Upstream(up), want)
+        op.backward_overload,
+        op.backward_arguments(LinearCall(problem(b, cw), wants, recompute), Upstream(up), want),
     )
     opcheck(SCALE_GRAD.op, SCALE_GRAD.arguments(ScaleGrad(torch.randn(6, 9).to(dtype), torch.tensor(2.0), "mean")))
 
