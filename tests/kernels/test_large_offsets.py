@@ -36,10 +36,13 @@ def _targets(n, c, device=DEVICE):
 
 
 def _far_rows(n, c, itemsize=1):
-    """The first rows, and every row that starts at or beyond element 2^31, or byte 2^31 where there are
-    fewer elements than that (plus the row straddling it)."""
-    first_far = min(f for f in ((2**31) // c, (2**31) // (c * itemsize)) if f < n)
-    return torch.cat([torch.arange(3), torch.arange(max(first_far - 1, 3), n)])
+    """The first rows, the rows around element 2^31 and byte 2^31 (where there are that many), and the
+    last rows: a few dozen, so that their float64 reference stays small."""
+    picked = [torch.arange(3), torch.arange(n - 8, n)]
+    for first_far in {(2**31) // c, (2**31) // (c * itemsize)}:
+        if first_far < n:
+            picked.append(torch.arange(first_far - 2, min(first_far + 6, n)))
+    return torch.unique(torch.cat(picked))
 
 
 def _row_reference(base, rows, target):
