@@ -36,6 +36,7 @@ LAYERS = [  # top to bottom
         "xent.distill",
         "xent.integrations",
         "xent.integrations.transformers",
+        "xent.integrations.trl",
         "xent.labels",
         "xent.cli",
         "xent.bench",

@@ -47,6 +47,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     memory_budget: int | None = None,
+    softcap: float | None = None,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Log-probability of each chosen token under ``softmax((input @ linear_weight.T + linear_bias) / T)``.
@@ -58,6 +59,8 @@ def token_logprobs(
         temperature (float): the sampling temperature T > 0.
         return_entropy (bool): also return each token's entropy (differentiable too).
         memory_budget (int, optional): bytes of one chunk of logits, as in :func:`xent.linear_cross_entropy`.
+        softcap (float, optional): the logits become ``softcap * tanh(logits / softcap)`` before the
+            temperature divides them (Gemma 2's final-logit softcapping).
         backend (str, optional): the compute backend, as in :func:`xent.cross_entropy`.
 
     Returns:
@@ -73,6 +76,8 @@ def token_logprobs(
         >>> (-(logp * torch.randn(2, 16)).sum() - 0.01 * entropy.sum()).backward()   # a policy-gradient step
     """
     if dtensor.is_dtensor(input, linear_weight, linear_bias, target):  # tensor-parallel heads: xent/dtensor.py
+        if softcap is not None:
+            raise NotImplementedError("token_logprobs: softcap with a DTensor head")
         options = dict(
             temperature=temperature,
             ignore_index=ignore_index,
@@ -94,7 +99,7 @@ def token_logprobs(
         ignore_index,
         0.0,
         0.0,
-        None,
+        softcap,
         None,
         memory_budget,
         out_dtype,

@@ -182,3 +182,30 @@ def test_opcheck_token_ops():
     op = TOKEN_LOGPROBS_FROM_LOGITS
     opcheck(op.op, op.arguments(problem))
     opcheck(op.backward_overload, op.backward_arguments(problem, TokenUpstreams(up, up * 2), {"logits": True}))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if importlib.util.find_spec("triton") else []))
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_token_logprobs_softcap_then_temperature_equal_float64(backend, return_entropy):
+    """softcap caps the logits, then the temperature divides them: values and gradients of the formula."""
+    gen = torch.Generator().manual_seed(3)
+    h, w, b = (
+        torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in ((7, 5), (11, 5), (11,))
+    )
+    y = torch.randint(0, 11, (7,), generator=gen)
+    y[2] = -100
+    z = 2.0 * torch.tanh(torch.nn.functional.linear(h, w, b) / 2.0) / 0.7
+    logp = z.log_softmax(-1)
+    valid = y != -100
+    ref = (logp.gather(1, y.clamp(min=0)[:, None])[:, 0] * valid, -(logp.exp() * logp).sum(-1) * valid)
+    out = xent.token_logprobs(
+        h, w, y, linear_bias=b, temperature=0.7, softcap=2.0, return_entropy=return_entropy, backend=backend
+    )
+    out = out if return_entropy else (out,)
+    ups = [torch.randn(7, generator=gen, dtype=torch.float64) for _ in out]
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(out, ups)), (h, w, b))
+    want_grads = torch.autograd.grad(sum((r * u).sum() for r, u in zip(ref, ups)), (h, w, b))
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import types
 import warnings
@@ -209,8 +210,24 @@ def _patched_forward(original):
 
 def apply(model_or_class, *, force: bool = False):
     """Make a ``*ForCausalLM`` model (an instance, or a class: every instance) compute its training loss
-    with xent's fused linear cross-entropy. Returns its argument. Applying twice is harmless."""
+    with xent's fused linear cross-entropy. Returns its argument. Applying twice is harmless.
+
+    TRL >= 1.16's trainers replace the model's forward with their own fused LM head, which would bypass
+    this patch: where TRL is installed, this also applies :func:`xent.integrations.trl.apply` (process-wide),
+    so a model patched before it is handed to a TRL trainer is still trained by xent. A model whose
+    forward TRL has already replaced raises RuntimeError: use xent.integrations.trl there."""
+    from . import trl as xent_trl
+
+    if not isinstance(model_or_class, type) and xent_trl.has_fused_lm_head(model_or_class):
+        raise RuntimeError(
+            "xent.integrations.transformers.apply: TRL has replaced this model's forward with its fused LM head "
+            "(trl.trainer.utils.add_fused_lm_head), which never calls the patched forward; use "
+            "xent.integrations.trl.apply(trainer) to compute that head with xent"
+        )
     _check_supported(model_or_class, force)
+    if importlib.util.find_spec("trl") is not None:
+        with contextlib.suppress(RuntimeError, ImportError):  # an older TRL calls the forward patched here
+            xent_trl.apply()
     if isinstance(model_or_class, type):
         cls = model_or_class
         if not hasattr(cls.forward, _MARK):

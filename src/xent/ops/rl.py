@@ -50,10 +50,10 @@ def _valid(target: Tensor, ignore_index: int) -> Tensor:
 
 def token_linear_problem(p: LinearProblem) -> LinearProblem:
     """The op's problem for a validated linear head: 'none', no class weights or other terms (only
-    ignore_index, the temperature and the backend carried over), both statistics, outputs in the compute
-    dtype."""
+    ignore_index, the softcap, the temperature and the backend carried over), both statistics, outputs in
+    the compute dtype."""
     o = p.options
-    options = Options("none", o.ignore_index, temperature=o.temperature, backend=o.backend)
+    options = Options("none", o.ignore_index, softcap=o.softcap, temperature=o.temperature, backend=o.backend)
     n = p.input.shape[0]
     return LinearProblem(
         p.input,
@@ -124,14 +124,20 @@ def linear_token_logprobs(
     """(logprob, entropy) per row of p.input (the caller's `input` reshaped to (R, H)), differentiable."""
     if route(input, linear_weight, linear_bias, p.target) == FUNC:
         logits = F.linear(p.input, linear_weight, linear_bias)
-        return _token_formula(logits, p.target, p.options.ignore_index, p.options.temperature)
+        return _token_formula(logits, p.target, p.options.ignore_index, p.options.temperature, p.options.softcap)
     out = LINEAR_TOKEN_LOGPROBS(token_linear_problem(p))
     return out["logprob"], out["entropy"]
 
 
-def _token_formula(logits: Tensor, target: Tensor, ignore_index: int, temperature: float) -> tuple[Tensor, Tensor]:
-    """The definitions, as differentiable torch ops (torch.func transforms); the logits over T in fp32."""
-    lp = reference.log_softmax(logits.to(compute_dtype(logits.dtype)) / temperature)
+def _token_formula(
+    logits: Tensor, target: Tensor, ignore_index: int, temperature: float, softcap: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """The definitions, as differentiable torch ops (torch.func transforms); the (capped) logits over T in
+    fp32."""
+    z = logits.to(compute_dtype(logits.dtype))
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lp = reference.log_softmax(z / temperature)
     flat = target.reshape(-1).long()
     valid = flat != ignore_index
     picked = lp.gather(1, torch.where(valid, flat, 0).unsqueeze(1)).squeeze(1) if lp.shape[1] else lp.sum(1) * 0
