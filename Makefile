@@ -3,13 +3,18 @@
 # machine takes the local CPU wheel and never pulls CUDA packages.
 # `make test-fast` runs the quick part of the tests (every layer, under a minute on 2 CPU cores): all but
 # the tests marked distributed, compile, triton or slow (markers: pyproject.toml); `make test` runs them all.
+# torchtitan's loss module (tests of xent.integrations.torchtitan) without its training dependencies, whose
+# pins (datasets < 4.8, torchdata, wandb, ...) conflict with the test extras': docs/torchtitan.md
+TORCHTITAN := torchtitan==0.3.0 spmd-types==0.2.3
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt --no-deps $(TORCHTITAN)
+	$(VENV)/bin/pip install --quiet -c constraints.txt tyro
 	touch $(STAMP)
 
 .PHONY: demo test test-fast lint format verify bench clean

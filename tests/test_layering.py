@@ -37,6 +37,8 @@ LAYERS = [  # top to bottom
         "xent.integrations",
         "xent.integrations.transformers",
         "xent.integrations.trl",
+        "xent.integrations.torchtitan",
+        "xent.integrations.verl",
         "xent.labels",
         "xent.cli",
         "xent.bench",

@@ -7,6 +7,7 @@ Public API:
     LinearCrossEntropyLoss                  drop-ins for torch.nn's modules
     one_hot, LabelEncoder                   targets from labels that are not integers
     token_logprobs[_from_logits]            RL: chosen tokens' log-probabilities (and entropies), no logits
+    token_topk                              the k most probable tokens per position and their log-probabilities
     TokenStatistics                         what return_stats= gives: lse, logprob, entropy, z_loss, argmax, correct
     linear_distillation_loss,
     LinearDistillationLoss, Teacher*        KL / reverse KL / JSD of a student head against a teacher, no logits
@@ -21,7 +22,7 @@ from .labels import LabelEncoder, one_hot
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
 from .problems import TokenStatistics
-from .rl import token_logprobs, token_logprobs_from_logits
+from .rl import token_logprobs, token_logprobs_from_logits, token_topk
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "LabelEncoder",
     "token_logprobs",
     "token_logprobs_from_logits",
+    "token_topk",
     "TokenStatistics",
     "linear_distillation_loss",
     "LinearDistillationLoss",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .ops import vocab_parallel as ops
@@ -27,7 +29,7 @@ from .validation.cross_entropy import (
     check_memory_budget,
     check_output_dtype,
     check_statistics,
-    check_temperature,
+    check_token_temperature,
     chunk_size_of,
     vocab_parallel_options,
     with_backend,
@@ -38,6 +40,7 @@ __all__ = [
     "vocab_parallel_linear_cross_entropy",
     "vocab_parallel_token_logprobs",
     "vocab_parallel_linear_token_logprobs",
+    "global_token_count",
 ]
 
 
@@ -185,9 +188,10 @@ def vocab_parallel_token_logprobs(
     *,
     group=None,
     vocab_start: int | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    entropy_requires_grad: bool = True,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r""":func:`xent.token_logprobs_from_logits` for logits whose classes are split across the ranks of
@@ -198,9 +202,11 @@ def vocab_parallel_token_logprobs(
         local_logits (Tensor): this rank's logits, shape :math:`(..., C_{local})`.
         target (Tensor): the chosen token ids (global), shape :math:`(...)`, the same on every rank.
         group, vocab_start: as :func:`vocab_parallel_cross_entropy`.
-        temperature (float): T > 0; it divides the logits in fp32 inside the pass (no copy).
+        temperature (float or Tensor): T > 0, or one per token (a tensor that broadcasts to the target's
+            shape, the same on every rank); it divides the logits in fp32 inside the pass (no copy).
         ignore_index (int): tokens to skip: log-probability 0, entropy 0, no gradient.
         return_entropy (bool): also return the entropies.
+        entropy_requires_grad (bool): ``False`` returns the entropies detached (backward skips their term).
         backend (str, optional): the compute backend of this rank's block passes, as
             :func:`xent.cross_entropy`'s.
 
@@ -211,7 +217,7 @@ def vocab_parallel_token_logprobs(
         is the full gradient's block, one pass of the row kernel over its logits.
     """
     fn = "vocab_parallel_token_logprobs"
-    t = check_temperature(temperature)
+    t, row_t = check_token_temperature(temperature, target, compute_dtype(local_logits.dtype), fn)
     vocab_parallel_options(local_logits, target, None, "none", ignore_index, 0.0, 0.0, fn, "local_logits")
     check_local_logits_target(local_logits, target, fn)
     if route(local_logits, target) == FUNC:
@@ -220,11 +226,17 @@ def vocab_parallel_token_logprobs(
     options = ops.rl_options(int(ignore_index), t, check_backend(backend, fn))
     layout = Layout(group, vocab_start)
     logprobs, entropy = ops.vocab_parallel_token_logprobs(
-        flat, target.reshape(-1), layout, options, bool(return_entropy)
+        flat, target.reshape(-1), layout, options, bool(return_entropy), row_t
     )
+    return _token_results(logprobs, entropy, target.shape, return_entropy, entropy_requires_grad)
+
+
+def _token_results(logprobs, entropy, shape, return_entropy: bool, entropy_requires_grad: bool):
+    """The RL functions' results in the targets' shape: the log-probabilities, and the entropies (detached
+    unless their gradient is wanted) when asked."""
     if not return_entropy:
-        return logprobs.reshape(target.shape)
-    return logprobs.reshape(target.shape), entropy.reshape(target.shape)
+        return logprobs.reshape(shape)
+    return logprobs.reshape(shape), (entropy if entropy_requires_grad else entropy.detach()).reshape(shape)
 
 
 def vocab_parallel_linear_token_logprobs(
@@ -235,11 +247,13 @@ def vocab_parallel_linear_token_logprobs(
     group=None,
     vocab_start: int | None = None,
     linear_bias: Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    entropy_requires_grad: bool = True,
     memory_budget: int | None = None,
     backend: str | None = None,
+    reduce_input_grad: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r""":func:`xent.token_logprobs` with the head's rows split across the ranks of `group` (tensor-parallel
     RL): ``input`` :math:`(..., H)` replicated, ``local_linear_weight`` :math:`(C_{local}, H)` and
@@ -249,10 +263,14 @@ def vocab_parallel_linear_token_logprobs(
     Forward runs the chunk loop for this block's statistics and the one exchange; backward recomputes the
     chunks with the global lse and entropy (both upstream gradients folded into each row's gradient) and
     all-reduces the input's gradient, so every rank holds the full gradient of ``input``. Returns as
-    :func:`vocab_parallel_token_logprobs`; ``memory_budget`` and ``backend`` as :func:`xent.linear_cross_entropy`.
+    :func:`vocab_parallel_token_logprobs` (``temperature`` and ``entropy_requires_grad`` too);
+    ``memory_budget`` and ``backend`` as :func:`xent.linear_cross_entropy`. ``reduce_input_grad=False``
+    leaves each rank its own part of the input's gradient (the sum over ranks is the gradient): for a
+    caller whose hidden states come through a collective that sums in backward (Megatron's
+    sequence-parallel gather), as verl's fused kernel does.
     """
     fn = "vocab_parallel_linear_token_logprobs"
-    t = check_temperature(temperature)
+    t, row_t = check_token_temperature(temperature, target, compute_dtype(local_linear_weight.dtype), fn)
     vocab_parallel_options(input, target, None, "none", ignore_index, 0.0, 0.0, fn, "input")
     check_local_head(input, local_linear_weight, linear_bias, target, fn)
     memory_budget = check_memory_budget(memory_budget, fn)
@@ -263,9 +281,81 @@ def vocab_parallel_linear_token_logprobs(
     options = ops.rl_options(int(ignore_index), t, check_backend(backend, fn))
     budget = None if memory_budget is None else int(memory_budget)
     p = ops.rl_linear_problem(
-        x2, local_linear_weight, linear_bias, target.reshape(-1), options, budget, bool(return_entropy)
+        x2, local_linear_weight, linear_bias, target.reshape(-1), options, budget, bool(return_entropy), row_t
     )
-    logprobs, entropy = ops.vocab_parallel_linear_token_logprobs(p, Layout(group, vocab_start))
-    if not return_entropy:
-        return logprobs.reshape(target.shape)
-    return logprobs.reshape(target.shape), entropy.reshape(target.shape)
+    logprobs, entropy = ops.vocab_parallel_linear_token_logprobs(p, Layout(group, vocab_start), bool(reduce_input_grad))
+    return _token_results(logprobs, entropy, target.shape, return_entropy, entropy_requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Global normalisation across data-parallel ranks and gradient-accumulation steps
+
+
+def global_token_count(
+    targets: Tensor | Sequence[Tensor],
+    *,
+    ignore_index: int = -100,
+    weight: Tensor | None = None,
+    group=None,
+) -> Tensor:
+    r"""The 'mean' denominator of one optimizer step: the valid targets of every micro-batch on every
+    data-parallel rank, counted with one all-reduce.
+
+    ``sum(loss(micro_batch, reduction='sum') for each micro-batch) / global_token_count(targets)`` on each
+    rank, with gradients summed across the ranks (DDP's average times the world size, or FSDP2 with
+    ``set_gradient_divide_factor(1.0)``: torchtitan's setup), gives the loss and the gradients of one
+    process computing ``reduction='mean'`` over the whole global batch, however the tokens are spread over
+    ranks and micro-batches (transformers #34191 is the bug of dividing each micro-batch by its own count).
+
+    Args:
+        targets (Tensor or sequence of Tensors): this rank's class-index targets of the whole step: all its
+            gradient-accumulation micro-batches (any shapes), known before the first forward as a data
+            loader yields them.
+        ignore_index (int): targets that do not count (default -100, as the losses').
+        weight (Tensor, optional): class weights :math:`(C,)`: then the sum of the counted targets' weights,
+            torch's weighted-mean denominator, in float64 (a class-weighted 'sum' divided by it is the
+            weighted mean).
+        group: the data-parallel process group to sum over (default: the world; no communication without an
+            initialized process group). On a 2-D mesh pass the data-parallel dimension's group
+            (``mesh.get_group("dp")``), not the tensor-parallel one, whose ranks hold the same tokens.
+
+    Returns:
+        a 0-dim tensor on the targets' device, the same on every rank: int64 counts, float64 weight sums.
+        It stays on the device (no host sync); the all-reduce is the only communication.
+    """
+    fn = "global_token_count"
+    if isinstance(targets, Tensor):
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise ValueError(f"{fn}: no targets (pass this rank's micro-batches' targets, a tensor or a list of them)")
+    for t in targets:
+        if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(
+                f"{fn}: targets must be class-index (integer) tensors, got "
+                f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}"
+            )
+        if type(t) is not Tensor and hasattr(t, "device_mesh"):
+            raise TypeError(
+                f"{fn}: a DTensor target; pass its local tensor (this rank's rows) and the data-parallel group"
+            )
+    device = targets[0].device
+    if weight is None:
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        for t in targets:
+            count = count + (t != ignore_index).sum()
+    else:
+        if weight.dim() != 1:
+            raise ValueError(f"{fn}: weight must be a 1-D tensor of class weights, got shape {tuple(weight.shape)}")
+        w = weight.to(device=device, dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64, device=device)
+        for t in targets:
+            valid = t != ignore_index
+            # ignored targets pick class 0's weight and are then masked: no out-of-range gather
+            picked = w[torch.where(valid, t, torch.zeros_like(t)).reshape(-1)]
+            count = count + torch.where(valid.reshape(-1), picked, torch.zeros_like(picked)).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    elif group is not None:
+        raise RuntimeError(f"{fn}: a process group was given, but torch.distributed is not initialized")
+    return count

@@ -132,16 +132,15 @@ def shards_from_sizes(target: Tensor, local_size: int, group, fn: str, extra: tu
     """vocab_start=None: gather every rank's block size (and target identity, and which statistics widen
     the main exchange) first; blocks in rank order."""
     rank, _ = group_info(group)
-    size = torch.tensor([float(local_size), _EXTRA_CODES[extra], _CALL_CODES[fn]], dtype=torch.float64)
+    size = torch.tensor([float(local_size), _extra_code(extra), _CALL_CODES[fn]], dtype=torch.float64)
     table = all_gather(torch.cat([identity(target), size.to(target.device, non_blocking=True)]), group).tolist()
     check_same_call([row[6] for row in table], fn)
     check_same_targets([row[:4] for row in table], fn)
     codes = [row[5] for row in table]
     if any(code != codes[0] for code in codes):
-        names = {code: list(names) for names, code in _EXTRA_CODES.items()}
         raise ValueError(
             f"{fn}: every rank must ask for the same return_stats; per rank, the ones beyond lse, logprob and "
-            f"z_loss: {[names[code] for code in codes]}"
+            f"z_loss: {[_extra_names(code) for code in codes]}"
         )
     sizes = tuple(int(row[4]) for row in table)
     return Shards(rank, tuple(sum(sizes[:k]) for k in range(len(sizes))), sizes)
@@ -149,15 +148,24 @@ def shards_from_sizes(target: Tensor, local_size: int, group, fn: str, extra: tu
 
 # The statistics that need more than the global lse and target logit, each a share per block in the main
 # exchange: the entropy (one number per row and rank), the argmax (the block's largest logit and its
-# column). Their code goes into vocab_start=None's first gather, so that ranks asking differently raise.
-_EXTRA_CODES = {(): 0.0, ("entropy",): 1.0, ("argmax",): 2.0, ("entropy", "argmax"): 3.0}
+# column), sum p^2 (the block's sum of e^2) and the mean logit (the block's sum of logits). Their code (a
+# bit each) goes into vocab_start=None's first gather, so that ranks asking differently raise.
+EXTRA = ("entropy", "argmax", "sum_sq_probs", "mean_logit")
+
+
+def _extra_code(extra: tuple[str, ...]) -> float:
+    return float(sum(1 << EXTRA.index(name) for name in extra))
+
+
+def _extra_names(code: float) -> list[str]:
+    return [name for k, name in enumerate(EXTRA) if int(code) >> k & 1]
 
 
 def extra_statistics(statistics: tuple) -> tuple[str, ...]:
     """Which of the exchange's optional shares `statistics` needs ('correct' is the argmax's, as for the
-    single-process ops)."""
+    single-process ops), in the exchange's order."""
     wanted = TokenStatistics.computed(statistics)
-    return tuple(name for name in ("entropy", "argmax") if name in wanted)
+    return tuple(name for name in EXTRA if name in wanted)
 
 
 def exchange_statistics(
@@ -176,7 +184,8 @@ def exchange_statistics(
 
     Returns the (world, _HEADER) header and shift, sumexp, target logit, owned, dense_rel, each (world, rows),
     and the list of the requested extra shares (world, rows): entropy_rel with stats.entropy_rel, the
-    block's largest logit (`block_max`) and its global column with stats.argmax. All float64, still on
+    block's largest logit (`block_max`) and its global column with stats.argmax, sumsq and logit_sum with
+    theirs. All float64, still on
     the device. The payload's size never depends on the options (the smoothing term's slot is sent as
     zeros without smoothing), so ranks that disagree on them still complete the collective and then all
     raise the same error, instead of aborting in a size mismatch; it does depend on the extra statistics.
@@ -190,6 +199,7 @@ def exchange_statistics(
         has_classes = stats.argmax >= 0
         parts.append(torch.where(has_classes, block_max.double(), -math.inf))
         parts.append(torch.where(has_classes, (stats.argmax + start).double(), math.inf))
+    parts += [t for t in (stats.sumsq, stats.logit_sum) if t is not None]
     weight_sum = (
         block.class_weight.double().sum().reshape(1)
         if block.class_weight is not None
@@ -248,7 +258,7 @@ def merge(
 ):
     """Global lse, target logit and smoothing term per row from the gathered statistics (on the device),
     the rows whose target no rank (or two) owns, and the `extra` statistics' merged rows (entropy, argmax
-    as float64)."""
+    as float64, sum p^2, mean logit)."""
     lse = rows.merge_blocks(shift, sumexp)
     dense_ce = None
     if eps > 0:
@@ -259,7 +269,12 @@ def merge(
     if "entropy" in extra:
         merged.append(rows.merge_block_entropy(lse, shift, sumexp, extras.pop(0)))
     if "argmax" in extra:
-        merged.append(rows.merge_block_argmax(*extras).double())
+        merged.append(rows.merge_block_argmax(extras.pop(0), extras.pop(0)).double())
+    if "sum_sq_probs" in extra:  # sum_k exp(2 (shift_k - lse)) sum_c e_kc^2; a block without classes adds 0
+        sumsq = extras.pop(0)
+        merged.append(torch.where(sumsq > 0, torch.exp(2 * (shift - lse)) * sumsq, 0).sum(0))
+    if "mean_logit" in extra:  # all blocks' sums over all classes (no classes: nan, as torch's mean)
+        merged.append(extras.pop(0).sum(0) / header[:, _SIZE].sum())
     return lse, target_logit.sum(0), dense_ce, valid & (owned.sum(0) != 1), merged
 
 
@@ -329,15 +344,23 @@ def group_name(group) -> str:
 
 def token_statistics(statistics: tuple, per_row: Tensor, target: Tensor, opts: Options, cd) -> TokenStatistics:
     """The per-token statistics from the merged rows (vocab_parallel_loss' per_row: global lse, target
-    logit, then entropy and argmax where asked), by rows.token_statistics_of_rows' formulas."""
+    logit, then the extra ones where asked), by rows.token_statistics_of_rows' formulas."""
     lse, z_target, *merged = per_row.unbind(0)
-    extra = extra_statistics(statistics)
-    entropy = merged[extra.index("entropy")] if "entropy" in extra else None
-    argmax = merged[extra.index("argmax")].long() if "argmax" in extra else None
-    # shift = lse and sumexp = 1 give lse = shift + log 1, and entropy = log 1 - entropy_rel / 1
+    got = dict(zip(extra_statistics(statistics), merged))
+    entropy, argmax = got.get("entropy"), got.get("argmax")
+    # shift = lse and sumexp = 1 give lse = shift + log 1, entropy = log 1 - entropy_rel / 1 and
+    # sum p^2 = sumsq / 1^2; the merged mean logit is the sum of the logits over one class
     stats = rows.RowStats(
-        lse, torch.ones_like(lse), z_target, None, argmax, entropy.neg() if entropy is not None else None
+        lse,
+        torch.ones_like(lse),
+        z_target,
+        None,
+        argmax.long() if argmax is not None else None,
+        entropy.neg() if entropy is not None else None,
+        got.get("sum_sq_probs"),
+        got.get("mean_logit"),
     )
     flat = target.reshape(-1).long()  # uint8 compares as int64, as torch
-    values = rows.token_statistics_of_rows(stats, statistics, flat != opts.ignore_index, flat, opts.z_loss, cd)
+    valid = flat != opts.ignore_index
+    values = rows.token_statistics_of_rows(stats, statistics, valid, flat, opts.z_loss, cd, num_classes=1)
     return TokenStatistics.of(values, tuple(target.shape))

@@ -22,6 +22,12 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def divides(temperature: float | Tensor) -> bool:
+    """Whether a temperature divides the logits: a per-row tensor always does (no host check of its
+    values), a number when it is not 1."""
+    return isinstance(temperature, Tensor) or temperature != 1.0
+
+
 def handover_keeps_range(dtype: torch.dtype) -> bool:
     """Whether a gradient that forward computes for a unit upstream gradient and stores in `dtype`, for
     backward to scale by the real one, loses nothing that a gradient computed with the upstream folded in
@@ -58,6 +64,9 @@ class TokenStatistics(NamedTuple):
     * ``z_loss``: the z-loss term z_loss * lse**2 the loss adds for the row; 0 on ignored rows.
     * ``argmax``: int64, the class of the largest logit (the first one on ties); -1 without classes.
     * ``correct``: bool, argmax == target; False on ignored rows.
+    * ``sum_sq_probs``: sum_c p_c**2 of softmax(z) (the collision probability; 1 / exp of the Rényi-2
+      entropy), what some policy-gradient baselines weight by. 0 without classes.
+    * ``mean_logit``: the mean of z over the classes (nan without classes).
 
     They carry no gradient (differentiable log-probabilities and entropies: :func:`xent.token_logprobs`).
     """
@@ -68,6 +77,8 @@ class TokenStatistics(NamedTuple):
     z_loss: Tensor | None = None
     argmax: Tensor | None = None
     correct: Tensor | None = None
+    sum_sq_probs: Tensor | None = None
+    mean_logit: Tensor | None = None
 
     @staticmethod
     def computed(statistics: tuple) -> tuple:
@@ -115,6 +126,12 @@ class Problem:
     output_shape: tuple[int, ...]  # shape of the reduction='none' result
     output_dtype: torch.dtype
     statistics: tuple[str, ...] = ()  # per-token statistics to return besides the loss (TokenStatistics' names)
+    row_temperature: Tensor | None = None  # (R,) each row's temperature (RL), compute dtype; None: the options'
+
+    @property
+    def temperature(self) -> float | Tensor:
+        """What divides each row's (capped) logits: the per-row tensor, or the options' number."""
+        return self.row_temperature if self.row_temperature is not None else self.options.temperature
 
     @property
     def num_classes(self) -> int:
@@ -145,6 +162,12 @@ class LinearProblem:
     chunk_size: int = 0  # tokens per chunk; 0: sized from memory_budget (kernels/linear.py)
     memory_budget: int | None = None  # bytes of one chunk's logits; None: the default
     statistics: tuple[str, ...] = ()  # per-token statistics to return besides the loss (TokenStatistics' names)
+    row_temperature: Tensor | None = None  # (R,) each row's temperature (RL), compute dtype; None: the options'
+
+    @property
+    def temperature(self) -> float | Tensor:
+        """What divides each row's (capped) logits: the per-row tensor, or the options' number."""
+        return self.row_temperature if self.row_temperature is not None else self.options.temperature
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -134,6 +134,7 @@ def token_statistics(
         lse = log sum_c exp(z_c)            logprob = lp[y] (0 where y is ignored)
         entropy = -sum_c p_c lp_c           z_loss = z_loss * lse^2 (0 where y is ignored)
         argmax = the first c of max z       correct = argmax == y (False where y is ignored)
+        sum_sq_probs = sum_c p_c^2          mean_logit = sum_c z_c / C
         (the argmax of the logits before the cap: the cap is monotone, and fp32 saturates it to ties)
 
     For probability targets (target.shape == input.shape) every row counts; logprob and correct need
@@ -160,6 +161,10 @@ def token_statistics(
             out[name] = -torch.where(p > 0, p * lp, 0).sum(-1)  # 0 log 0 = 0; no classes: 0
         elif name == "z_loss":
             out[name] = torch.where(valid, z_loss * lse * lse, 0)
+        elif name == "sum_sq_probs":
+            out[name] = log_softmax(z).mul(2).exp().sum(-1)  # no classes: 0
+        elif name == "mean_logit":
+            out[name] = z.mean(-1)
         elif name == "argmax":  # of the raw logits (the cap is monotone)
             out[name] = raw.argmax(-1) if z.shape[-1] else torch.full(lse.shape, -1, device=z.device)
         elif name == "correct":

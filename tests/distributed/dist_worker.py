@@ -1180,6 +1180,7 @@ def _rl(rank, world, sizes):
                 _close(grads[0], ref_grads[0], f"rl linear grad input T={temperature}")
                 _close(grads[1], ref_grads[1][start : start + size], f"rl linear grad weight T={temperature}")
                 _close(grads[2], ref_grads[2][start : start + size], f"rl linear grad bias T={temperature}")
+    _rl_frameworks(rank, world, sizes, gen)
     # float32 logits (the Triton kernel's case under XENT_BACKEND=triton)
     start, size = sum(sizes[:rank]), sizes[rank]
     full = torch.randn(40, c, generator=gen)
@@ -1242,6 +1243,74 @@ def _rl(rank, world, sizes):
                 _close(a, bb, f"rl compiled {step.__name__}")
 
 
+def _rl_frameworks(rank, world, sizes, gen):
+    """What RL frameworks pass over a split vocabulary: per-token temperatures (both paths), an entropy
+    without gradient, and verl's fused-kernel form with its tensor-parallel group, whose backward leaves
+    each rank its part of the hidden states' gradient (their sum is the gradient)."""
+    import xent.integrations.verl as xent_verl
+
+    c = sum(sizes)
+    start, size = sum(sizes[:rank]), sizes[rank]
+    lead = (3, 4)
+    target = torch.randint(0, c, lead, generator=gen)
+    target[2, 0] = -100
+    temperature = torch.rand(3, 1, generator=gen, dtype=torch.float64) + 0.5
+    full = torch.randn(*lead, c, generator=gen, dtype=torch.float64) * 2
+    x = torch.randn(*lead, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(c, 5, generator=gen, dtype=torch.float64)
+    g_lp = torch.randn(lead, generator=gen, dtype=torch.float64)
+    g_h = torch.randn(lead, generator=gen, dtype=torch.float64)
+    with check("per-token temperature, logits"):
+        local = full[..., start : start + size].clone().requires_grad_()
+        ref = full.clone().requires_grad_()
+        ours = vocab_parallel_token_logprobs(local, target, temperature=temperature, return_entropy=True)
+        theirs = xent.token_logprobs_from_logits(ref, target, temperature=temperature, return_entropy=True)
+        for a, bb in zip(ours, theirs):
+            _close(a, bb, "per-token temperature logits")
+        (g,) = torch.autograd.grad(ours, local, (g_lp, g_h))
+        (ge,) = torch.autograd.grad(theirs, ref, (g_lp, g_h))
+        _close(g, ge[..., start : start + size], "per-token temperature logits grad")
+    with check("per-token temperature, head"):
+        params = [x.clone().requires_grad_(), w[start : start + size].clone().requires_grad_()]
+        ref = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        ours = vocab_parallel_linear_token_logprobs(
+            *params, target, temperature=temperature, return_entropy=True, memory_budget=3 * 8 * max(1, size)
+        )
+        theirs = xent.token_logprobs(*ref, target, temperature=temperature, return_entropy=True)
+        for a, bb in zip(ours, theirs):
+            _close(a, bb, "per-token temperature head")
+        grads = torch.autograd.grad(ours, params, (g_lp, g_h))
+        ref_grads = torch.autograd.grad(theirs, ref, (g_lp, g_h))
+        _close(grads[0], ref_grads[0], "per-token temperature head grad input")
+        _close(grads[1], ref_grads[1][start : start + size], "per-token temperature head grad weight")
+    with check("entropy without gradient"):
+        params = [x.clone().requires_grad_(), w[start : start + size].clone().requires_grad_()]
+        lp, ent = vocab_parallel_linear_token_logprobs(
+            *params, target, return_entropy=True, entropy_requires_grad=False
+        )
+        _require(not ent.requires_grad, "the entropy is detached")
+        grads = torch.autograd.grad((lp * g_lp).sum(), params)
+        alone = vocab_parallel_linear_token_logprobs(*params, target)
+        expected = torch.autograd.grad((alone * g_lp).sum(), params)
+        for a, bb in zip(grads, expected):
+            _close(a, bb, "entropy without gradient: the log-probabilities' gradient")
+    with check("verl form with a tensor-parallel group"):
+        y = target.clamp(min=0)  # verl's labels are all tokens
+        h = x.clone().unsqueeze(0).requires_grad_()  # verl's (1, N, H)
+        local_w = w[start : start + size].clone().requires_grad_()
+        ref_h, ref_w = x.clone().unsqueeze(0).requires_grad_(), w.clone().requires_grad_()
+        ours = xent_verl.linear_cross_entropy(h, local_w, y.unsqueeze(0), 1.5, "none", dist.group.WORLD)
+        theirs = xent_verl.linear_cross_entropy(ref_h, ref_w, y.unsqueeze(0), 1.5, "none")
+        for a, bb in zip(ours, theirs):
+            _close(a, bb, "verl form values")
+        ups = (g_lp.reshape(-1), g_h.reshape(-1))
+        gh, gw = torch.autograd.grad(ours, (h, local_w), ups)
+        rh, rw = torch.autograd.grad(theirs, (ref_h, ref_w), ups)
+        dist.all_reduce(gh)  # as verl's own TP test does: the ranks' parts sum to the gradient
+        _close(gh, rh, "verl form hidden-state gradient, summed over ranks")
+        _close(gw, rw[start : start + size], "verl form head gradient")
+
+
 # scenario name (the pytest side's) -> the function every rank runs
 SCENARIOS = {
     "dtensor_layouts": _dtensor_layouts,
@@ -1257,3 +1326,8 @@ SCENARIOS = {
     "compiled": _compiled,
     "rl": _rl,
 }
+
+# 2-D meshes, FSDP2's gradient reduction, the token count, torchtitan: tests/distributed/dist_mesh2d.py
+from dist_mesh2d import SCENARIOS_2D  # noqa: E402 - after `check` and the helpers it imports from here
+
+SCENARIOS.update(SCENARIOS_2D)

@@ -200,3 +200,41 @@ def test_unknown_statistics_raise_before_any_communication():
         vocab_parallel_linear_cross_entropy(
             torch.randn(3, 2), torch.randn(4, 2), torch.tensor([0, 1, 2]), return_stats=3
         )
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dtensor_on_a_2d_mesh_matches_single_process(tmp_path, subtests):
+    _spawn(4, [9, 9, 9, 10], "mesh2d", tmp_path, subtests)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_gathered_head_follows_fsdp_gradient_divide_factor(tmp_path, subtests):
+    _spawn(2, LAYOUTS[2], "fsdp_divide", tmp_path, subtests)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_over_a_tensor_parallel_head_on_a_2d_mesh(tmp_path, subtests):
+    _spawn(4, [9, 9, 9, 10], "fsdp_tp", tmp_path, subtests)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_global_token_count_ddp_fsdp_gradient_accumulation(tmp_path, subtests):
+    _spawn(2, LAYOUTS[2], "token_count", tmp_path, subtests)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchtitan_components_match_torchtitans_own(tmp_path, subtests):
+    pytest.importorskip("torchtitan.components.loss", reason="torchtitan is not installed")
+    _spawn(2, LAYOUTS[2], "torchtitan", tmp_path, subtests)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchtitan_components_on_a_2d_mesh(tmp_path, subtests):
+    pytest.importorskip("torchtitan.components.loss", reason="torchtitan is not installed")
+    _spawn(4, [9, 9, 9, 10], "torchtitan_2d", tmp_path, subtests)

@@ -221,7 +221,8 @@ def test_sft_trainer(options, tmp_path, xent_calls):
 
 
 @pytest.mark.slow
-def test_dpo_trainer(tmp_path, xent_calls):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dpo_trainer(dtype, tmp_path, xent_calls):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -232,13 +233,62 @@ def test_dpo_trainer(tmp_path, xent_calls):
     def make():
         args = DPOConfig(per_device_train_batch_size=4, **_common(tmp_path))
         return DPOTrainer(
+            model=_model().to(dtype),
+            ref_model=_model().to(dtype),
+            args=args,
+            train_dataset=data,
+            processing_class=_tokenizer(),
+        )
+
+    if dtype == torch.float64:  # no rounding to hide behind: every metric, the margins too, to 1e-9
+        _same_training(make, ("logps/chosen", "rewards/margins", "rewards/chosen"), xent_calls, rtol=1e-9)
+        return
+    # fp32: the first step's margins are exactly 0 with both (policy and reference passes give bitwise equal
+    # log-probabilities). The second step's margin (~3e-4) is a difference of log-probabilities that moved by
+    # one SGD step, dominated by fp32 rounding: in float64 it is 3.80e-4, TRL's fp32 head gives 3.11e-4 and
+    # xent's 2.91e-4, both as far from it as each other (and the parameters both within 3e-6 of float64's).
+    # The loss and log-probabilities agree to 1e-4 there, the parameters to 1e-5.
+    _same_training(make, ("logps/chosen",), xent_calls, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_kto_trainer(tmp_path, xent_calls):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    data = Dataset.from_dict(
+        {"prompt": _texts(8, 2, 5, 5), "completion": _texts(8, 2, 6, 6), "label": [True, False] * 4}
+    )
+
+    def make():
+        args = KTOConfig(per_device_train_batch_size=4, **_common(tmp_path))
+        return KTOTrainer(
             model=_model(), ref_model=_model(), args=args, train_dataset=data, processing_class=_tokenizer()
         )
 
-    # TRL's policy and reference log-probabilities are bitwise equal at the first step (margin exactly 0);
-    # xent's policy pass (with the entropy) and reference pass (without) agree to fp32 rounding only, so the
-    # losses agree to 1e-4 relative, the parameters still to 1e-5
-    _same_training(make, ("logps/chosen",), xent_calls, rtol=1e-4)
+    _same_training(make, ("logps/chosen",), xent_calls)
+
+
+@pytest.mark.slow
+def test_rloo_trainer_with_a_reward_function(tmp_path, xent_calls):
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    data = Dataset.from_dict({"prompt": _texts(8, 2, 5, 7)})
+
+    def reward(completions, **kwargs):
+        return [len(c) / 10 for c in completions]
+
+    def make():
+        # beta=0: no reference model (RLOO builds one from a hub path otherwise)
+        args = RLOOConfig(
+            per_device_train_batch_size=4, num_generations=4, max_completion_length=6, beta=0.0, **_common(tmp_path)
+        )
+        return RLOOTrainer(
+            model=_model(), reward_funcs=reward, args=args, train_dataset=data, processing_class=_tokenizer()
+        )
+
+    _same_training(make, ("reward",), xent_calls)
 
 
 @pytest.mark.slow
@@ -300,3 +350,31 @@ def test_a_trl_without_the_fused_head_is_refused_naming_its_version(monkeypatch)
     monkeypatch.delattr(trl_utils, "add_fused_lm_head")
     with pytest.raises(RuntimeError, match=f"TRL {trl.__version__} has no fused LM head"):
         xent_trl.apply()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sft_trainer_on_two_processes(tmp_path):
+    """A 2-rank gloo run launched by torchrun (DistributedDataParallel under the Trainer): with and without
+    xent the same losses and parameters on every rank, the ranks in step, and xent ran on each."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "trl_ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    done = subprocess.run([*command, worker, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        assert result[False]["world"] == result[True]["world"] == 2 and result["xent_calls"] > 0
+        # one step of SGD apart from bitwise equal first losses: fp32 rounding of the gradients
+        torch.testing.assert_close(result[True]["losses"], result[False]["losses"], rtol=2e-5, atol=0)
+        for name, p in result[False]["params"].items():
+            torch.testing.assert_close(result[True]["params"][name], p, rtol=1e-5, atol=1e-5, msg=name)
+    for name, p in ranks[0][True]["params"].items():
+        assert torch.equal(p, ranks[1][True]["params"][name]), f"ranks differ in {name}"

@@ -22,9 +22,11 @@ xent computes the log-probabilities and entropies with :func:`xent.token_logprob
 materialized; fp32 row math; the temperature and softcap applied to the fp32 logits); TRL's
 ``logit_scale`` multiplies the logits before the softcap, so it folds exactly into xent's softcap and
 temperature (``c tanh(s z / c) / T = (c/s) tanh(z / (c/s)) / (T/s)``). The extra outputs, which carry no
-gradient, take one more chunked pass over the head (one more matmul in the forward) when a trainer asks
-for them (SFT and DPO do for their metrics). A non-positive ``logit_scale`` and DeepSpeed ZeRO-3 heads
-(whose weights exist only inside TRL's own gather) are left to TRL's function.
+gradient, are statistics of the same pass (``return_stats=("sum_sq_probs", "mean_logit", "correct")``):
+no second matmul. ``is_top1`` compares the target with the first maximum of the logits before the softcap
+(the cap is monotone; fp32 rounds it to ties where the raw logits differ). A non-positive
+``logit_scale`` and DeepSpeed ZeRO-3 heads (whose weights exist only inside TRL's own gather) are left to
+TRL's function.
 
 Older TRL (no fused head: the trainers take the logits from the model's forward) is refused with an error
 naming the version: there :func:`xent.integrations.transformers.apply` is the integration.
@@ -35,7 +37,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..rl import token_logprobs
@@ -43,8 +44,6 @@ from ..rl import token_logprobs
 MIN_VERSION = "1.16"
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _ORIGINAL = "_xent_original_chunked_logprob"
-# rows per chunk of the extra outputs' pass: logits of at most this many fp32 elements at once
-_EXTRA_CHUNK_ELEMENTS = 1 << 24
 
 
 def _trl_utils():
@@ -95,42 +94,33 @@ class XentChunkedLogProb:
             bias = bias.to(dtype) if bias is not None else None
         t = temperature / logit_scale
         softcap = final_logit_softcapping / logit_scale if final_logit_softcapping is not None else None
+        # the extra outputs are statistics of the same pass (no gradient, no second matmul)
+        stats = tuple(name for out, name in _STATISTICS.items() if out in outputs)
+        # The entropy is always computed (in the same pass; an unreturned one costs no backward term): the
+        # log-probabilities then come from the same arithmetic whatever the trainer asks for, so a policy
+        # pass with the entropy and a reference pass without it agree bit for bit, as with TRL's function
+        # (DPO's first margin is exactly 0 with identical weights).
         with torch.autocast(device, enabled=False):
-            if "entropy" in outputs:
-                logprobs, entropy = token_logprobs(
-                    hidden, weight, targets, linear_bias=bias, temperature=t, softcap=softcap, return_entropy=True
-                )
-            else:
-                logprobs = token_logprobs(hidden, weight, targets, linear_bias=bias, temperature=t, softcap=softcap)
-                entropy = None
-            extras = _extra_outputs(hidden, weight, bias, targets, t, softcap, outputs)
-        return (logprobs, entropy, *extras)
+            logprobs, entropy, st = token_logprobs(
+                hidden,
+                weight,
+                targets,
+                linear_bias=bias,
+                temperature=t,
+                softcap=softcap,
+                return_entropy=True,
+                return_stats=stats,
+            )
+        entropy = entropy if "entropy" in outputs else None
+        log_sum_sq = st.sum_sq_probs.log() if "log_sum_sq_probs" in outputs else None
+        mean_logits = st.mean_logit if "mean_logits" in outputs else None
+        # TRL's is_top1: the target is the first maximum of the row (ignored targets: False)
+        is_top1 = st.correct if "is_top1" in outputs else None
+        return logprobs, entropy, log_sum_sq, mean_logits, is_top1
 
 
-@torch.no_grad()
-def _extra_outputs(hidden, weight, bias, targets, temperature, softcap, outputs):
-    """(log sum_v p_v^2, mean logit, is the target the first top-1 token) per row, each None unless asked;
-    no gradient. Chunks of rows through the head, fp32 math on the transformed logits."""
-    wanted = [name in outputs for name in OUTPUTS[2:]]
-    if not any(wanted):
-        return (None, None, None)
-    n, v = hidden.shape[0], weight.shape[0]
-    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(2)]
-    top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
-    rows = max(1, _EXTRA_CHUNK_ELEMENTS // max(v, 1))
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        z = F.linear(hidden[r0:r1], weight, bias).float()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        z = z / temperature
-        if wanted[0]:
-            out[0][r0:r1] = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
-        if wanted[1]:
-            out[1][r0:r1] = z.mean(-1)
-        if wanted[2]:
-            top1[r0:r1] = z.argmax(-1) == targets[r0:r1]  # argmax: the first maximum, as TRL's kernel
-    return (out[0] if wanted[0] else None, out[1] if wanted[1] else None, top1 if wanted[2] else None)
+# TRL's extra outputs -> the xent statistics they come from
+_STATISTICS = {"log_sum_sq_probs": "sum_sq_probs", "mean_logits": "mean_logit", "is_top1": "correct"}
 
 
 def _original():

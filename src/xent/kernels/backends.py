@@ -66,7 +66,8 @@ class ChunkStep:
     dense: Tensor | None = None  # the loss's u ((C,) or per row), only when it has a dense term
     dense_is_ones: bool = False
     softcap: float | None = None
-    temperature: float = 1.0  # the (capped) logits are divided by it in the row math (then not read in place)
+    # the (capped) logits are divided by it in the row math (then not read in place); a tensor: per row (rows,)
+    temperature: float | Tensor = 1.0
     chain_out: Tensor | None = None  # scratch of the workspace's shape for the softcap chain factor
     coefficients: rows.ChunkCoefficients | None = None  # given: leave the gradient in the workspace
     unshifted: bool = False  # exp(z) without the max shift where it is safe (a host check: CPU only)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..problems import LinearProblem
+from ..problems import LinearProblem, divides
 from . import backend_for, rows
 from .driver import Chunk, RowPass
 from .portable import CHUNK_ELEMENTS
@@ -26,7 +26,7 @@ def logits_gradient(
     smoothing: bool,
     backend: str | None = None,
     softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
 ):
     """This rank's (rows, C_local) gradient, in x's dtype: one pass of the row kernel over the block with the
     rows' global coefficients (their statistics are recomputed as scratch; the entropy term's needs e log e)."""
@@ -50,7 +50,7 @@ def block_pass(
     coefficients: rows.ChunkCoefficients | None = None,
     backend: str | None = None,
     softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
 ) -> None:
     """Chunks of this rank's logits through the row kernel: statistics, and with `grad` the gradient, of
     the logits after `softcap` and divided by `temperature`."""
@@ -60,7 +60,7 @@ def block_pass(
         return
     backend = backend_for(x.device, cd, backend)
     step = max(1, CHUNK_ELEMENTS // size)
-    direct = x.dtype == cd and x.stride(1) == 1 and softcap is None and temperature == 1.0  # read in place
+    direct = x.dtype == cd and x.stride(1) == 1 and softcap is None and not divides(temperature)  # read in place
     in_grad = grad is not None and grad.dtype == cd
     scratch = None if in_grad else torch.empty(min(step, num_rows) * size, dtype=cd, device=x.device)
 

@@ -53,7 +53,8 @@ class RowPass:
     dense: Tensor | None = None  # u shared by all rows (C,), when the loss has a dense term
     dense_is_ones: bool = False
     softcap: float | None = None
-    temperature: float = 1.0  # divides the (capped) logits in the row math (a chunk with `source` needs 1)
+    # divides the (capped) logits in the row math (a chunk with `source` needs 1); a tensor: each row's (R,)
+    temperature: float | Tensor = 1.0
     coefficients: rows.ChunkCoefficients | None = None  # given: leave the gradient in each workspace
     chain_buf: Tensor | None = None  # scratch for the softcap chain factor (torch backend)
     unshifted: bool = False  # exp(z) without the max shift (a host check per chunk: CPU only)
@@ -75,6 +76,7 @@ class RowPass:
 
     def step(self, chunk: Chunk) -> None:
         ws = chunk.workspace
+        t = self.temperature
         self.backend.chunk(
             ChunkStep(
                 ws,
@@ -87,7 +89,7 @@ class RowPass:
                 dense=chunk.dense if chunk.dense is not None else self.dense,
                 dense_is_ones=self.dense_is_ones and chunk.dense is None,
                 softcap=self.softcap,
-                temperature=self.temperature,
+                temperature=t[chunk.r0 : chunk.r1] if isinstance(t, Tensor) else t,
                 chain_out=self.chain_buf[: ws.numel()].view_as(ws) if self.chain_buf is not None else None,
                 coefficients=self.coefficients,
                 unshifted=self.unshifted,

@@ -167,12 +167,44 @@ def linear_pass(
         block,
         smoothing,
         softcap=cap,
-        temperature=p.options.temperature,
+        temperature=p.temperature,
         coefficients=coefficients,
         chain_buf=chain_buf,
         unshifted=unshifted,
     ).run(chunks())
     return (stats, *grads.result())
+
+
+@torch.no_grad()
+def linear_topk(p: LinearProblem, k: int) -> tuple[Tensor, Tensor]:
+    """The k most probable classes of every row of a linear head and their log-probabilities under
+    softmax(softcap(logits) / T): (R, k) in the compute dtype and (R, k) int64, most probable first (ties
+    in torch.topk's order). No gradient. The logits of one chunk of rows at a time, in the compute dtype (a
+    half-precision head's GEMM in its dtype with fp32 accumulation, as F.linear)."""
+    x, w, b = p.input, p.linear_weight, p.linear_bias
+    num_rows, vocab = x.shape[0], w.shape[0]
+    cd, dev = p.compute_dtype, x.device
+    values = torch.empty((num_rows, k), dtype=cd, device=dev)
+    indices = torch.empty((num_rows, k), dtype=torch.int64, device=dev)
+    if not num_rows:
+        return values, indices
+    step = p.chunk_size or chunk_rows(num_rows, vocab, cd, p.memory_budget)
+    work = torch.empty(min(step, num_rows) * vocab, dtype=cd, device=dev)
+    head, cap, t = Head(w, b), p.options.softcap, p.temperature
+    with no_autocast(dev):
+        for r0, r1 in row_ranges(num_rows, step):
+            z = work[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+            head.logits_into_(z, x[r0:r1])
+            if cap is not None:
+                z.div_(cap).tanh_().mul_(cap)
+            if isinstance(t, Tensor):
+                z.div_(t[r0:r1].unsqueeze(1))
+            elif t != 1.0:
+                z.div_(t)
+            top = torch.topk(z, k, dim=1, sorted=True)
+            values[r0:r1] = top.values - torch.logsumexp(z, 1, keepdim=True)
+            indices[r0:r1] = top.indices
+    return values, indices
 
 
 def row_ranges(num_rows: int, step: int):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..problems import Problem
+from ..problems import Problem, divides
 from . import rows
 from .backends import TORCH
 from .driver import Chunk, RowPass
@@ -96,7 +96,7 @@ def cross_entropy_forward(
 
     if num_rows and c:
         # the pass reads the caller's logits in place (the cap and the temperature work in the workspace)
-        direct = d == 1 and x.dtype == cd and cap is None and opts.temperature == 1.0
+        direct = d == 1 and x.dtype == cd and cap is None and not divides(problem.temperature)
         in_grad = d == 1 and grad is not None and grad.dtype == cd  # the workspace is the gradient itself
         chunk = max(1, min(budget, num_rows * c) // c) * c
 
@@ -139,7 +139,7 @@ def cross_entropy_forward(
             dense=weight if terms.b else None,
             dense_is_ones=bool(terms.b) and weight is None,
             softcap=cap,
-            temperature=opts.temperature,
+            temperature=problem.temperature,
             coefficients=coefficients,
             chain_buf=scratch(cap is not None and need_grad),
             unshifted=unshifted,
@@ -155,7 +155,7 @@ def cross_entropy_forward(
         lse = stats.lse()
         loss_rows = terms.loss(lse, None, rows.dense_cross_entropy(lse, stats.shift, dense_mass, stats.dense_rel))
 
-    token_stats = rows.token_statistics(stats, problem.statistics, targets, opts.z_loss, cd)
+    token_stats = rows.token_statistics(stats, problem.statistics, targets, opts.z_loss, cd, c)
     return rows.finish_loss(problem, loss_rows, denominator), grad, token_stats
 
 

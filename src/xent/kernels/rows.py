@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..problems import divides
+
 
 def softcap_(workspace: Tensor, softcap: float, chain_out: Tensor | None) -> Tensor | None:
     """workspace <- softcap * tanh(workspace / softcap), the logit cap of Gemma 2.
@@ -180,6 +182,8 @@ class RowStats:
     dense_rel: Tensor | None  # <u, z - shift>
     argmax: Tensor | None = None  # int64 column of the row's largest logit (the first, on ties); on request
     entropy_rel: Tensor | None = None  # sum_c exp(z_c - shift) * (z_c - shift), for the entropy; on request
+    sumsq: Tensor | None = None  # sum_c exp(z_c - shift)^2, for sum_c p_c^2; on request
+    logit_sum: Tensor | None = None  # sum_c z_c, for the mean logit; on request
 
     @classmethod
     def empty(
@@ -192,6 +196,8 @@ class RowStats:
         device,
         argmax: bool = False,
         entropy: bool = False,
+        sumsq: bool = False,
+        logit_sum: bool = False,
     ) -> RowStats:
         def new():
             return torch.empty(num_rows, dtype=dtype, device=device)
@@ -203,6 +209,8 @@ class RowStats:
             new() if dense else None,
             torch.empty(num_rows, dtype=torch.int64, device=device) if argmax else None,
             new() if entropy else None,
+            new() if sumsq else None,
+            new() if logit_sum else None,
         )
 
     @classmethod
@@ -227,6 +235,8 @@ class RowStats:
             device=device,
             argmax=bool({"argmax", "correct"} & set(statistics)),
             entropy="entropy" in statistics or entropy_gradient,
+            sumsq="sum_sq_probs" in statistics,
+            logit_sum="mean_logit" in statistics,
         )
 
     def rows(self, r0: int, r1: int) -> RowStats:
@@ -234,7 +244,16 @@ class RowStats:
         return RowStats(
             *(
                 t[r0:r1] if t is not None else None
-                for t in (self.shift, self.sumexp, self.target_logit, self.dense_rel, self.argmax, self.entropy_rel)
+                for t in (
+                    self.shift,
+                    self.sumexp,
+                    self.target_logit,
+                    self.dense_rel,
+                    self.argmax,
+                    self.entropy_rel,
+                    self.sumsq,
+                    self.logit_sum,
+                )
             )
         )
 
@@ -260,6 +279,8 @@ class RowStats:
         but saturates to ties in fp32)."""
         chain = load()
         src = workspace if source is None else source
+        if self.logit_sum is not None:  # of the (capped, tempered) logits, before exp overwrites them
+            torch.sum(src, 1, out=self.logit_sum[r0:r1])
         if target is not None and self.target_logit is not None:
             torch.gather(src, 1, target, out=self.target_logit[r0:r1].unsqueeze(1))
         if self.argmax is not None and take_argmax:
@@ -270,7 +291,7 @@ class RowStats:
             else {}
         )
         # the entropy needs the max shift: without it sum e log e and s^2 overflow for logits above ~44
-        unshifted = unshifted and self.entropy_rel is None
+        unshifted = unshifted and self.entropy_rel is None and self.sumsq is None
         if not exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, unshifted=unshifted, **extra):
             chain = load()  # some row over/underflowed exp(z): redo the chunk with the max shift
             exp_rows_(workspace, self.shift[r0:r1], self.sumexp[r0:r1], source=source, **extra)
@@ -278,6 +299,8 @@ class RowStats:
         if self.entropy_rel is not None:  # the workspace holds e = exp(z - shift): sum e * log e
             xlogy = e_log_e(workspace)
             torch.sum(xlogy, 1, out=self.entropy_rel[r0:r1])
+        if self.sumsq is not None:  # sum e^2 as a row-wise dot product (no (rows, C) temporary)
+            torch.bmm(workspace.unsqueeze(1), workspace.unsqueeze(2), out=self.sumsq[r0:r1].view(-1, 1, 1))
         return chain, xlogy
 
     def argmax_(self, logits: Tensor, r0: int, r1: int) -> None:
@@ -289,25 +312,37 @@ class RowStats:
 
 
 # The floating-point ones among the per-token statistics of return_stats= (problems.TokenStatistics).
-FLOAT_STATISTICS = ("lse", "logprob", "entropy", "z_loss")
+FLOAT_STATISTICS = ("lse", "logprob", "entropy", "z_loss", "sum_sq_probs", "mean_logit")
 
 
 def token_statistics(
-    stats: RowStats, statistics: tuple, targets: IndexTargets | None, z_loss: float, dtype: torch.dtype
+    stats: RowStats,
+    statistics: tuple,
+    targets: IndexTargets | None,
+    z_loss: float,
+    dtype: torch.dtype,
+    num_classes: int | None = None,
 ) -> dict[str, Tensor]:
     """token_statistics_of_rows for a batch's IndexTargets (None for probability targets)."""
     valid, index = (targets.valid, targets.index) if targets is not None else (None, None)
-    return token_statistics_of_rows(stats, statistics, valid, index, z_loss, dtype)
+    return token_statistics_of_rows(stats, statistics, valid, index, z_loss, dtype, num_classes)
 
 
 def token_statistics_of_rows(
-    stats: RowStats, statistics: tuple, valid: Tensor | None, index: Tensor | None, z_loss: float, dtype: torch.dtype
+    stats: RowStats,
+    statistics: tuple,
+    valid: Tensor | None,
+    index: Tensor | None,
+    z_loss: float,
+    dtype: torch.dtype,
+    num_classes: int | None = None,
 ) -> dict[str, Tensor]:
     """The requested statistics of every row, from one pass's RowStats (all classes in one block):
 
         lse      log sum_c exp(z_c)                   entropy  -sum_c p_c log p_c = log s - <e, z - shift> / s
         logprob  z_y - lse (0 on ignored rows)        z_loss   z_loss * lse**2 (0 on ignored rows)
         argmax   the first column of the largest z    correct  argmax == y (False on ignored rows)
+        sum_sq_probs  sum_c p_c^2 = <e, e> / s^2      mean_logit  sum_c z_c / C (`num_classes`: C)
 
     (z after softcap, when there is one), floats in `dtype`. `valid` marks the rows whose target counts and
     `index` holds their class; both None for probability targets."""
@@ -326,6 +361,11 @@ def token_statistics_of_rows(
         elif name == "z_loss":
             value = z_loss * lse * lse
             value = torch.where(valid, value, 0) if valid is not None else value
+        elif name == "sum_sq_probs":
+            s = stats.sumexp.double()
+            value = torch.where(s > 0, stats.sumsq.double() / (s * s), 0)  # no classes: 0
+        elif name == "mean_logit":  # no classes: nan, as torch's mean over none
+            value = stats.logit_sum.double() / num_classes if num_classes else torch.full_like(lse, math.nan)
         elif name == "argmax":
             out[name] = stats.argmax
             continue
@@ -361,7 +401,7 @@ def torch_chunk(
     dense: Tensor | None = None,
     dense_is_ones: bool = False,
     softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     chain_out: Tensor | None = None,
     coefficients: ChunkCoefficients | None = None,
     unshifted: bool = False,
@@ -377,7 +417,7 @@ def torch_chunk(
     1/T joins the gradient's per-row coefficients. A temperature other than 1 needs the logits loaded
     (no `source`): the division is in place.
     """
-    assert source is None or temperature == 1.0, "a temperature divides the workspace: load the logits"
+    assert source is None or not divides(temperature), "a temperature divides the workspace: load the logits"
 
     def load_capped() -> Tensor | None:
         if source is not None:
@@ -388,8 +428,8 @@ def torch_chunk(
             if stats.argmax is not None:
                 stats.argmax_(workspace, r0, r1)
             chain = softcap_(workspace, softcap, chain_out)
-        if temperature != 1.0:
-            workspace.div_(temperature)
+        if divides(temperature):  # a number, or this chunk's rows' own temperatures (rows,)
+            workspace.div_(temperature.unsqueeze(1) if isinstance(temperature, Tensor) else temperature)
         return chain
 
     chain, xlogy = stats.chunk_(
@@ -407,7 +447,7 @@ def torch_chunk(
     if coefficients is not None:
         entropy_rel = stats.entropy_rel[r0:r1] if coefficients.entropy is not None else None
         coefs = coefficients(r0, r1, stats.shift[r0:r1], stats.sumexp[r0:r1], entropy_rel)
-        if temperature != 1.0:  # d/d(raw logits) = (1/T) d/d(logits / T): every term is linear in them
+        if divides(temperature):  # d/d(raw logits) = (1/T) d/d(logits / T): every term is linear in them
             coefs = tuple(c / temperature if c is not None else None for c in coefs)
         softmax_coef, target_coef, dense_coef, xlogy_coef = coefs
         gradient_(  # the entropy term's e log e was taken with the statistics, before e turns into the gradient
@@ -679,7 +719,15 @@ def finish_loss(problem, loss_rows: Tensor, denominator: Tensor) -> Tensor:
 def classless_stats(stats: RowStats) -> RowStats:
     """The statistics of rows without classes (no pass runs): sum exp = 0, so lse = -inf; no argmax (-1);
     entropy 0."""
-    for t in (stats.shift, stats.sumexp, stats.target_logit, stats.dense_rel, stats.entropy_rel):
+    for t in (
+        stats.shift,
+        stats.sumexp,
+        stats.target_logit,
+        stats.dense_rel,
+        stats.entropy_rel,
+        stats.sumsq,
+        stats.logit_sum,
+    ):
         if t is not None:
             t.zero_()
     if stats.argmax is not None:

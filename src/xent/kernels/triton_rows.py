@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..problems import divides
 from . import rows
 
 DENSE_NONE, DENSE_ONES, DENSE_SHARED, DENSE_PER_ROW = 0, 1, 2, 3
@@ -75,6 +76,8 @@ def _rows_kernel(
     DENSE_REL,
     ARGMAX,
     ENTROPY_REL,
+    SUMSQ,
+    LOGIT_SUM,
     LSE,
     C_SOFTMAX,
     C_ZLOSS,
@@ -85,6 +88,7 @@ def _rows_kernel(
     n_cols,
     softcap,
     temperature,
+    ROW_TEMPERATURE,
     BLOCK: tl.constexpr,
     STATS: tl.constexpr,
     GRAD: tl.constexpr,
@@ -94,9 +98,12 @@ def _rows_kernel(
     DENSE_MODE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     TEMPERATURE: tl.constexpr,
+    PER_ROW_TEMPERATURE: tl.constexpr,
     ZLOSS: tl.constexpr,
     STORE_ARGMAX: tl.constexpr,
     STORE_ENTROPY: tl.constexpr,
+    STORE_SUMSQ: tl.constexpr,
+    STORE_LOGIT_SUM: tl.constexpr,
     ENTROPY_GRAD: tl.constexpr,
 ):
     # A grid smaller than the rows makes each program loop over rows (fewer rows in flight, so that the
@@ -108,6 +115,10 @@ def _rows_kernel(
         cols = tl.arange(0, BLOCK)
         if HAS_TARGET:
             target = tl.load(TARGET + row)
+        if PER_ROW_TEMPERATURE:  # each row's own temperature (RL with per-token temperatures)
+            t_row = tl.load(ROW_TEMPERATURE + row).to(tl.float32)
+        else:
+            t_row = temperature
 
         if STATS:
             if STORE_TARGET:
@@ -119,7 +130,7 @@ def _rows_kernel(
                 if SOFTCAP:
                     zt = softcap * _tanh(zt / softcap)
                 if TEMPERATURE:
-                    zt = zt / temperature
+                    zt = zt / t_row
                 zt = tl.where(inside, zt, 0.0)
             m = -float("inf")  # the running max (-inf while every logit so far is -inf)
             shift = 0.0  # what the sums below are relative to: the running max, or 0 while it is -inf
@@ -127,6 +138,8 @@ def _rows_kernel(
             d = 0.0
             u_seen = 0.0
             h = 0.0  # sum e * (z - shift), for the entropy
+            q = 0.0  # sum e^2, for sum p^2
+            zsum = 0.0  # sum z, for the mean logit
             best = -float("inf")
             best_col = 0
             for start in range(0, n_cols, BLOCK):
@@ -141,7 +154,7 @@ def _rows_kernel(
                 if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
                     z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
                 if TEMPERATURE:  # the (capped) logits over T, in fp32: the half-precision input is not rounded again
-                    z = z / temperature
+                    z = z / t_row
                 m_new = tl.maximum(m, tl.max(z, 0))
                 new_shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
                 # the sums so far, re-based from `shift` to `new_shift`: exp(shift - new_shift) <= 1, and 0 when
@@ -152,6 +165,10 @@ def _rows_kernel(
                 if STORE_ENTROPY:  # e' = e alpha, z - new_shift = (z - shift) + moved; alpha * s first (0 * -inf)
                     h = alpha * h + (alpha * s) * moved + tl.sum(e * tl.where(e > 0.0, z - new_shift, 0.0), 0)
                 s = s * alpha + tl.sum(e, 0)
+                if STORE_SUMSQ:  # e' = e alpha, so e'^2 = e^2 alpha^2
+                    q = q * (alpha * alpha) + tl.sum(e * e, 0)
+                if STORE_LOGIT_SUM:
+                    zsum += tl.sum(tl.where(mask, z, 0.0), 0)
                 if DENSE_MODE != 0:
                     if DENSE_MODE == 1:
                         u = tl.where(mask, 1.0, 0.0)
@@ -170,6 +187,10 @@ def _rows_kernel(
                 tl.store(ARGMAX + row, best_col.to(tl.int64))
             if STORE_ENTROPY:
                 tl.store(ENTROPY_REL + row, h)
+            if STORE_SUMSQ:
+                tl.store(SUMSQ + row, q)
+            if STORE_LOGIT_SUM:
+                tl.store(LOGIT_SUM + row, zsum)
             if STORE_DENSE:
                 tl.store(DENSE_REL + row, d)
             if STORE_TARGET:
@@ -204,7 +225,7 @@ def _rows_kernel(
                     th = _tanh(z / softcap)
                     z = softcap * th
                 if TEMPERATURE:
-                    z = z / temperature
+                    z = z / t_row
                 # exp((z - m) - log s), not exp(z - lse): lse rounded to fp32 would cost absolute precision
                 # in proportion to the largest logit.
                 p = tl.exp((z - m) - log_s)
@@ -220,7 +241,7 @@ def _rows_kernel(
                 if SOFTCAP:
                     g *= 1.0 - th * th
                 if TEMPERATURE:  # the chain rule's 1/T
-                    g = g / temperature
+                    g = g / t_row
                 tl.store(out_row + idx, _downcast(g, OUT.dtype.element_ty), mask=mask)
 
 
@@ -278,7 +299,7 @@ def rows_(
     dense: Tensor | None = None,
     dense_is_ones: bool = False,
     softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     out: Tensor | None = None,
     coefs=None,
     lse: Tensor | None = None,
@@ -293,7 +314,7 @@ def rows_(
     gradient into `out` (rows, C), which may be z itself (each element is read before it is written).
     With `lse` and an entropy coefficient, `row_entropy` holds the rows' (global) entropies. The logits
     are (softcap, then) divided by `temperature` in fp32 as they are read; the gradient is with respect to
-    the raw logits (the chain rule's 1/T included).
+    the raw logits (the chain rule's 1/T included). A tensor `temperature` holds each row's (rows,).
     """
     num_rows, n_cols = z.shape
     if num_rows == 0 or n_cols == 0:
@@ -311,6 +332,7 @@ def rows_(
     def arg(t: Tensor | None) -> Tensor:
         return t if t is not None else dummy
 
+    per_row_t = isinstance(temperature, Tensor)
     block, warps, grid = _launch(z, num_rows, n_cols, softcap is not None)
     with _on_device(z):
         _rows_kernel[(grid,)](
@@ -327,6 +349,8 @@ def rows_(
             arg(stats and stats.dense_rel),
             arg(stats and stats.argmax),
             arg(stats.entropy_rel if stats is not None else row_entropy),
+            arg(stats and stats.sumsq),
+            arg(stats and stats.logit_sum),
             arg(lse),
             arg(softmax_c),
             arg(zloss_c),
@@ -336,7 +360,8 @@ def rows_(
             num_rows,
             n_cols,
             float(softcap) if softcap is not None else 1.0,
-            float(temperature),
+            1.0 if per_row_t else float(temperature),
+            temperature if per_row_t else dummy,
             BLOCK=block,
             STATS=stats is not None,
             GRAD=coefs is not None,
@@ -345,10 +370,13 @@ def rows_(
             STORE_DENSE=stats is not None and stats.dense_rel is not None and dense_mode != DENSE_NONE,
             DENSE_MODE=dense_mode,
             SOFTCAP=softcap is not None,
-            TEMPERATURE=temperature != 1.0,
+            TEMPERATURE=divides(temperature),
+            PER_ROW_TEMPERATURE=per_row_t,
             ZLOSS=zloss_c is not None,
             STORE_ARGMAX=stats is not None and stats.argmax is not None,
             STORE_ENTROPY=stats is not None and stats.entropy_rel is not None,
+            STORE_SUMSQ=stats is not None and stats.sumsq is not None,
+            STORE_LOGIT_SUM=stats is not None and stats.logit_sum is not None,
             ENTROPY_GRAD=entropy_c is not None,
             num_warps=warps,
         )
@@ -366,7 +394,7 @@ def triton_chunk(
     dense: Tensor | None = None,
     dense_is_ones: bool = False,
     softcap: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     coefficients=None,
 ) -> None:
     """rows.torch_chunk's contract, in one launch of the kernel."""
@@ -422,7 +450,7 @@ def cross_entropy_forward(
         dense=targets.class_weight if smoothing else None,
         dense_is_ones=smoothing and targets.class_weight is None,
         softcap=opts.softcap,
-        temperature=opts.temperature,
+        temperature=problem.temperature,
         out=grad[:, :, 0] if grad is not None else None,
         coefs=targets.coefficients(targets.scale(upstream), entropy=entropy).rows(0, n) if need_grad else None,
     )
@@ -431,7 +459,7 @@ def cross_entropy_forward(
     loss_rows = (
         targets.block_losses(stats) if c else rows.classless_losses(n, opts.label_smoothing, torch.float64, x.device)
     )
-    token_stats = rows.token_statistics(stats, problem.statistics, targets, opts.z_loss, problem.compute_dtype)
+    token_stats = rows.token_statistics(stats, problem.statistics, targets, opts.z_loss, problem.compute_dtype, c)
     return rows.finish_loss(problem, loss_rows, targets.denominator), grad, token_stats
 
 

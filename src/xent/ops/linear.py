@@ -36,7 +36,8 @@ def linear_forward(p: LinearProblem, want: tuple[bool, bool, bool]):
     loss = targets.reduce(linear_kernels.loss_rows(p, targets, stats))
     loss = (loss.reshape(p.output_shape) if not scalar else loss).to(p.output_dtype)
     grads = [gi, cast_like(gw, p.linear_weight), cast_like(gb, p.linear_bias)] if scalar and any(want) else None
-    token_stats = rows.token_statistics(stats, p.statistics, targets, p.options.z_loss, p.compute_dtype)
+    vocab = p.linear_weight.shape[0]
+    token_stats = rows.token_statistics(stats, p.statistics, targets, p.options.z_loss, p.compute_dtype, vocab)
     return loss, grads, token_stats
 
 

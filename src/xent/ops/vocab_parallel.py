@@ -42,9 +42,10 @@ def _meta(shards: exchange.Shards) -> Tensor:
     return torch.tensor([shards.start, shards.num_classes], dtype=torch.int64, device="cpu")
 
 
-def logit_transform(opts: Options) -> dict:
-    """What the block passes do to each logit before the row math: the cap, then the temperature."""
-    return dict(softcap=opts.softcap, temperature=opts.temperature)
+def logit_transform(opts: Options, row_temperature: Tensor | None = None) -> dict:
+    """What the block passes do to each logit before the row math: the cap, then the temperature (the
+    options', or each row's)."""
+    return dict(softcap=opts.softcap, temperature=row_temperature if row_temperature is not None else opts.temperature)
 
 
 def _block_and_targets(target: Tensor, weight, opts: Options, meta: Tensor, local_size: int, cd):
@@ -69,10 +70,11 @@ def logits_block_forward(
     need_grad: bool,
     statistics: tuple = (),
     fn: str = "vocab_parallel_cross_entropy",
+    row_temperature: Tensor | None = None,
 ):
     """(loss, this rank's (rows, C_local) gradient for a unit upstream gradient or None, per_row
     (exchange.vocab_parallel_loss), shards) of the (rows, C_local) logits `x`; `fn` names the caller in
-    errors and in the exchange's header."""
+    errors and in the exchange's header; `row_temperature`: each row's, instead of the options'."""
     num_rows, local_size = x.shape
     cd = compute_dtype(x.dtype)
     smoothing = opts.label_smoothing > 0
@@ -82,7 +84,7 @@ def logits_block_forward(
         stats = rows.RowStats.for_statistics(
             num_rows, statistics, target=True, dense=smoothing, dtype=cd, device=x.device
         )
-        block_pass(x, stats, block, cd, smoothing, backend=opts.backend, **logit_transform(opts))
+        block_pass(x, stats, block, cd, smoothing, backend=opts.backend, **logit_transform(opts, row_temperature))
         return stats
 
     def block_max(stats):  # the logit the pass found largest, read back exactly
@@ -111,7 +113,7 @@ def logits_block_forward(
             cd,
             smoothing,
             opts.backend,
-            **logit_transform(opts),
+            **logit_transform(opts, row_temperature),
         )
         if need_grad
         else None
@@ -145,11 +147,21 @@ def row_scale(p: LinearProblem, targets: rows.IndexTargets, grad_loss: Tensor) -
 
 
 def linear_backward(
-    p: LinearProblem, group, block, targets, lse, scale, want, entropy_scale=None, entropy_value=None
+    p: LinearProblem,
+    group,
+    block,
+    targets,
+    lse,
+    scale,
+    want,
+    entropy_scale=None,
+    entropy_value=None,
+    reduce_input_grad: bool = True,
 ) -> tuple:
     """The gradients of sum_i scale_i loss_i (+ entropy_scale_i H_i, H the rows' global `entropy_value`),
-    recomputing the chunks with the global lse; the input's is all-reduced, so every rank runs this (even
-    one whose input does not require grad)."""
+    recomputing the chunks with the global lse; the input's is all-reduced (unless `reduce_input_grad` is
+    False: each rank's part of it, for a caller whose own collective sums them), so every rank runs this
+    (even one whose input does not require grad)."""
     _, gi, gw, gb = linear_pass(
         p,
         block,
@@ -160,7 +172,8 @@ def linear_backward(
         entropy_scale=entropy_scale,
         entropy_value=entropy_value,
     )
-    dist.all_reduce(gi, group=group)
+    if reduce_input_grad:
+        dist.all_reduce(gi, group=group)
     gw = gw.to(p.linear_weight.dtype) if gw is not None else None
     gb = gb.to(p.linear_bias.dtype) if gb is not None else None
     return gi, gw, gb
@@ -335,6 +348,7 @@ class VocabParallelLinearCall:
     problem: LinearProblem  # (R, H) rows, this rank's rows of the head
     group_name: str
     vocab_start: int | None
+    reduce_input_grad: bool = True  # False: backward leaves each rank its part of the input's gradient
 
 
 @dataclass(frozen=True)
@@ -467,7 +481,7 @@ def _token_upstreams(ctx: BackwardContext, num_rows: int, device) -> MergedToken
     """Both upstream gradients (zeros for an output autograd passed None for), and forward's merged rows."""
     per_row = ctx.saved["per_row"]
     with_entropy = per_row.shape[0] > 2
-    entropy = ctx.grad_or_zeros("entropy", num_rows, per_row.dtype, device) if with_entropy else None
+    entropy = ctx.grads["entropy"] if with_entropy else None  # None when unused: no entropy term in backward
     logprob = ctx.grad_or_zeros("logprob", num_rows, per_row.dtype, device)
     return MergedTokenUpstreams(per_row, ctx.saved["meta"], logprob, entropy)
 
@@ -480,6 +494,7 @@ class VocabParallelTokenCall:
     group_name: str
     vocab_start: int | None
     with_entropy: bool
+    row_temperature: Tensor | None = None  # (R,) each row's temperature; None: the options'
 
 
 def _token_op(call: VocabParallelTokenCall) -> tuple:
@@ -489,7 +504,15 @@ def _token_op(call: VocabParallelTokenCall) -> tuple:
     statistics = ("entropy",) if call.with_entropy else ()
     o = call.options
     _, _, per_row, shards = logits_block_forward(
-        call.logits, call.target, None, layout, o, False, statistics, "vocab_parallel_token_logprobs"
+        call.logits,
+        call.target,
+        None,
+        layout,
+        o,
+        False,
+        statistics,
+        "vocab_parallel_token_logprobs",
+        call.row_temperature,
     )
     cd = compute_dtype(call.logits.dtype)
     logprobs, entropy = _token_outputs(per_row, call.target, o.ignore_index, call.with_entropy, cd)
@@ -502,7 +525,8 @@ def _token_op_backward(call: VocabParallelTokenCall, up: MergedTokenUpstreams, w
     block, targets = _block_and_targets(call.target, None, call.options, up.meta, x.shape[1], cd)
     coefficients = token_gradient_coefficients(targets, up.per_row, block, up.grad_logprobs, up.grad_entropy, cd)
     o = call.options
-    return {"logits": logits_gradient(x, block, coefficients, cd, False, o.backend, **logit_transform(o))}
+    transform = logit_transform(o, call.row_temperature)
+    return {"logits": logits_gradient(x, block, coefficients, cd, False, o.backend, **transform)}
 
 
 VOCAB_PARALLEL_TOKEN_LOGPROBS = OpFamily(
@@ -515,7 +539,13 @@ VOCAB_PARALLEL_TOKEN_LOGPROBS = OpFamily(
     differentiable_outputs=("logprob", "entropy"),
     backward_args=MergedTokenUpstreams,
     backward_impl=_token_op_backward,
-    save=lambda c, out: {"logits": c.logits, "target": c.target, "per_row": out["per_row"], "meta": out["meta"]},
+    save=lambda c, out: {
+        "logits": c.logits,
+        "target": c.target,
+        "row_temperature": c.row_temperature,
+        "per_row": out["per_row"],
+        "meta": out["meta"],
+    },
     backward=lambda ctx: ctx.backward_op(_token_upstreams(ctx, ctx.args.logits.shape[0], ctx.args.logits.device)),
 )
 
@@ -528,6 +558,7 @@ def rl_linear_problem(
     options: Options,
     memory_budget: int | None,
     with_entropy: bool,
+    row_temperature: Tensor | None = None,
 ) -> LinearProblem:
     """The linear problem of the RL ops: 'none' reduction, no other term, the entropy on request; the
     per-token outputs in the compute dtype."""
@@ -535,7 +566,18 @@ def rl_linear_problem(
     statistics = ("entropy",) if with_entropy else ()
     n = input.shape[0]
     return LinearProblem(
-        input, linear_weight, linear_bias, target, None, options, (n,), cd, 0, memory_budget, statistics
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        None,
+        options,
+        (n,),
+        cd,
+        0,
+        memory_budget,
+        statistics,
+        row_temperature,
     )
 
 
@@ -565,6 +607,7 @@ def _linear_token_op_backward(call: VocabParallelLinearCall, up: MergedTokenUpst
         tuple(want[n] for n in PARAMETERS),
         c.entropy,
         c.entropy_value,
+        call.reduce_input_grad,
     )
     return dict(zip(PARAMETERS, grads))
 
@@ -586,6 +629,7 @@ VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS = OpFamily(
         "linear_weight": c.problem.linear_weight,
         "linear_bias": c.problem.linear_bias,
         "target": c.problem.target,
+        "row_temperature": c.problem.row_temperature,
         "per_row": out["per_row"],
         "meta": out["meta"],
     },
@@ -596,19 +640,21 @@ VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS = OpFamily(
 
 
 def vocab_parallel_token_logprobs(
-    x: Tensor, target: Tensor, layout: Layout, options: Options, with_entropy: bool
+    x: Tensor, target: Tensor, layout: Layout, options: Options, with_entropy: bool, row_temperature=None
 ) -> tuple[Tensor, Tensor]:
     """(log-probabilities, entropies or empty) of the (R, C_local) logits, differentiable."""
     call = VocabParallelTokenCall(
-        x, target, options, exchange.group_name(layout.group), layout.vocab_start, with_entropy
+        x, target, options, exchange.group_name(layout.group), layout.vocab_start, with_entropy, row_temperature
     )
     out = VOCAB_PARALLEL_TOKEN_LOGPROBS(call)
     return out["logprob"], out["entropy"]
 
 
-def vocab_parallel_linear_token_logprobs(p: LinearProblem, layout: Layout) -> tuple[Tensor, Tensor]:
+def vocab_parallel_linear_token_logprobs(
+    p: LinearProblem, layout: Layout, reduce_input_grad: bool = True
+) -> tuple[Tensor, Tensor]:
     """(log-probabilities, entropies or empty) of the (R, H) rows under this rank's head, differentiable."""
     out = VOCAB_PARALLEL_LINEAR_TOKEN_LOGPROBS(
-        VocabParallelLinearCall(p, exchange.group_name(layout.group), layout.vocab_start)
+        VocabParallelLinearCall(p, exchange.group_name(layout.group), layout.vocab_start, reduce_input_grad)
     )
     return out["logprob"], out["entropy"]

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..checks import as_index, check_weight_shape, shape_str
 from ..kernels import check_backend_name
 from ..problems import (
+    EAGER,
     HALF_DTYPES,
     DistillProblem,
     LinearProblem,
@@ -27,7 +28,9 @@ from ..problems import (
     ThroughLogits,
     TokenStatistics,
     autocast_dtype,
+    compute_dtype,
     make_problem,
+    route,
 )
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -402,6 +405,46 @@ def linear_cross_entropy_problem(
     return problem, input, linear_weight, linear_bias
 
 
+def linear_topk_problem(
+    input, linear_weight, k, linear_bias, temperature, softcap, memory_budget, fn: str = "token_topk"
+) -> tuple[LinearProblem, int]:
+    """token_topk's arguments as a LinearProblem over the (R, H) rows (no targets: an empty one) and k."""
+    for t, name, optional in ((input, "input", False), (linear_weight, "linear_weight", False)):
+        check_tensor(t, name, fn, optional=optional)
+    check_tensor(linear_bias, "linear_bias", fn, optional=True)
+    autocast = autocast_dtype(input.device)
+    if autocast is not None:  # the head's GEMM in autocast's dtype, as F.linear under autocast
+        input, linear_weight, linear_bias = (_autocast(t, autocast) for t in (input, linear_weight, linear_bias))
+    check_linear(input, linear_weight, linear_bias)
+    if linear_weight.dim() != 2:
+        raise RuntimeError(f"{fn}: linear_weight must be (V, H), got {list(linear_weight.shape)}")
+    check_float_input(input, fn)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{fn}: k must be an int, got {type(k).__name__}")
+    vocab = linear_weight.shape[0]
+    if not 0 <= k <= vocab:  # torch.topk's RuntimeError
+        raise RuntimeError(f"{fn}: k ({k}) must be between 0 and the number of classes ({vocab})")
+    cd = compute_dtype(input.dtype, linear_weight.dtype)
+    rows = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
+    t, row_t = check_token_temperature(temperature, rows.new_empty(input.shape[:-1], dtype=torch.int64), cd, fn)
+    softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
+    problem = LinearProblem(
+        rows,
+        linear_weight,
+        linear_bias,
+        rows.new_empty(0, dtype=torch.int64),
+        None,
+        Options("none", softcap=softcap, temperature=t),
+        tuple(input.shape[:-1]),
+        cd,
+        0,
+        check_memory_budget(memory_budget, fn),
+        (),
+        row_t,
+    )
+    return problem, int(k)
+
+
 def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """What autocast does to F.linear's arguments: float32 (and the other half type) become `dtype`."""
     return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
@@ -451,10 +494,43 @@ def with_backend(problem, backend: str | None):
 
 def check_temperature(temperature) -> float:
     """A sampling temperature: a positive finite number (ValueError otherwise)."""
+    if isinstance(temperature, Tensor):
+        raise TypeError("temperature must be a number here (a per-token tensor is taken by the RL functions)")
     t = float(temperature)
     if not t > 0 or math.isinf(t):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return t
+
+
+def check_token_temperature(temperature, target: Tensor, dtype: torch.dtype, fn: str) -> tuple[float, Tensor | None]:
+    """An RL function's temperature: a positive number, or a tensor of per-token temperatures that
+    broadcasts to the target's shape (one per token, e.g. (batch, 1) for one per sequence).
+
+    Returns (the number, 1.0 for a tensor; the tensor as (R,) contiguous in `dtype`, or None). A CPU
+    tensor's values are checked (positive, finite: ValueError); a GPU tensor's are not, as that would wait
+    for the device (a non-positive temperature there gives nan or inf results)."""
+    if not isinstance(temperature, Tensor):
+        return check_temperature(temperature), None
+    if not temperature.is_floating_point():
+        raise TypeError(f"{fn}: a temperature tensor must be floating point, got {temperature.dtype}")
+    if temperature.device != target.device:
+        raise RuntimeError(f"{fn}: the temperature tensor is on {temperature.device}, the targets on {target.device}")
+    try:
+        rows = torch.broadcast_to(temperature, target.shape)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{fn}: temperature of shape {list(temperature.shape)} does not broadcast to the targets' shape "
+            f"{list(target.shape)} (one temperature per token)"
+        ) from e
+    rows = rows.detach().to(dtype).reshape(-1).contiguous()  # no gradient: a temperature is a setting
+    if (
+        rows.device.type == "cpu"
+        and route(rows) == EAGER
+        and rows.numel()
+        and not bool(((rows > 0) & rows.isfinite()).all())
+    ):
+        raise ValueError(f"{fn}: every temperature must be a positive finite number")
+    return 1.0, rows
 
 
 def check_local_head(input: Tensor, local_linear_weight, linear_bias, target: Tensor, fn: str) -> None:
