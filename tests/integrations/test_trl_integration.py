@@ -221,6 +221,27 @@ def test_sft_trainer(options, tmp_path, xent_calls):
 
 
 @pytest.mark.slow
+def test_sft_trainer_with_a_lora_adapter(tmp_path, xent_calls):
+    """PEFT: TRL fuses the base model's head under the adapter; the trainable LoRA weights (and the frozen
+    head) end up the same with xent as with TRL's head."""
+    pytest.importorskip("peft")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_dict({"text": _texts(16, 3, 12, seed=0)})
+
+    def make():
+        args = SFTConfig(per_device_train_batch_size=4, **_common(tmp_path))
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        return SFTTrainer(
+            model=_model(), args=args, train_dataset=data, processing_class=_tokenizer(), peft_config=lora
+        )
+
+    _same_training(make, ("entropy", "mean_token_accuracy"), xent_calls)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dpo_trainer(dtype, tmp_path, xent_calls):
     from datasets import Dataset
