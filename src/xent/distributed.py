@@ -62,6 +62,7 @@ def vocab_parallel_cross_entropy(
     softcap: float | None = None,
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
+    inplace: bool = False,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Cross-entropy of logits whose classes are split across the ranks of `group`, without gathering them.
 
@@ -84,6 +85,8 @@ def vocab_parallel_cross_entropy(
             Returns ``(loss, stats)`` then.
         backend (str, optional): the compute backend of this rank's block passes, as
             :func:`xent.cross_entropy`'s.
+        inplace (bool): write this rank's gradient over ``local_logits`` (consumed), as
+            :func:`xent.cross_entropy`'s ``inplace``.
 
     Forward runs one all-gather (two with ``vocab_start=None``) of 5 float64 numbers per row and rank (one
     more for the entropy, two more for the argmax);
@@ -104,7 +107,13 @@ def vocab_parallel_cross_entropy(
         raise NotImplementedError(f"{fn} under torch.func transforms")
     x = local_logits.reshape(math.prod(local_logits.shape[:-1]), local_logits.shape[-1])  # not -1: C_local may be 0
     layout = Layout(group, vocab_start)
-    loss, per_row = ops.vocab_parallel_cross_entropy(x, target, weight, layout, opts, statistics, how == TRACED)
+    if inplace and torch.is_grad_enabled() and local_logits.requires_grad and local_logits.is_leaf:
+        raise RuntimeError(
+            f"{fn}(inplace=True): a leaf Variable that requires grad is being used in an in-place operation"
+        )
+    loss, per_row = ops.vocab_parallel_cross_entropy(
+        x, target, weight, layout, opts, statistics, how == TRACED, bool(inplace)
+    )
     if return_stats is None:
         return loss
     return loss, ops.token_statistics(statistics, per_row, target, opts, compute_dtype(local_logits.dtype))

@@ -39,6 +39,7 @@ def cross_entropy(
     softcap: float | None = None,
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
+    inplace: bool = False,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Cross-entropy between logits and targets; the same signature, result and errors as
     :func:`torch.nn.functional.cross_entropy`, computed by xent's fused kernel.
@@ -69,6 +70,11 @@ def cross_entropy(
             ``(loss, stats)``. Default: None (the loss alone, computed exactly as without the argument).
         backend (str, keyword-only): the compute backend for this call: ``'torch'``, ``'triton'`` (any
             registered name) or None: ``XENT_BACKEND``, else the automatic choice (docs/backends.md).
+        inplace (bool, keyword-only): write the gradient over ``input`` instead of a buffer of its own (no
+            memory beyond the logits). The logits are consumed: after forward (fp16: after backward) they
+            hold the gradient, and their version counter is bumped, so any other use of them saved for
+            backward raises autograd's in-place error. Not for leaf logits, gradients of the target or
+            weights, or a second backward. Under torch.compile / torch.func the logits are left unchanged.
 
     Shape:
         - Output: scalar for 'mean'/'sum'; for 'none' the target's shape without the class dimension:
@@ -95,13 +101,19 @@ def cross_entropy(
         softcap=softcap,
         return_stats=return_stats,
     )
-    if dtensor.is_dtensor(input, target, weight):  # tensor or data parallel layouts: xent/dtensor.py
+    if dtensor.is_dtensor(input, target, weight):
+        if inplace:  # DTensor's to_local is a view made inside an autograd Function: autograd forbids
+            # writing over it (the vocab-parallel loss on the local shards takes inplace=True)
+            raise NotImplementedError(
+                "cross_entropy(inplace=True) with DTensor inputs; pass the local shards to "
+                "xent.distributed.vocab_parallel_cross_entropy(..., inplace=True)"
+            )  # tensor or data parallel layouts: xent/dtensor.py
         return dtensor.cross_entropy(
             cross_entropy, input, target, weight, reduction=reduction, backend=backend, **options
         )
     backend = check_backend(backend, "cross_entropy")
     problem = cross_entropy_problem(input, target, weight, reduction=reduction, **options)
-    loss, stats = ce_ops.cross_entropy(with_backend(problem, backend), input, target, weight)
+    loss, stats = ce_ops.cross_entropy(with_backend(problem, backend), input, target, weight, inplace=bool(inplace))
     if return_stats is None:
         return loss
     return loss, TokenStatistics.of(stats, problem.output_shape)

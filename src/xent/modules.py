@@ -33,6 +33,8 @@ class CrossEntropyLoss(_WeightedLoss):
         z_loss (float, keyword-only): weight of the ``lse**2`` auxiliary term. Default: 0.
         softcap (float, keyword-only): logit soft-capping value. Default: None.
         backend (str, keyword-only): the compute backend, as in :func:`xent.cross_entropy`. Default: None.
+        inplace (bool, keyword-only): write the gradient over the input logits (consumed), as in
+            :func:`xent.cross_entropy`. Default: False.
 
     Shape:
         - Input: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
@@ -51,7 +53,8 @@ class CrossEntropyLoss(_WeightedLoss):
         >>> loss, stats = loss_fn(torch.randn(4, 3), torch.tensor([0, 2, 1, 1]), return_stats="correct")
     """
 
-    backend: str | None = None  # (a class default: modules pickled before the attribute existed load)
+    backend: str | None = None  # (class defaults: modules pickled before the attributes existed load)
+    inplace: bool = False
 
     __constants__ = ["ignore_index", "reduction", "label_smoothing"]
 
@@ -67,6 +70,7 @@ class CrossEntropyLoss(_WeightedLoss):
         z_loss: float = 0.0,
         softcap: float | None = None,
         backend: str | None = None,
+        inplace: bool = False,
     ) -> None:
         super().__init__(weight, size_average, reduce, reduction)
         self.ignore_index = ignore_index
@@ -74,13 +78,16 @@ class CrossEntropyLoss(_WeightedLoss):
         self.z_loss = z_loss
         self.softcap = softcap
         self.backend = backend
+        self.inplace = inplace
 
     def forward(self, input: Tensor, target: Tensor, *, return_stats: str | Sequence[str] | None = None):
-        return F.cross_entropy(input, target, return_stats=return_stats, **_cross_entropy_options(self))
+        options = _cross_entropy_options(self)
+        return F.cross_entropy(input, target, return_stats=return_stats, inplace=self.inplace, **options)
 
     def extra_repr(self) -> str:
         extras = [f"z_loss={self.z_loss}"] if self.z_loss else []
         extras += [f"softcap={self.softcap}"] if self.softcap is not None else []
+        extras += ["inplace=True"] if self.inplace else []
         return ", ".join(extras + ([f"backend={self.backend!r}"] if self.backend is not None else []))
 
 

@@ -1311,6 +1311,41 @@ def _rl_frameworks(rank, world, sizes, gen):
         _close(gw, rw[start : start + size], "verl form head gradient")
 
 
+def _inplace(rank, world, sizes):
+    """inplace=True over a split vocabulary (the vocab-parallel loss): each rank's gradient written over its
+    logits, equal to inplace=False's, every dtype (fp16's in backward); DTensor logits refuse it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    c = sum(sizes)
+    start, size = sum(sizes[:rank]), sizes[rank]
+    gen = torch.Generator().manual_seed(41)
+    full = torch.randn(7, c, generator=gen) * 3
+    target = torch.randint(0, c, (7,), generator=gen)
+    target[2] = -100
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for kw in (dict(), dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum")):
+            with check(f"vocab-parallel inplace {dtype} {kw}"):
+                base = full[:, start : start + size].to(dtype).clone().requires_grad_()
+                ref_base = base.detach().clone().requires_grad_()
+                logits = base * 1
+                loss = vocab_parallel_cross_entropy(logits, target, inplace=True, **kw)
+                ref = vocab_parallel_cross_entropy(ref_base * 1, target, **kw)
+                _close(loss.double(), ref.double(), "inplace loss", rtol=1e-6, atol=1e-6)
+                (g,) = torch.autograd.grad(loss, base)
+                (r,) = torch.autograd.grad(ref, ref_base)
+                _close(g.double(), r.double(), "inplace grad", rtol=1e-6, atol=1e-6)
+                _require(torch.equal(logits.detach(), g), "the logits hold the gradient")
+    with check("DTensor logits: inplace is refused"):
+        mesh = init_device_mesh("cpu", (world,))
+        base = distribute_tensor(full.double(), mesh, [Shard(1)]).requires_grad_()
+        _expect(
+            NotImplementedError,
+            "vocab_parallel_cross_entropy",
+            lambda: xent.cross_entropy(base * 1, target, inplace=True),
+        )
+
+
 # scenario name (the pytest side's) -> the function every rank runs
 SCENARIOS = {
     "dtensor_layouts": _dtensor_layouts,
@@ -1325,6 +1360,7 @@ SCENARIOS = {
     "ddp": _ddp,
     "compiled": _compiled,
     "rl": _rl,
+    "inplace": _inplace,
 }
 
 # 2-D meshes, FSDP2's gradient reduction, the token count, torchtitan: tests/distributed/dist_mesh2d.py

@@ -174,6 +174,12 @@ def test_token_logprobs_and_entropy_for_rl(world, tmp_path, subtests):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, "empty rank"])
+def test_inplace_over_a_split_vocabulary(world, tmp_path, subtests):
+    _spawn(len(LAYOUTS[world]), LAYOUTS[world], "inplace", tmp_path, subtests)
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_errors_raise_on_every_rank_instead_of_hanging(tmp_path, subtests):
     _spawn(2, LAYOUTS[2], "errors", tmp_path, subtests)

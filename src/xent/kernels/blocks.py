@@ -27,11 +27,13 @@ def logits_gradient(
     backend: str | None = None,
     softcap: float | None = None,
     temperature: float | Tensor = 1.0,
+    out: Tensor | None = None,
 ):
     """This rank's (rows, C_local) gradient, in x's dtype: one pass of the row kernel over the block with the
-    rows' global coefficients (their statistics are recomputed as scratch; the entropy term's needs e log e)."""
+    rows' global coefficients (their statistics are recomputed as scratch; the entropy term's needs e log e).
+    `out` (contiguous, x's shape and dtype) receives it: x itself for inplace=True."""
     num_rows, local_size = x.shape
-    grad = torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
+    grad = out if out is not None else torch.empty((num_rows, local_size), dtype=x.dtype, device=x.device)
     entropy = coefficients.entropy is not None
     scratch = rows.RowStats.empty(num_rows, target=False, dense=False, dtype=cd, device=x.device, entropy=entropy)
     block_pass(
@@ -84,7 +86,8 @@ def block_pass(
         temperature=temperature,
         coefficients=coefficients,
         chain_buf=chain_buf,
-        unshifted=x.device.type == "cpu",
+        # not over the logits themselves (inplace=True): a chunk redone with the shift would reread them
+        unshifted=x.device.type == "cpu" and (grad is None or grad.data_ptr() != x.data_ptr()),
     ).run(chunks())
 
 

@@ -37,7 +37,11 @@ def chunk_blocks(n: int, c: int, d: int, budget: int) -> Iterator[tuple[int, int
 
 
 def cross_entropy_forward(
-    problem: Problem, need_grad: bool, upstream: Tensor | None = None, entropy_upstream: Tensor | None = None
+    problem: Problem,
+    need_grad: bool,
+    upstream: Tensor | None = None,
+    entropy_upstream: Tensor | None = None,
+    grad_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     """The loss as the caller asked for it, d(loss)/d(input) for a unit upstream gradient, or for
     `upstream` (the loss's gradient: a scalar, or one per row for reduction='none') when given, and the
@@ -45,7 +49,9 @@ def cross_entropy_forward(
     `entropy_upstream` (one value per row) adds the gradient of sum_i entropy_upstream_i * H_i, H_i the
     row's entropy (class-index targets).
 
-    The gradient (input dtype, laid out (N, C, D) contiguous) is what backward scales in place.
+    The gradient (input dtype, laid out (N, C, D) contiguous) is what backward scales in place. `grad_out`
+    ((N, C, D) contiguous, the input's dtype) receives it instead of a new buffer; it may be the logits
+    themselves (inplace=True): each chunk's logits are read before its gradient is written.
     """
     x = problem.logits
     n, c, d = x.shape
@@ -55,7 +61,9 @@ def cross_entropy_forward(
     cd = problem.compute_dtype
     dev = x.device
     budget = CHUNK_ELEMENTS
-    grad = torch.empty((n, c, d), dtype=x.dtype, device=dev) if need_grad else None
+    grad = None
+    if need_grad:
+        grad = grad_out if grad_out is not None else torch.empty((n, c, d), dtype=x.dtype, device=dev)
     weight = problem.weight.to(cd) if problem.weight is not None else None
 
     # The loss terms (rows.py): a * (lse - z_y) + b * <u, lse - z> + z_loss * lse^2 per row.
@@ -92,7 +100,9 @@ def cross_entropy_forward(
     )
     coefficients = rows.ChunkCoefficients(terms, scale, dense_mass, entropy=entropy) if need_grad else None
     # exp(z) without the max shift saves two passes, but deciding per chunk needs a host sync: CPU only.
-    unshifted = dev.type == "cpu"
+    # Not when the gradient goes into a given buffer (the logits themselves, inplace=True): a chunk redone
+    # with the shift would reread logits that the first try overwrote.
+    unshifted = dev.type == "cpu" and grad_out is None
 
     if num_rows and c:
         # the pass reads the caller's logits in place (the cap and the temperature work in the workspace)

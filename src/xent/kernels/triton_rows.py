@@ -420,7 +420,11 @@ def triton_chunk(
 
 
 def cross_entropy_forward(
-    problem, need_grad: bool, upstream: Tensor | None = None, entropy_upstream: Tensor | None = None
+    problem,
+    need_grad: bool,
+    upstream: Tensor | None = None,
+    entropy_upstream: Tensor | None = None,
+    grad_out: Tensor | None = None,
 ):
     """Loss, the gradient for a unit upstream gradient (or for `upstream`, the loss's gradient; plus that
     of sum_i entropy_upstream_i * H_i) and the requested per-token statistics, in one launch over all rows
@@ -442,7 +446,9 @@ def cross_entropy_forward(
         device=x.device,
         entropy_gradient=entropy is not None,
     )
-    grad = torch.empty((n, c, 1), dtype=x.dtype, device=x.device) if need_grad else None
+    grad = None
+    if need_grad:  # grad_out: as the portable driver's (the logits themselves: each element read, then written)
+        grad = grad_out if grad_out is not None else torch.empty((n, c, 1), dtype=x.dtype, device=x.device)
     rows_(
         x,
         stats=stats,

@@ -19,13 +19,16 @@ from .statistics import op_statistics, pack_statistics, packed_statistics_like, 
 
 
 def cross_entropy_forward(
-    problem: Problem, need_grad: bool, upstream: Tensor | None = None
+    problem: Problem, need_grad: bool, upstream: Tensor | None = None, grad_out: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, dict]:
     """(loss, d loss / d input for a unit upstream gradient, or for `upstream` (the loss's gradient) when
-    given, laid out (N, C, D) contiguous, or None, the requested per-token statistics by name)."""
+    given, laid out (N, C, D) contiguous (in `grad_out` when given: the logits themselves for
+    inplace=True), or None, the requested per-token statistics by name)."""
     if not problem.probabilities:
         check_target_range(problem.target, problem.num_classes, problem.options.ignore_index)
-    return forward_for(problem)(problem, need_grad=need_grad, upstream=upstream)
+    if grad_out is None:
+        return forward_for(problem)(problem, need_grad=need_grad, upstream=upstream)
+    return forward_for(problem)(problem, need_grad=need_grad, upstream=upstream, grad_out=grad_out)
 
 
 def scale_input_grad_(grad: Tensor, upstream: Tensor, reduction: str, backend: str | None = None) -> None:
@@ -58,12 +61,20 @@ def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, n
 
 
 def cross_entropy(
-    problem: Problem, input: Tensor, target: Tensor, weight: Tensor | None
+    problem: Problem, input: Tensor, target: Tensor, weight: Tensor | None, inplace: bool = False
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(loss, the per-token statistics problem.statistics asks for, by name, each flat over the rows)."""
+    """(loss, the per-token statistics problem.statistics asks for, by name, each flat over the rows).
+    `inplace`: the eager gradient is written into the logits' storage (InplaceCrossEntropyFunction)."""
     how = route(input, target, weight)
     input_grad = torch.is_grad_enabled() and input.requires_grad
     other_grads = torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad))
+    if inplace and how == EAGER and input_grad:
+        check_inplace(input, other_grads)
+        out = InplaceCrossEntropyFunction.apply(input, target, weight, problem)
+        if not problem.statistics:
+            return out, {}
+        loss, *values = out
+        return loss, dict(zip(problem.statistics, values))
     if how == FUNC or (how == TRACED and other_grads):
         # torch.func, or gradients for a probability target or the weights while traced: the formulas
         return cross_entropy_formula(problem, input, target, weight), formula_statistics(problem, input, target)
@@ -145,6 +156,74 @@ class CrossEntropyFunction(torch.autograd.Function):
             return grad.view(problem.input_shape), None, None, None
         scale_input_grad_(grad.data, grad_loss, problem.options.reduction, problem.options.backend)
         return grad, None, None, None
+
+
+def check_inplace(input: Tensor, other_grads: bool) -> None:
+    """What inplace=True cannot do, as torch's in-place ops refuse it."""
+    if input.is_leaf:
+        raise RuntimeError(
+            "cross_entropy(inplace=True): a leaf Variable that requires grad is being used in an in-place "
+            "operation (the logits would be overwritten by their gradient; pass logits computed from parameters)"
+        )
+    if other_grads:
+        raise RuntimeError(
+            "cross_entropy(inplace=True): gradients for the target or the class weights need the logits in "
+            "backward, which inplace=True overwrites; use inplace=False"
+        )
+
+
+class InplaceCrossEntropyFunction(torch.autograd.Function):
+    """inplace=True: the gradient goes into the logits' storage, so the loss holds no buffer of its own (0
+    extra memory beyond the logits; the default holds one logits-sized gradient).
+
+    Forward writes the unit-upstream gradient over the logits (bf16/fp32/fp64); fp16, whose gradient is
+    computed with the upstream folded in (problems.handover_keeps_range), keeps them until backward writes
+    it there. Either way forward bumps the logits' version counter: an op that saved the logits for its own
+    backward (a softcap's tanh, a second loss) then raises autograd's "modified by an inplace operation"
+    error instead of reading gradients as logits. The logits are consumed: after forward (fp16: after
+    backward) they hold the gradient. One backward only (retain_graph cannot recompute), no create_graph."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, weight: Tensor | None, problem: Problem):
+        contiguous = input.is_contiguous()
+        ctx.problem, ctx.input, ctx.used = problem, input, False
+        ctx.recompute = not handover_keeps_range(input.dtype)
+        if ctx.recompute:
+            loss, _, stats = cross_entropy_forward(problem, need_grad=False)
+        else:
+            out = problem.logits if contiguous else None  # the logits' own (N, C, D) view
+            loss, grad, stats = cross_entropy_forward(problem, need_grad=True, grad_out=out)
+            if not contiguous:  # a strided view: computed apart, then copied over it
+                input.copy_(grad.view(problem.input_shape))
+        torch.autograd.graph.increment_version(input)
+        if not stats:
+            return loss
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss, *stats.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_grads_of_statistics):
+        if torch.is_grad_enabled():
+            raise RuntimeError("cross_entropy(inplace=True) does not support double backward (create_graph=True)")
+        if ctx.used:
+            raise RuntimeError(
+                "cross_entropy(inplace=True): backward ran twice, but the logits were overwritten by their "
+                "gradient the first time (retain_graph=True needs inplace=False)"
+            )
+        ctx.used = True
+        problem, input = ctx.problem, ctx.input
+        if ctx.recompute:  # fp16: the fused pass with the upstream folded in, written over the logits
+            out = problem.logits if input.is_contiguous() else None
+            _, grad, _ = cross_entropy_forward(replace(problem, statistics=()), True, upstream=grad_loss, grad_out=out)
+            if out is None:
+                input.copy_(grad.view(problem.input_shape))
+        elif input.is_contiguous():
+            scale_input_grad_(input.data, grad_loss, problem.options.reduction, problem.options.backend)
+        else:  # a strided view of the logits: one broadcast multiply (fp32 math where the upstream is fp32)
+            up = grad_loss if problem.options.reduction != "none" else grad_loss.unsqueeze(min(1, input.dim() - 1))
+            input.data.copy_(input.data * up)
+        ctx.input = None
+        return input.detach(), None, None, None
 
 
 def _differentiate_formula(ctx, grad_loss: Tensor, create_graph: bool) -> tuple:

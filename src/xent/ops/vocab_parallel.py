@@ -71,10 +71,12 @@ def logits_block_forward(
     statistics: tuple = (),
     fn: str = "vocab_parallel_cross_entropy",
     row_temperature: Tensor | None = None,
+    grad_out: Tensor | None = None,
 ):
     """(loss, this rank's (rows, C_local) gradient for a unit upstream gradient or None, per_row
     (exchange.vocab_parallel_loss), shards) of the (rows, C_local) logits `x`; `fn` names the caller in
-    errors and in the exchange's header; `row_temperature`: each row's, instead of the options'."""
+    errors and in the exchange's header; `row_temperature`: each row's, instead of the options'; `grad_out`:
+    where the gradient goes (x itself for inplace=True)."""
     num_rows, local_size = x.shape
     cd = compute_dtype(x.dtype)
     smoothing = opts.label_smoothing > 0
@@ -114,6 +116,7 @@ def logits_block_forward(
             smoothing,
             opts.backend,
             **logit_transform(opts, row_temperature),
+            out=grad_out,
         )
         if need_grad
         else None
@@ -185,12 +188,22 @@ def linear_backward(
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, target, weight, layout: Layout, opts: Options, statistics: tuple):
+    def forward(ctx, x, target, weight, layout: Layout, opts: Options, statistics: tuple, inplace: bool = False):
         # fp16 computes its gradient in backward, with the upstream folded in (problems.handover_keeps_range):
         # from the merged rows, with no communication
         handover = handover_keeps_range(x.dtype)
-        loss, grad, per_row, shards = logits_block_forward(x, target, weight, layout, opts, handover, statistics)
-        ctx.layout, ctx.opts, ctx.per_row, ctx.meta = layout, opts, per_row, _meta(shards)
+        # inplace=True: the gradient over this rank's logits (as ops/cross_entropy.py's inplace Function);
+        # forward bumps their version, so other saved uses of them raise autograd's error
+        out = x if inplace and handover and x.is_contiguous() else None
+        loss, grad, per_row, shards = logits_block_forward(
+            x, target, weight, layout, opts, handover, statistics, grad_out=out
+        )
+        if inplace:
+            if grad is not None and out is None:
+                x.copy_(grad)
+                grad = x
+            torch.autograd.graph.increment_version(x)
+        ctx.layout, ctx.opts, ctx.per_row, ctx.meta, ctx.inplace = layout, opts, per_row, _meta(shards), inplace
         save_for_handover(ctx, [grad], (x, target, weight))
         ctx.mark_non_differentiable(per_row)
         return loss, per_row
@@ -199,21 +212,35 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_per_row):
         if torch.is_grad_enabled():
             raise RuntimeError("vocab_parallel_cross_entropy does not support double backward (create_graph=True)")
+        if ctx.inplace and ctx.handed_over:
+            raise RuntimeError(
+                "vocab_parallel_cross_entropy(inplace=True): backward ran twice, but the logits were overwritten "
+                "by their gradient the first time (retain_graph=True needs inplace=False)"
+            )
         (grad,) = take_handover(ctx)
         if grad is None:  # fp16, or a second backward (retain_graph=True): from forward's merged rows
             x, target, weight = saved_inputs(ctx)
-            return logits_block_gradient(x, target, weight, ctx.opts, ctx.per_row, ctx.meta, grad_loss), *(None,) * 5
+            out = x.detach() if ctx.inplace and x.is_contiguous() else None
+            grad = logits_block_gradient(x, target, weight, ctx.opts, ctx.per_row, ctx.meta, grad_loss, out)
+            if ctx.inplace and out is None:
+                x.detach().copy_(grad)
+                grad = x.detach()
+            return grad, *(None,) * 6
         scale_input_grad_(grad.data, grad_loss, ctx.opts.reduction, ctx.opts.backend)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
-def logits_block_gradient(x, target, weight, opts: Options, per_row: Tensor, meta: Tensor, upstream: Tensor) -> Tensor:
+def logits_block_gradient(
+    x, target, weight, opts: Options, per_row: Tensor, meta: Tensor, upstream: Tensor, out: Tensor | None = None
+) -> Tensor:
     """This rank's (rows, C_local) gradient for the loss's `upstream` gradient (folded into each row's
-    coefficients), from forward's merged rows (the global lse first) and meta: no communication."""
+    coefficients), from forward's merged rows (the global lse first) and meta: no communication. `out`:
+    where it goes (x itself for inplace=True)."""
     cd = compute_dtype(x.dtype)
     block, targets = _block_and_targets(target, weight, opts, meta, x.shape[1], cd)
     coefficients = targets.coefficients(targets.scale(upstream), per_row[0], block)
-    return logits_gradient(x, block, coefficients, cd, opts.label_smoothing > 0, opts.backend, **logit_transform(opts))
+    transform = logit_transform(opts)
+    return logits_gradient(x, block, coefficients, cd, opts.label_smoothing > 0, opts.backend, **transform, out=out)
 
 
 class VocabParallelLinear(torch.autograd.Function):
@@ -247,9 +274,17 @@ class VocabParallelLinear(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(
-    x: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, opts: Options, statistics: tuple, traced: bool
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    layout: Layout,
+    opts: Options,
+    statistics: tuple,
+    traced: bool,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(loss, per_row) of the (rows, C_local) logits `x`; differentiable with respect to them."""
+    """(loss, per_row) of the (rows, C_local) logits `x`; differentiable with respect to them (`inplace`: the
+    eager gradient written over them; traced calls leave them alone)."""
     need_grad = torch.is_grad_enabled() and x.requires_grad
     if traced:
         group = exchange.group_name(layout.group)
@@ -260,7 +295,7 @@ def vocab_parallel_cross_entropy(
     if not need_grad:
         loss, _, per_row, _ = logits_block_forward(x, target, weight, layout, opts, False, statistics)
         return loss, per_row
-    return VocabParallelCrossEntropy.apply(x, target, weight, layout, opts, statistics)
+    return VocabParallelCrossEntropy.apply(x, target, weight, layout, opts, statistics, inplace)
 
 
 def vocab_parallel_linear_cross_entropy(
