@@ -254,6 +254,7 @@ def linear_cross_entropy(plain_loss, input, linear_weight, target, linear_bias, 
         # taken for the whole head.
         return _gathered_head_loss(plain_loss, input, linear_weight, target, linear_bias, weight, mesh, options)
     hidden = _replicated_local(input, mesh, fn, "the hidden states (with a head sharded on its classes)")
+    options = {k: v for k, v in options.items() if k != "memory_mode"}  # the vocab-parallel passes: one plan
     out = distributed.vocab_parallel_linear_cross_entropy(
         hidden,
         linear_weight.to_local(),
@@ -603,6 +604,7 @@ def _linear_nd(plain_loss, input, linear_weight, target, linear_bias, weight, op
     reduction = options["reduction"]
     opts = dict(options, reduction="none" if rows else reduction)
     if vocab_mdim is not None:
+        opts.pop("memory_mode", None)  # the vocab-parallel passes have the one plan
         out = distributed.vocab_parallel_linear_cross_entropy(
             hidden, head, target_local, group=mesh.get_group(vocab_mdim), linear_bias=bias, weight=weight, **opts
         )

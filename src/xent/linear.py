@@ -44,6 +44,7 @@ def linear_cross_entropy(
     output_dtype: torch.dtype | None = None,
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
+    memory_mode: str = "auto",
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without materializing the logits.
 
@@ -71,6 +72,13 @@ def linear_cross_entropy(
             or on CUDA, when the head's gradient is wanted, up to its fp32 accumulator's size (V x H x 4
             bytes, at most 4 GiB), rounded to 128-row tiles. The result does not depend on it beyond
             rounding.
+        memory_mode (str): how the gradients are computed when the head's gradient is wanted:
+            ``'fast'``, one pass over chunks of rows (3 matmuls; a half-precision head whose tokens take
+            more than one chunk keeps an fp32 copy of the weight gradient, V x H x 4 bytes); ``'lean'``,
+            that pass for the input's gradient, then vocabulary slabs for the weight's (4 matmuls; the
+            weight gradient accumulated in fp32 over all tokens, memory beyond the returned gradients about
+            two chunks of 1/64 of the logits); ``'auto'`` (default): ``'lean'`` where ``'fast'`` would keep
+            the fp32 copy, on the CPU; ``'fast'`` otherwise (on a GPU until measured there).
         output_dtype (torch.dtype, optional): dtype of the returned loss; default the input's (as torch).
             ``torch.float32`` keeps a bf16 model's loss unrounded (it is computed in fp32 either way).
         return_stats (str or sequence of str): per-token statistics to return as well, from the same pass
@@ -114,6 +122,7 @@ def linear_cross_entropy(
                 output_dtype=output_dtype,
                 return_stats=return_stats,
                 backend=backend,
+                memory_mode=memory_mode,
             ),
         )
     backend = check_backend(backend, "linear_cross_entropy")
@@ -132,6 +141,7 @@ def linear_cross_entropy(
         memory_budget,
         output_dtype,
         return_stats,
+        memory_mode=memory_mode,
     )
     if isinstance(described, ThroughLogits):
         return _through_logits(with_backend(described, backend))

@@ -163,6 +163,7 @@ class LinearProblem:
     memory_budget: int | None = None  # bytes of one chunk's logits; None: the default
     statistics: tuple[str, ...] = ()  # per-token statistics to return besides the loss (TokenStatistics' names)
     row_temperature: Tensor | None = None  # (R,) each row's temperature (RL), compute dtype; None: the options'
+    memory_mode: str = "auto"  # the gradient passes' plan: "auto" | "lean" | "fast" (kernels/linear.py)
 
     @property
     def temperature(self) -> float | Tensor:

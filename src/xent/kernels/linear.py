@@ -14,6 +14,7 @@ chunk's logits gradient folded into the gradients of the hidden states, the head
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,90 @@ def rows_per_chunk(p: LinearProblem, weight_grad: bool = False) -> int:
         p.memory_budget,
         accumulator_bytes=vocab * hidden * 4 if weight_grad and p.input.device.type == "cuda" else 0,
     )
+
+
+# The memory plans of a pass that computes the head's gradients (LinearProblem.memory_mode):
+#   "fast": one pass over row chunks (3 GEMMs); a half-precision head whose rows take more than one chunk
+#           keeps an fp32 accumulator of the weight's gradient, V x H x 4 bytes (with few tokens, more than
+#           the logits themselves), and on a GPU its chunks grow to that size to avoid re-reading it;
+#   "lean": that pass for the input's gradient and the rows' statistics only (no weight accumulator, small
+#           chunks), then vocabulary slabs for the weight's and bias's gradients: each slab recomputes its
+#           logits with the rows' lse and accumulates its rows of the weight gradient in fp32 over all
+#           tokens (an accumulator of one slab). 4 GEMMs; memory beyond the returned gradients two chunks;
+#   "auto": "lean" where "fast" would keep the accumulator, on the CPU (where it was measured); "fast" on a
+#           GPU until a GPU measurement says otherwise, and wherever no accumulator is needed.
+MEMORY_MODES = ("auto", "lean", "fast")  # validation checks against the same names
+LEAN_CHUNK_FRACTION = (
+    64  # the lean plan's chunk (by default 1/64 of the logits in the workspace dtype) and slab accumulator
+)
+
+
+def lean_plan(p: LinearProblem, want: tuple[bool, bool, bool]) -> bool:
+    """Whether a pass computing the gradients in `want` takes the lean plan (see MEMORY_MODES)."""
+    mode = p.memory_mode
+    if mode == "fast" or not (want[1] or want[2]) or p.linear_weight.shape[0] == 0 or p.input.shape[0] == 0:
+        return False
+    if mode == "lean":
+        return True
+    accumulator = p.linear_weight.dtype in HALF_DTYPES and p.input.shape[0] > rows_per_chunk(p, want[1])
+    return accumulator and p.input.device.type == "cpu"
+
+
+def lean_budget(p: LinearProblem) -> int:
+    """Bytes of one chunk of the lean plan: the caller's budget, or 1/64 of the logits (at least 1 MiB)."""
+    if p.memory_budget is not None:
+        return p.memory_budget
+    ws = workspace_dtype(p.input.device, p.input.dtype, p.options.backend)
+    logits = p.input.shape[0] * p.linear_weight.shape[0] * torch.finfo(ws).bits // 8
+    return max(1 << 20, logits // LEAN_CHUNK_FRACTION)
+
+
+def gradient_pass(
+    p: LinearProblem,
+    block: rows.ClassBlock,
+    targets: rows.IndexTargets,
+    scale: Tensor,
+    want: tuple[bool, bool, bool],
+    entropy_scale: Tensor | None = None,
+):
+    """linear_pass with the gradients of sum_i scale_i loss_i (+ entropy_scale_i H_i) over every class, in
+    the plan lean_plan chooses: (stats, grad input, grad weight, grad bias), the weight's gradient in the
+    weight's dtype under the lean plan (fp32 accumulation over every token inside), as linear_pass's
+    otherwise."""
+    if not lean_plan(p, want):
+        return linear_pass(p, block, targets, scale, want, entropy_scale=entropy_scale)
+    budget = lean_budget(p)
+    lean = replace(p, memory_budget=budget)
+    stats, gi, _, _ = linear_pass(lean, block, targets, scale, (want[0], False, False), entropy_scale=entropy_scale)
+    lse = stats.lse()
+    entropy_value = None
+    if entropy_scale is not None:  # the rows' entropies, for the slabs' entropy terms
+        entropy_value = rows.token_statistics(stats, ("entropy",), targets, 0.0, torch.float64)["entropy"]
+    w, b = p.linear_weight, p.linear_bias
+    vocab, hidden = w.shape
+    gw = torch.empty_like(w, memory_format=torch.contiguous_format) if want[1] else None
+    gb = torch.empty(vocab, dtype=p.compute_dtype, device=w.device) if want[2] and b is not None else None
+    # a slab's fp32 weight-gradient accumulator (and the gradient it returns) take half a chunk's bytes each
+    slab = max(1, min(vocab, budget // 2 // max(1, hidden * torch.finfo(p.compute_dtype).bits // 8)))
+    for v0 in range(0, vocab, slab):
+        v1 = min(vocab, v0 + slab)
+        part = replace(lean, linear_weight=w[v0:v1], linear_bias=b[v0:v1] if b is not None else None, statistics=())
+        sub = rows.ClassBlock.shard(targets.index, targets.valid, targets.class_weight, v0, v1 - v0)
+        _, _, gw_s, gb_s = linear_pass(
+            part,
+            sub,
+            targets,
+            scale,
+            (False, want[1], gb is not None),
+            lse=lse,
+            entropy_scale=entropy_scale,
+            entropy_value=entropy_value,
+        )
+        if gw is not None:
+            gw[v0:v1] = gw_s
+        if gb is not None:
+            gb[v0:v1] = gb_s
+    return stats, gi, gw, gb
 
 
 def linear_pass(

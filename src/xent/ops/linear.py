@@ -30,9 +30,10 @@ def linear_forward(p: LinearProblem, want: tuple[bool, bool, bool]):
     targets = linear_kernels.index_targets(p)
     scalar = p.options.reduction != "none"
     with linear_kernels.no_autocast(p.input.device):
-        stats, gi, gw, gb = linear_kernels.linear_pass(
-            p, targets.block(), targets, targets.scale() if scalar and any(want) else None, want
-        )
+        if scalar and any(want):  # the gradients too, in the memory plan p.memory_mode chooses
+            stats, gi, gw, gb = linear_kernels.gradient_pass(p, targets.block(), targets, targets.scale(), want)
+        else:
+            stats, gi, gw, gb = linear_kernels.linear_pass(p, targets.block(), targets)
     loss = targets.reduce(linear_kernels.loss_rows(p, targets, stats))
     loss = (loss.reshape(p.output_shape) if not scalar else loss).to(p.output_dtype)
     grads = [gi, cast_like(gw, p.linear_weight), cast_like(gb, p.linear_bias)] if scalar and any(want) else None
@@ -47,7 +48,7 @@ def linear_backward(p: LinearProblem, upstream: Tensor, want: tuple[bool, bool, 
     targets = linear_kernels.index_targets(p)
     upstream = upstream if p.options.reduction == "none" else upstream.expand(p.target.shape)
     with linear_kernels.no_autocast(p.input.device):
-        _, gi, gw, gb = linear_kernels.linear_pass(p, targets.block(), targets, targets.scale(upstream), want)
+        _, gi, gw, gb = linear_kernels.gradient_pass(p, targets.block(), targets, targets.scale(upstream), want)
     return [gi, cast_like(gw, p.linear_weight), cast_like(gb, p.linear_bias)]
 
 

@@ -71,6 +71,7 @@ def token_linear_problem(p: LinearProblem, extra: tuple = ()) -> LinearProblem:
         p.memory_budget,
         TOKEN_STATISTICS + tuple(n for n in extra if n not in TOKEN_STATISTICS),
         p.row_temperature,
+        p.memory_mode,
     )
 
 
@@ -99,7 +100,7 @@ def _linear_backward(p: LinearProblem, up: TokenUpstreams, want: dict) -> dict:
     targets = linear_kernels.index_targets(p)
     entropy = torch.where(targets.valid, up.grad_entropy.reshape(-1), 0) if up.grad_entropy is not None else None
     with linear_kernels.no_autocast(p.input.device):
-        _, gi, gw, gb = linear_kernels.linear_pass(
+        _, gi, gw, gb = linear_kernels.gradient_pass(
             p,
             targets.block(),
             targets,

@@ -329,6 +329,7 @@ def linear_cross_entropy_problem(
     return_stats=None,
     fn: str = "linear_cross_entropy",
     temperature: float = 1.0,
+    memory_mode: str = "auto",
 ):
     """Validate linear_cross_entropy's arguments (torch 2.13's F.linear_cross_entropy order) into either
     (LinearProblem, input, linear_weight, linear_bias), the tensors as autocast casts them, or ThroughLogits.
@@ -344,6 +345,7 @@ def linear_cross_entropy_problem(
     explicit_ignore_index = ignore_index is not None  # torch refuses one with probability targets
     ignore_index = -100 if ignore_index is None else as_index(ignore_index, "ignore_index", fn)
     memory_budget = check_memory_budget(memory_budget, fn)
+    memory_mode = check_memory_mode(memory_mode, fn)
     z_loss = check_optional_positive(z_loss, "z_loss", fn, allow_none=False)
     softcap = check_optional_positive(softcap, "softcap", fn, allow_none=True)
     output_dtype = check_output_dtype(output_dtype, fn)
@@ -401,6 +403,7 @@ def linear_cross_entropy_problem(
         chunk_size,
         memory_budget,
         statistics,
+        memory_mode=memory_mode,
     )
     return problem, input, linear_weight, linear_bias
 
@@ -448,6 +451,15 @@ def linear_topk_problem(
 def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """What autocast does to F.linear's arguments: float32 (and the other half type) become `dtype`."""
     return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+
+
+MEMORY_MODES = ("auto", "lean", "fast")  # kernels/linear.py describes the plans
+
+
+def check_memory_mode(memory_mode, fn: str) -> str:
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"{fn}: memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    return memory_mode
 
 
 def check_memory_budget(memory_budget, fn: str) -> int | None:
