@@ -339,6 +339,8 @@ def linear_impls(peers: Peers, precision: bool = False) -> dict:
         "xent": lambda x, w, y: xent.linear_cross_entropy(x, w, y),
         "naive matmul + CE (fp32 logits)": _naive_linear_ce,
     }
+    if not precision:  # the lean memory plan (vocabulary slabs), which 'auto' does not pick on a GPU unmeasured
+        impls["xent memory_mode='lean'"] = lambda x, w, y: xent.linear_cross_entropy(x, w, y, memory_mode="lean")
     if precision:
         impls["naive matmul + CE (bf16 logits)"] = _naive_linear_ce_bf16
     elif peers.compile:

@@ -92,6 +92,7 @@ def linear_distillation_loss(
     memory_budget: int | None = None,
     output_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    memory_mode: str = "auto",
 ) -> Tensor:
     r"""Distillation loss of the student ``linear(input, linear_weight, linear_bias)`` towards ``teacher``,
     without materializing the student's logits.
@@ -117,6 +118,12 @@ def linear_distillation_loss(
         memory_budget (int, optional): bytes of one chunk's fp32 workspaces together (2 to 4 buffers of
             chunk x V: the student's logits, the teacher's, scratch); default: each buffer 1/16 of the full
             logits within [16 MiB, 256 MiB]. The result does not depend on it beyond rounding.
+        memory_mode (str): how the gradients are computed when the head's gradient is wanted, as in
+            :func:`xent.linear_cross_entropy`: ``'fast'`` (one pass over chunks of tokens; a half-precision
+            head keeps an fp32 copy of its weight gradient, V x H x 4 bytes), ``'lean'`` (that pass for the
+            input's gradient, then vocabulary slabs for the head's: one more matmul, memory beyond the
+            returned gradients about 1/64 of the logits and one slab's accumulator), ``'auto'`` (default:
+            ``'lean'`` where ``'fast'`` would keep the fp32 copy, on the CPU).
         output_dtype (torch.dtype, optional): of the returned loss; default the input's (float32 under
             autocast). The loss is computed in fp32 (fp64 for fp64 inputs) either way.
         backend (str, optional): the compute backend, as in :func:`xent.cross_entropy` (the distillation
@@ -166,6 +173,7 @@ def linear_distillation_loss(
         reduction,
         memory_budget,
         output_dtype,
+        memory_mode=memory_mode,
     )
     return distill_ops.linear_distillation(with_backend(problem, backend), input, linear_weight, linear_bias)
 
@@ -175,7 +183,7 @@ class LinearDistillationLoss(nn.Module):
     teacher are given to ``forward``.
 
     Args:
-        divergence, beta, temperature, ignore_index, reduction, memory_budget, backend: as
+        divergence, beta, temperature, ignore_index, reduction, memory_budget, backend, memory_mode: as
             :func:`linear_distillation_loss`.
 
     Examples::
@@ -184,7 +192,8 @@ class LinearDistillationLoss(nn.Module):
         >>> loss = criterion(hidden, student.lm_head.weight, TeacherLogits(teacher_logits), labels)
     """
 
-    backend: str | None = None  # (a class default: modules pickled before the attribute existed load)
+    backend: str | None = None  # (class defaults: modules pickled before the attributes existed load)
+    memory_mode: str = "auto"
 
     def __init__(
         self,
@@ -195,6 +204,7 @@ class LinearDistillationLoss(nn.Module):
         reduction: str = "mean",
         memory_budget: int | None = None,
         backend: str | None = None,
+        memory_mode: str = "auto",
     ) -> None:
         super().__init__()
         self.divergence = divergence
@@ -204,6 +214,7 @@ class LinearDistillationLoss(nn.Module):
         self.reduction = reduction
         self.memory_budget = memory_budget
         self.backend = backend
+        self.memory_mode = memory_mode
 
     def forward(
         self,
@@ -226,6 +237,7 @@ class LinearDistillationLoss(nn.Module):
             reduction=self.reduction,
             memory_budget=self.memory_budget,
             backend=self.backend,
+            memory_mode=self.memory_mode,
         )
 
     def extra_repr(self) -> str:

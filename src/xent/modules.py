@@ -140,7 +140,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         device, dtype: of the linear layer's parameters.
         weight, reduction, ignore_index, label_smoothing: as :func:`xent.linear_cross_entropy`
             (``ignore_index=None`` means -100, as torch).
-        z_loss, softcap, options, memory_budget, backend: as :func:`xent.linear_cross_entropy`.
+        z_loss, softcap, options, memory_budget, backend, memory_mode: as :func:`xent.linear_cross_entropy`.
 
     Shape:
         - Input: :math:`(..., H)`; target: :math:`(...)` class indices; output: scalar or target's shape.
@@ -154,7 +154,8 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         >>> loss = head(torch.randn(8, 64), torch.randint(0, 32000, (8,)))
     """
 
-    backend: str | None = None  # (a class default: modules pickled before the attribute existed load)
+    backend: str | None = None  # (class defaults: modules pickled before the attributes existed load)
+    memory_mode: str = "auto"
 
     def __init__(
         self,
@@ -174,6 +175,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         options=None,
         memory_budget: int | None = None,
         backend: str | None = None,
+        memory_mode: str = "auto",
     ) -> None:
         super().__init__(weight, None, None, reduction)
         self.in_features, self.num_classes, self.out_features = in_features, num_classes, tuple(out_features)
@@ -182,7 +184,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         )
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.z_loss, self.softcap, self.options, self.memory_budget = z_loss, softcap, options, memory_budget
-        self.backend = backend
+        self.backend, self.memory_mode = backend, memory_mode
 
     def forward(self, input: Tensor, target: Tensor, *, return_stats: str | Sequence[str] | None = None):
         shape = (self.num_classes, *self.out_features)
@@ -195,6 +197,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             linear_bias=b,
             options=self.options,
             memory_budget=self.memory_budget,
+            memory_mode=self.memory_mode,
             return_stats=return_stats,
             **_cross_entropy_options(self),
         )
@@ -205,6 +208,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
             + (f", backend={self.backend!r}" if self.backend is not None else "")
+            + (f", memory_mode={self.memory_mode!r}" if self.memory_mode != "auto" else "")
         )
 
 

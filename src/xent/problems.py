@@ -207,6 +207,7 @@ class DistillProblem:
     output_dtype: torch.dtype
     memory_budget: int | None = None  # bytes of all of one chunk's workspaces together; None: the default
     backend: str | None = None  # as Options.backend
+    memory_mode: str = "auto"  # the gradient passes' plan: "auto" | "lean" | "fast" (kernels/distill.py)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -55,6 +55,7 @@ def token_logprobs(
     softcap: float | None = None,
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
+    memory_mode: str = "auto",
 ) -> Tensor | tuple:
     r"""Log-probability of each chosen token under ``softmax((input @ linear_weight.T + linear_bias) / T)``.
 
@@ -75,6 +76,8 @@ def token_logprobs(
             e.g. ``"sum_sq_probs"``, ``"mean_logit"``, ``"correct"``), computed in the same pass over the
             logits, without gradient.
         backend (str, optional): the compute backend, as in :func:`xent.cross_entropy`.
+        memory_mode (str): ``'auto'`` | ``'lean'`` | ``'fast'``: how backward computes the head's gradient,
+            as in :func:`xent.linear_cross_entropy`.
 
     Returns:
         the log-probabilities, shape :math:`(...)` (float32 for half-precision inputs), and with
@@ -122,6 +125,7 @@ def token_logprobs(
         out_dtype,
         fn="token_logprobs",
         temperature=t,
+        memory_mode=memory_mode,
     )
     if isinstance(described, ThroughLogits):
         raise ValueError("token_logprobs: target must hold token ids (class indices) and linear_weight must be (V, H)")

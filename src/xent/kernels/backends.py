@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..problems import HALF_DTYPES, DistillProblem, LinearProblem, Problem
 from . import rows
-from .distill_rows import torch_distill_rows
+from .distill_rows import slab_gradient, torch_distill_rows
 
 
 class Work(enum.Enum):
@@ -104,6 +104,10 @@ class DistillStep:
     coef: Tensor | None  # (rows, 1): d loss / d divergence / T, 0 on ignored rows; None: no gradient
     teacher_indices: Tensor | None = None  # top-k: (rows, k)
     teacher_logprobs: Tensor | None = None  # top-k: (rows, k)
+    # the lean plan (kernels/distill.py): (rows, 3) per-row (lse_s, lse_t, aux) that a whole-row step fills,
+    # or that a step over a slab of the classes starting at `class_start` reads to return only the gradient
+    row_stats: Tensor | None = None
+    class_start: int | None = None
 
 
 # (the rows' statistics, the gradients of the input, the head's weight and its bias): kernels/linear.py
@@ -153,7 +157,8 @@ class Backend:
 
     def distill_rows(self, step: DistillStep) -> tuple[Tensor, Tensor | None]:
         """One chunk of a distillation pass: the rows' divergences (rows,) and, with step.coef, coef * d
-        divergence / d (student logits / T) (rows, V), in one of the step's workspaces (else None)."""
+        divergence / d (student logits / T) (rows, V), in one of the step's workspaces (else None). A step
+        over a slab of the classes (step.class_start) returns (None, the slab's gradient)."""
         raise NotImplementedError
 
     def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:
@@ -195,7 +200,22 @@ class TorchBackend(Backend):
     def chunk(self, step: ChunkStep) -> None:
         rows.torch_chunk(*step.positional(), **step.keywords(), chain_out=step.chain_out, unshifted=step.unshifted)
 
-    def distill_rows(self, step: DistillStep) -> tuple[Tensor, Tensor | None]:
+    def distill_rows(self, step: DistillStep) -> tuple[Tensor | None, Tensor | None]:
+        if step.class_start is not None:
+            grad = slab_gradient(
+                step.divergence,
+                step.beta,
+                step.student,
+                step.teacher,
+                step.scratch,
+                step.coef,
+                step.row_stats,
+                step.class_start,
+                step.counted,
+                step.teacher_indices,
+                step.teacher_logprobs,
+            )
+            return None, grad
         return torch_distill_rows(
             step.divergence,
             step.beta,
@@ -206,6 +226,7 @@ class TorchBackend(Backend):
             step.coef,
             step.teacher_indices,
             step.teacher_logprobs,
+            step.row_stats,
         )
 
     def scale_(self, grad: Tensor, upstream: Tensor, per_row: bool) -> None:

@@ -17,15 +17,16 @@ accumulation inside, as F.linear) whose results are copied into them.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from ..problems import DistillProblem
+from ..problems import HALF_DTYPES, DistillProblem
 from . import backend_for
 from .backends import Work
 from .driver import DistillChunk, DistillRowPass
-from .linear import Head, HeadGradients, chunk_rows, divide_into_, row_ranges
+from .linear import Head, HeadGradients, chunk_rows, divide_into_, lean_budgets, row_ranges
 
 
 def workspaces(p: DistillProblem) -> int:
@@ -72,16 +73,86 @@ def reduce(p: DistillProblem, losses: Tensor, valid: Tensor) -> Tensor:
     return total
 
 
+# The memory plans of a pass that computes the head's gradients (DistillProblem.memory_mode), as linear
+# cross-entropy's (kernels/linear.py, MEMORY_MODES): "fast" folds every chunk of tokens into an fp32
+# accumulator of the weight's gradient (V x H x 4 bytes for a half-precision head whose tokens take more
+# than one chunk); "lean" runs that pass for the input's gradient and each row's (lse_s, lse_t, aux), then
+# vocabulary slabs whose gradient (kernels/distill_rows.slab_gradient) one GEMM over all the tokens folds
+# into the slab's rows of the weight's gradient; "auto" is "lean" where "fast" keeps the accumulator, on
+# the CPU.
+
+
+def lean_plan(p: DistillProblem, want: tuple[bool, bool, bool]) -> bool:
+    """Whether a pass computing the gradients in `want` takes the lean plan (see above)."""
+    mode = p.memory_mode
+    if mode == "fast" or not (want[1] or want[2]) or p.linear_weight.shape[0] == 0 or p.input.shape[0] == 0:
+        return False
+    if mode == "lean":
+        return True
+    accumulator = p.linear_weight.dtype in HALF_DTYPES and p.input.shape[0] > rows_per_chunk(p)
+    return accumulator and p.input.device.type == "cpu"
+
+
+def statistics_problem(p: DistillProblem) -> DistillProblem:
+    """The problem a pass without gradients runs: under the lean plan's budget wherever a gradient pass
+    over this head would take that plan (as kernels/linear.statistics_problem)."""
+    if p.memory_budget is not None or not lean_plan(p, (False, True, False)):
+        return p
+    return replace(p, memory_budget=lean_budgets(p.input, p.linear_weight.shape[0], None)[0])
+
+
+def gradient_pass(p: DistillProblem, valid: Tensor, scale: Tensor, want: tuple[bool, bool, bool]):
+    """distill_pass with the gradients in `want`, in the plan lean_plan chooses: (losses, grad input, grad
+    weight, grad bias), under the lean plan the weight's in its own dtype (fp32 accumulation inside)."""
+    if not lean_plan(p, want):
+        return distill_pass(p, valid, scale, want)
+    # budgets of all of one chunk's workspaces together (kernels/linear.lean_budgets)
+    row_budget, budget = lean_budgets(p.input, p.linear_weight.shape[0], p.memory_budget)
+    lean = replace(p, memory_budget=budget)
+    row_stats = torch.zeros((p.input.shape[0], 3), dtype=p.compute_dtype, device=p.input.device)
+    losses, gi, _, _ = distill_pass(
+        replace(p, memory_budget=row_budget), valid, scale, (want[0], False, False), row_stats=row_stats
+    )
+    w, b = p.linear_weight, p.linear_bias
+    vocab, hidden = w.shape
+    gw = torch.empty_like(w, memory_format=torch.contiguous_format) if want[1] else None
+    gb = torch.empty(vocab, dtype=p.compute_dtype, device=w.device) if want[2] and b is not None else None
+    # a slab's weight-gradient accumulator (and the gradient it returns) take half the budget each
+    slab = max(1, min(vocab, budget // 2 // max(1, hidden * torch.finfo(p.compute_dtype).bits // 8)))
+    for v0 in range(0, vocab, slab):
+        v1 = min(vocab, v0 + slab)
+        part = replace(lean, linear_weight=w[v0:v1], linear_bias=b[v0:v1] if b is not None else None)
+        if p.teacher_kind == "head":
+            bias = p.teacher_bias[v0:v1] if p.teacher_bias is not None else None
+            part = replace(part, teacher_weight=p.teacher_weight[v0:v1], teacher_bias=bias)
+        elif p.teacher_kind == "logits":
+            part = replace(part, teacher_logits=p.teacher_logits[:, v0:v1])
+        _, _, gw_s, gb_s = distill_pass(
+            part, valid, scale, (False, want[1], gb is not None), row_stats=row_stats, class_start=v0
+        )
+        if gw is not None:
+            gw[v0:v1] = gw_s
+        if gb is not None:
+            gb[v0:v1] = gb_s
+    return losses, gi, gw, gb
+
+
 def distill_pass(
     p: DistillProblem,
     valid: Tensor,
     scale: Tensor | None = None,
     want: tuple[bool, bool, bool] = (False, False, False),
+    row_stats: Tensor | None = None,
+    class_start: int | None = None,
 ):
     """One pass over the tokens, chunk by chunk: each token's loss (R,), in the compute dtype, 0 on ignored
     tokens, and, when `scale` (R,) is given, the gradients in `want` (input, linear_weight, linear_bias) of
     sum_i scale_i * loss_i. The input's gradient comes back in its dtype, the weight's and bias's in fp32
-    (fp64 for fp64), except a weight gradient that one chunk covers: one GEMM in the head's dtype."""
+    (fp64 for fp64), except a weight gradient that one chunk covers: one GEMM in the head's dtype.
+
+    The lean plan's two kinds of pass (gradient_pass): with `row_stats` (R, 3) a whole-row pass also fills
+    them; with `class_start` too, `p`'s heads hold a slab of the classes from there, and the pass reads them
+    and computes the gradients only (its losses are not computed)."""
     x, w, b = p.input, p.linear_weight, p.linear_bias
     num_rows, vocab = x.shape[0], w.shape[0]
     cd, dev = p.compute_dtype, x.device
@@ -138,6 +209,8 @@ def distill_pass(
         coefficients,
         teacher_indices=None if dense_teacher else p.teacher_indices,
         teacher_logprobs=None if dense_teacher else p.teacher_logprobs,
+        row_stats=row_stats,
+        class_start=class_start,
     ).run(chunks())
     return (losses, *grads.result())
 

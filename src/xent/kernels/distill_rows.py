@@ -16,6 +16,10 @@ underflows still has mass, so a teacher without mass there makes the divergence 
 Each *_rows function takes the chunk's log-softmaxes (overwritten), scratch buffers of their shape and,
 for the gradient, `coef` (rows x 1: the reduction's scale times the upstream gradient over T, 0 on
 ignored rows). Returns (the rows' divergences, coef * d divergence / d s in one of the buffers, or None).
+
+The lean plan (kernels/distill.py) splits that in two: a whole-row pass also records each row's
+(lse of s, lse of t, aux) in `row_stats` (aux: the reverse KL's divergence L, the JSD's shifted KL(p_s || m)
+below, else 0), and then `slab_gradient` computes coef * d/ds on a slab of the classes from them alone.
 """
 
 from __future__ import annotations
@@ -36,10 +40,17 @@ def torch_distill_rows(
     coef: Tensor | None,
     teacher_indices: Tensor | None = None,
     teacher_logprobs: Tensor | None = None,
+    row_stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One chunk of a distillation pass (backends.DistillStep's fields): `student` (and a dense `teacher`)
     hold logits / T; every (rows x V) buffer may be overwritten. Without a teacher: the top-k KL over
-    `teacher_indices` with `teacher_logprobs`."""
+    `teacher_indices` with `teacher_logprobs`. `row_stats` (rows, 3), when given, receives the rows'
+    (lse_s, lse_t, aux) for slab_gradient."""
+    if row_stats is not None:
+        row_stats.zero_()
+        torch.logsumexp(student, 1, out=row_stats[:, 0])
+        if teacher is not None:
+            torch.logsumexp(teacher, 1, out=row_stats[:, 1])
     log_p_s = torch.log_softmax(student, 1, out=scratch[0])
     if teacher is None:
         return topk_kl_rows(log_p_s, teacher_indices, teacher_logprobs, counted, coef)
@@ -48,8 +59,56 @@ def torch_distill_rows(
     if divergence == "kl":
         return kl_rows(log_p_s, log_p_t, *free[:1], coef)
     if divergence == "reverse_kl":
-        return reverse_kl_rows(log_p_s, log_p_t, *free[:1], coef)
-    return jsd_rows(log_p_s, log_p_t, *free[:2], beta, coef)
+        rows, grad = reverse_kl_rows(log_p_s, log_p_t, *free[:1], coef)
+        if row_stats is not None:
+            row_stats[:, 2] = rows
+        return rows, grad
+    aux = row_stats[:, 2] if row_stats is not None else None
+    return jsd_rows(log_p_s, log_p_t, *free[:2], beta, coef, aux)
+
+
+def slab_gradient(
+    divergence: str,
+    beta: float,
+    student: Tensor,
+    teacher: Tensor | None,
+    scratch: tuple[Tensor, ...],
+    coef: Tensor,
+    row_stats: Tensor,
+    class_start: int,
+    counted: Tensor,
+    teacher_indices: Tensor | None = None,
+    teacher_logprobs: Tensor | None = None,
+) -> Tensor:
+    """coef * d divergence / d s on a slab of the classes (columns class_start.. of the vocabulary) from
+    the rows' whole-vocabulary `row_stats` (torch_distill_rows'): the same expressions as the *_rows
+    functions below, with log p = logits - lse. `student`, `teacher` and `scratch` hold (rows, slab)
+    buffers, overwritten; the gradient comes back in one of them."""
+    log_p_s = student.sub_(row_stats[:, 0:1])
+    if teacher is None:  # top-k: (sum_k q_k) p_s minus the q_k of the slab's own classes
+        local = teacher_indices - class_start
+        inside = counted & (local >= 0) & (local < student.shape[1])
+        q = torch.where(inside, teacher_logprobs.to(student.dtype).exp(), 0)
+        total = torch.where(counted, teacher_logprobs.to(student.dtype).exp(), 0).sum(1, keepdim=True)
+        grad = log_p_s.exp_().mul_(total * coef)
+        return grad.scatter_add_(1, torch.where(inside, local, 0), q.mul_(-coef))
+    log_p_t = teacher.sub_(row_stats[:, 1:2])
+    if divergence == "kl":
+        p_t = torch.exp(log_p_t, out=scratch[0])
+        return log_p_s.exp_().sub_(p_t).mul_(coef)
+    if divergence == "reverse_kl":
+        p_s = torch.exp(log_p_s, out=scratch[0])
+        student_none = log_p_s == -math.inf
+        log_ratio = torch.sub(log_p_s, log_p_t, out=log_p_t)
+        return log_ratio.sub_(row_stats[:, 2:3]).mul_(p_s).mul_(coef).masked_fill_(student_none, 0)
+    offset = math.log1p(-beta)
+    log_mix = torch.add(log_p_t, math.log(beta) - offset, out=scratch[1])
+    torch.logaddexp(log_p_s, log_mix, out=log_mix)
+    p_s = torch.exp(log_p_s, out=scratch[0])
+    student_none = p_s == 0
+    log_ratio = log_p_s.sub_(log_mix)
+    grad = log_ratio.sub_(row_stats[:, 2:3]).mul_(p_s).mul_((1 - beta) * coef)
+    return grad.masked_fill_(student_none, 0)
 
 
 def kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Tensor | None):
@@ -77,8 +136,17 @@ def reverse_kl_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, coef: Ten
     return rows, log_ratio.sub_(rows.unsqueeze(1)).mul_(p_s).mul_(coef).masked_fill_(student_none, 0)
 
 
-def jsd_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, log_mix: Tensor, beta: float, coef: Tensor | None):
-    """beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s, per row (0 < beta < 1)."""
+def jsd_rows(
+    log_p_s: Tensor,
+    log_p_t: Tensor,
+    scratch: Tensor,
+    log_mix: Tensor,
+    beta: float,
+    coef: Tensor | None,
+    aux: Tensor | None = None,
+):
+    """beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s, per row (0 < beta < 1).
+    `aux` (rows,), when given, receives the shifted KL(p_s || m) the gradient subtracts (slab_gradient)."""
     # log_mix = log m - log(1 - beta) = logaddexp(log p_s, log p_t + log(beta / (1 - beta))): the constant
     # log(1 - beta) is added to the sums instead (sum p log m = sum p log_mix + log(1 - beta), sum p = 1)
     # and cancels from the gradient. Finite wherever log p_s is, so no 0 * inf.
@@ -94,6 +162,8 @@ def jsd_rows(log_p_s: Tensor, log_p_t: Tensor, scratch: Tensor, log_mix: Tensor,
     log_ratio = log_p_s.sub_(log_mix)  # log p_s - log m + log(1 - beta)
     student_kl_shifted = torch.mul(log_ratio, p_s, out=log_p_t).masked_fill_(student_none, 0).sum(1)
     rows = beta * teacher_kl + (1 - beta) * (student_kl_shifted - offset)
+    if aux is not None:
+        aux.copy_(student_kl_shifted)
     if coef is None:
         return rows, None
     # d/ds = (1 - beta) p_s (log p_s - log m - KL(p_s || m)): the shifts cancel

@@ -127,6 +127,8 @@ class DistillRowPass:
     coefficients: Tensor | None = None  # (R,) d loss / d divergence / T, 0 on ignored rows; given: gradients
     teacher_indices: Tensor | None = None  # top-k: (R, k)
     teacher_logprobs: Tensor | None = None  # top-k: (R, k)
+    row_stats: Tensor | None = None  # (R, 3), the lean plan's (backends.DistillStep): filled, or read by slabs
+    class_start: int | None = None  # the chunks hold a slab of the classes from here (the lean plan)
 
     def step(self, chunk: DistillChunk) -> None:
         r0, r1, ws = chunk.r0, chunk.r1, chunk.workspaces
@@ -143,9 +145,12 @@ class DistillRowPass:
                 coef=self.coefficients[r0:r1].unsqueeze(1) if self.coefficients is not None else None,
                 teacher_indices=self.teacher_indices[r0:r1] if topk else None,
                 teacher_logprobs=self.teacher_logprobs[r0:r1] if topk else None,
+                row_stats=self.row_stats[r0:r1] if self.row_stats is not None else None,
+                class_start=self.class_start,
             )
         )
-        self.losses[r0:r1] = divergences.masked_fill_(~chunk.counted.squeeze(1), 0)
+        if divergences is not None:  # a slab's step returns only its gradient
+            self.losses[r0:r1] = divergences.masked_fill_(~chunk.counted.squeeze(1), 0)
 
     def run(self, chunks: Iterable[DistillChunk]) -> None:
         drive(self.step, chunks)

@@ -88,9 +88,12 @@ def rows_per_chunk(p: LinearProblem, weight_grad: bool = False) -> int:
 #   "auto": "lean" where "fast" would keep the accumulator, on the CPU (where it was measured); "fast" on a
 #           GPU until a GPU measurement says otherwise, and wherever no accumulator is needed.
 MEMORY_MODES = ("auto", "lean", "fast")  # validation checks against the same names
-LEAN_CHUNK_FRACTION = (
-    64  # the lean plan's chunk (by default 1/64 of the logits in the workspace dtype) and slab accumulator
-)
+# The lean plan's default budgets, as fractions of the logits in the head's dtype (at least 1 MiB each):
+# the row pass holds only its chunk's workspaces, the slab pass also a slab's accumulator and gradient.
+# The row pass's chunks are the larger: with 1/64 there, CPU distillation took 3.3x the fast plan's time
+# (chunks of 5 rows at V = 32768), with 1/20 ~1.3x (benchmarks/RESULTS.md).
+LEAN_ROW_FRACTION = 20
+LEAN_SLAB_FRACTION = 64
 
 
 def lean_plan(p: LinearProblem, want: tuple[bool, bool, bool]) -> bool:
@@ -104,13 +107,22 @@ def lean_plan(p: LinearProblem, want: tuple[bool, bool, bool]) -> bool:
     return accumulator and p.input.device.type == "cpu"
 
 
-def lean_budget(p: LinearProblem) -> int:
-    """Bytes of one chunk of the lean plan: the caller's budget, or 1/64 of the logits (at least 1 MiB)."""
-    if p.memory_budget is not None:
-        return p.memory_budget
-    ws = workspace_dtype(p.input.device, p.input.dtype, p.options.backend)
-    logits = p.input.shape[0] * p.linear_weight.shape[0] * torch.finfo(ws).bits // 8
-    return max(1 << 20, logits // LEAN_CHUNK_FRACTION)
+def statistics_problem(p: LinearProblem) -> LinearProblem:
+    """The problem a pass without gradients (the forward of a loss whose backward recomputes, inference)
+    runs: under the plan a gradient pass over this head would take, so that the lean plan's forward stays
+    as lean as its backward (for 'auto', also where no gradient follows: the same rule as with one)."""
+    if p.chunk_size or p.memory_budget is not None or not lean_plan(p, (False, True, False)):
+        return p
+    return replace(p, memory_budget=lean_budgets(p.input, p.linear_weight.shape[0], None)[0])
+
+
+def lean_budgets(input: Tensor, vocab: int, memory_budget: int | None) -> tuple[int, int]:
+    """Bytes of one chunk of the lean plan's row pass and of its slab pass: the caller's budget for both,
+    or LEAN_ROW_FRACTION / LEAN_SLAB_FRACTION of the (R x V) logits in the head's dtype (at least 1 MiB)."""
+    if memory_budget is not None:
+        return memory_budget, memory_budget
+    logits = input.shape[0] * vocab * torch.finfo(input.dtype).bits // 8
+    return max(1 << 20, logits // LEAN_ROW_FRACTION), max(1 << 20, logits // LEAN_SLAB_FRACTION)
 
 
 def gradient_pass(
@@ -127,9 +139,16 @@ def gradient_pass(
     otherwise."""
     if not lean_plan(p, want):
         return linear_pass(p, block, targets, scale, want, entropy_scale=entropy_scale)
-    budget = lean_budget(p)
+    row_budget, budget = lean_budgets(p.input, p.linear_weight.shape[0], p.memory_budget)
     lean = replace(p, memory_budget=budget)
-    stats, gi, _, _ = linear_pass(lean, block, targets, scale, (want[0], False, False), entropy_scale=entropy_scale)
+    stats, gi, _, _ = linear_pass(
+        replace(p, memory_budget=row_budget),
+        block,
+        targets,
+        scale,
+        (want[0], False, False),
+        entropy_scale=entropy_scale,
+    )
     lse = stats.lse()
     entropy_value = None
     if entropy_scale is not None:  # the rows' entropies, for the slabs' entropy terms
@@ -397,12 +416,17 @@ def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_ADDMM[a.device.type] = False  # this torch has no such kernel: do not try again
     if a.dtype == torch.float16 and a.device.type == "cpu":
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        # the inner dimension (tokens) in pieces, so that the upcast copies stay within 256 KiB however many
+        # tokens one GEMM covers (the lean plan's slabs cover them all); the sum stays in fp32 throughout
+        piece = max(1, UPCAST_PIECE_BYTES // (torch.finfo(acc.dtype).bits // 8 * (a.shape[0] + b.shape[1])))
+        for k0 in range(0, a.shape[1], piece):
+            acc.addmm_(a[:, k0 : k0 + piece].to(acc.dtype), b[k0 : k0 + piece].to(acc.dtype))
         return
     acc.add_(torch.mm(a, b))
 
 
 _OUT_DTYPE_ADDMM: dict[str, bool] = {}
+UPCAST_PIECE_BYTES = 256 << 10
 
 
 def loss_rows(p: LinearProblem, targets: rows.IndexTargets, stats: rows.RowStats) -> Tensor:

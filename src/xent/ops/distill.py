@@ -69,7 +69,11 @@ def distill_forward(p: DistillProblem, want: tuple[bool, bool, bool]):
     with no_autocast(p.input.device):
         valid = kernels.valid_rows(p)
         scale = kernels.reduction_scale(p, valid) if scalar and any(want) else None
-        losses, gi, gw, gb = kernels.distill_pass(p, valid, scale, want)
+        losses, gi, gw, gb = (
+            kernels.gradient_pass(p, valid, scale, want)
+            if scale is not None
+            else kernels.distill_pass(kernels.statistics_problem(p), valid)
+        )
         loss = kernels.reduce(p, losses, valid)
     loss = (loss if scalar else loss.reshape(p.output_shape)).to(p.output_dtype)
     grads = [gi, cast_like(gw, p.linear_weight), cast_like(gb, p.linear_bias)] if scalar and any(want) else None
@@ -84,7 +88,7 @@ def distill_backward(p: DistillProblem, upstream: Tensor, want: tuple[bool, bool
             scale = upstream.reshape(-1).to(p.compute_dtype)
         else:
             scale = kernels.reduction_scale(p, valid) * upstream.to(p.compute_dtype)
-        _, gi, gw, gb = kernels.distill_pass(p, valid, scale, want)
+        _, gi, gw, gb = kernels.gradient_pass(p, valid, scale, want)
     return [gi, cast_like(gw, p.linear_weight), cast_like(gb, p.linear_bias)]
 
 

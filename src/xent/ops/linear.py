@@ -33,7 +33,9 @@ def linear_forward(p: LinearProblem, want: tuple[bool, bool, bool]):
         if scalar and any(want):  # the gradients too, in the memory plan p.memory_mode chooses
             stats, gi, gw, gb = linear_kernels.gradient_pass(p, targets.block(), targets, targets.scale(), want)
         else:
-            stats, gi, gw, gb = linear_kernels.linear_pass(p, targets.block(), targets)
+            stats, gi, gw, gb = linear_kernels.linear_pass(
+                linear_kernels.statistics_problem(p), targets.block(), targets
+            )
     loss = targets.reduce(linear_kernels.loss_rows(p, targets, stats))
     loss = (loss.reshape(p.output_shape) if not scalar else loss).to(p.output_dtype)
     grads = [gi, cast_like(gw, p.linear_weight), cast_like(gb, p.linear_bias)] if scalar and any(want) else None

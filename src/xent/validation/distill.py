@@ -19,6 +19,7 @@ from .cross_entropy import (
     check_float_input,
     check_linear,
     check_memory_budget,
+    check_memory_mode,
     check_same_device,
     check_target_dtype,
     check_tensor,
@@ -44,6 +45,7 @@ def linear_distillation_problem(
     memory_budget,
     output_dtype,
     fn: str = FN,
+    memory_mode: str = "auto",
 ):
     """(DistillProblem, input, linear_weight, linear_bias): the student's tensors as autocast casts them.
 
@@ -69,6 +71,7 @@ def linear_distillation_problem(
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"{fn}: temperature must be a positive finite number, got {temperature:g}")
     memory_budget = check_memory_budget(memory_budget, fn)
+    memory_mode = check_memory_mode(memory_mode, fn)
     if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
         raise TypeError(f"{fn}: output_dtype must be a floating point torch.dtype, got {output_dtype!r}")
     # Liger Kernel's convention: the generalised JSD is the forward KL at beta = 0 and the reverse KL at 1
@@ -139,6 +142,7 @@ def linear_distillation_problem(
         lead,
         output_dtype or input.dtype,
         memory_budget,
+        memory_mode=memory_mode,
     )
     return problem, input, linear_weight, linear_bias
 
