@@ -22,11 +22,20 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..problems import HALF_DTYPES, DistillProblem
+from ..problems import DistillProblem
 from . import backend_for
 from .backends import Work
 from .driver import DistillChunk, DistillRowPass
-from .linear import Head, HeadGradients, chunk_rows, divide_into_, lean_budgets, row_ranges
+from .linear import (
+    Head,
+    HeadGradients,
+    chunk_rows,
+    divide_into_,
+    lean_budgets,
+    row_ranges,
+    slab_gradients,
+    takes_lean_plan,
+)
 
 
 def workspaces(p: DistillProblem) -> int:
@@ -84,13 +93,7 @@ def reduce(p: DistillProblem, losses: Tensor, valid: Tensor) -> Tensor:
 
 def lean_plan(p: DistillProblem, want: tuple[bool, bool, bool]) -> bool:
     """Whether a pass computing the gradients in `want` takes the lean plan (see above)."""
-    mode = p.memory_mode
-    if mode == "fast" or not (want[1] or want[2]) or p.linear_weight.shape[0] == 0 or p.input.shape[0] == 0:
-        return False
-    if mode == "lean":
-        return True
-    accumulator = p.linear_weight.dtype in HALF_DTYPES and p.input.shape[0] > rows_per_chunk(p)
-    return accumulator and p.input.device.type == "cpu"
+    return takes_lean_plan(p.memory_mode, want, p.input, p.linear_weight, lambda: rows_per_chunk(p))
 
 
 def statistics_problem(p: DistillProblem) -> DistillProblem:
@@ -114,27 +117,18 @@ def gradient_pass(p: DistillProblem, valid: Tensor, scale: Tensor, want: tuple[b
         replace(p, memory_budget=row_budget), valid, scale, (want[0], False, False), row_stats=row_stats
     )
     w, b = p.linear_weight, p.linear_bias
-    vocab, hidden = w.shape
-    gw = torch.empty_like(w, memory_format=torch.contiguous_format) if want[1] else None
-    gb = torch.empty(vocab, dtype=p.compute_dtype, device=w.device) if want[2] and b is not None else None
-    # a slab's weight-gradient accumulator (and the gradient it returns) take half the budget each
-    slab = max(1, min(vocab, budget // 2 // max(1, hidden * torch.finfo(p.compute_dtype).bits // 8)))
-    for v0 in range(0, vocab, slab):
-        v1 = min(vocab, v0 + slab)
+
+    def slab_pass(v0: int, v1: int, want_slab: tuple[bool, bool, bool]):
         part = replace(lean, linear_weight=w[v0:v1], linear_bias=b[v0:v1] if b is not None else None)
         if p.teacher_kind == "head":
             bias = p.teacher_bias[v0:v1] if p.teacher_bias is not None else None
             part = replace(part, teacher_weight=p.teacher_weight[v0:v1], teacher_bias=bias)
         elif p.teacher_kind == "logits":
             part = replace(part, teacher_logits=p.teacher_logits[:, v0:v1])
-        _, _, gw_s, gb_s = distill_pass(
-            part, valid, scale, (False, want[1], gb is not None), row_stats=row_stats, class_start=v0
-        )
-        if gw is not None:
-            gw[v0:v1] = gw_s
-        if gb is not None:
-            gb[v0:v1] = gb_s
-    return losses, gi, gw, gb
+        _, _, gw_s, gb_s = distill_pass(part, valid, scale, want_slab, row_stats=row_stats, class_start=v0)
+        return gw_s, gb_s
+
+    return (losses, gi, *slab_gradients(w, b, want, budget, p.compute_dtype, slab_pass))
 
 
 def distill_pass(

@@ -98,13 +98,17 @@ LEAN_SLAB_FRACTION = 64
 
 def lean_plan(p: LinearProblem, want: tuple[bool, bool, bool]) -> bool:
     """Whether a pass computing the gradients in `want` takes the lean plan (see MEMORY_MODES)."""
-    mode = p.memory_mode
-    if mode == "fast" or not (want[1] or want[2]) or p.linear_weight.shape[0] == 0 or p.input.shape[0] == 0:
+    return takes_lean_plan(p.memory_mode, want, p.input, p.linear_weight, lambda: rows_per_chunk(p, want[1]))
+
+
+def takes_lean_plan(mode: str, want: tuple[bool, ...], input: Tensor, weight: Tensor, fast_rows) -> bool:
+    """The rule of MEMORY_MODES for any loss over a linear head; `fast_rows()`: the fast plan's tokens per
+    chunk (more tokens than that and a half-precision head keeps the fp32 accumulator)."""
+    if mode == "fast" or not (want[1] or want[2]) or weight.shape[0] == 0 or input.shape[0] == 0:
         return False
     if mode == "lean":
         return True
-    accumulator = p.linear_weight.dtype in HALF_DTYPES and p.input.shape[0] > rows_per_chunk(p, want[1])
-    return accumulator and p.input.device.type == "cpu"
+    return weight.dtype in HALF_DTYPES and input.device.type == "cpu" and input.shape[0] > fast_rows()
 
 
 def statistics_problem(p: LinearProblem) -> LinearProblem:
@@ -154,30 +158,35 @@ def gradient_pass(
     if entropy_scale is not None:  # the rows' entropies, for the slabs' entropy terms
         entropy_value = rows.token_statistics(stats, ("entropy",), targets, 0.0, torch.float64)["entropy"]
     w, b = p.linear_weight, p.linear_bias
-    vocab, hidden = w.shape
-    gw = torch.empty_like(w, memory_format=torch.contiguous_format) if want[1] else None
-    gb = torch.empty(vocab, dtype=p.compute_dtype, device=w.device) if want[2] and b is not None else None
-    # a slab's fp32 weight-gradient accumulator (and the gradient it returns) take half a chunk's bytes each
-    slab = max(1, min(vocab, budget // 2 // max(1, hidden * torch.finfo(p.compute_dtype).bits // 8)))
-    for v0 in range(0, vocab, slab):
-        v1 = min(vocab, v0 + slab)
+
+    def slab_pass(v0: int, v1: int, want_slab: tuple[bool, bool, bool]):
         part = replace(lean, linear_weight=w[v0:v1], linear_bias=b[v0:v1] if b is not None else None, statistics=())
         sub = rows.ClassBlock.shard(targets.index, targets.valid, targets.class_weight, v0, v1 - v0)
         _, _, gw_s, gb_s = linear_pass(
-            part,
-            sub,
-            targets,
-            scale,
-            (False, want[1], gb is not None),
-            lse=lse,
-            entropy_scale=entropy_scale,
-            entropy_value=entropy_value,
+            part, sub, targets, scale, want_slab, lse=lse, entropy_scale=entropy_scale, entropy_value=entropy_value
         )
+        return gw_s, gb_s
+
+    return (stats, gi, *slab_gradients(w, b, want, budget, p.compute_dtype, slab_pass))
+
+
+def slab_gradients(w: Tensor, b: Tensor | None, want: tuple[bool, ...], budget: int, cd: torch.dtype, slab_pass):
+    """The lean plan's second half, for any loss over a linear head: the head's (weight, bias) gradients
+    (None where not in `want`), the weight's in its dtype, filled slab by slab of the vocabulary by
+    `slab_pass(v0, v1, want)` -> (the slab's weight gradient, its bias gradient)."""
+    vocab, hidden = w.shape
+    gw = torch.empty_like(w, memory_format=torch.contiguous_format) if want[1] else None
+    gb = torch.empty(vocab, dtype=cd, device=w.device) if want[2] and b is not None else None
+    # a slab's weight-gradient accumulator (and the gradient it returns) take half the budget each
+    slab = max(1, min(vocab, budget // 2 // max(1, hidden * torch.finfo(cd).bits // 8)))
+    for v0 in range(0, vocab, slab):
+        v1 = min(vocab, v0 + slab)
+        gw_s, gb_s = slab_pass(v0, v1, (False, want[1], gb is not None))
         if gw is not None:
             gw[v0:v1] = gw_s
         if gb is not None:
             gb[v0:v1] = gb_s
-    return stats, gi, gw, gb
+    return gw, gb
 
 
 def linear_pass(
