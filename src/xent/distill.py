@@ -93,6 +93,7 @@ def linear_distillation_loss(
     output_dtype: torch.dtype | None = None,
     backend: str | None = None,
     memory_mode: str = "auto",
+    logits_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Distillation loss of the student ``linear(input, linear_weight, linear_bias)`` towards ``teacher``,
     without materializing the student's logits.
@@ -124,6 +125,9 @@ def linear_distillation_loss(
             input's gradient, then vocabulary slabs for the head's: one more matmul, memory beyond the
             returned gradients about 1/64 of the logits and one slab's accumulator), ``'auto'`` (default:
             ``'lean'`` where ``'fast'`` would keep the fp32 copy, on the CPU).
+        logits_dtype (torch.dtype, optional): ``torch.float32`` keeps bf16/fp16 heads' logits (the
+            student's and a teacher head's) in fp32, the GEMMs' fp32 accumulators never rounded to half;
+            ``None`` (default): rounded to the heads' dtype, as ``F.linear`` rounds them (docs/precision.md).
         output_dtype (torch.dtype, optional): of the returned loss; default the input's (float32 under
             autocast). The loss is computed in fp32 (fp64 for fp64 inputs) either way.
         backend (str, optional): the compute backend, as in :func:`xent.cross_entropy` (the distillation
@@ -174,6 +178,7 @@ def linear_distillation_loss(
         memory_budget,
         output_dtype,
         memory_mode=memory_mode,
+        logits_dtype=logits_dtype,
     )
     return distill_ops.linear_distillation(with_backend(problem, backend), input, linear_weight, linear_bias)
 
@@ -183,7 +188,7 @@ class LinearDistillationLoss(nn.Module):
     teacher are given to ``forward``.
 
     Args:
-        divergence, beta, temperature, ignore_index, reduction, memory_budget, backend, memory_mode: as
+        divergence, beta, temperature, ignore_index, reduction, memory_budget, backend, memory_mode, logits_dtype: as
             :func:`linear_distillation_loss`.
 
     Examples::
@@ -194,6 +199,7 @@ class LinearDistillationLoss(nn.Module):
 
     backend: str | None = None  # (class defaults: modules pickled before the attributes existed load)
     memory_mode: str = "auto"
+    logits_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -205,6 +211,7 @@ class LinearDistillationLoss(nn.Module):
         memory_budget: int | None = None,
         backend: str | None = None,
         memory_mode: str = "auto",
+        logits_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.divergence = divergence
@@ -215,6 +222,7 @@ class LinearDistillationLoss(nn.Module):
         self.memory_budget = memory_budget
         self.backend = backend
         self.memory_mode = memory_mode
+        self.logits_dtype = logits_dtype
 
     def forward(
         self,
@@ -238,6 +246,7 @@ class LinearDistillationLoss(nn.Module):
             memory_budget=self.memory_budget,
             backend=self.backend,
             memory_mode=self.memory_mode,
+            logits_dtype=self.logits_dtype,
         )
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from .validation.cross_entropy import (
     check_backend,
     check_local_head,
     check_local_logits_target,
+    check_logits_dtype,
     check_memory_budget,
     check_output_dtype,
     check_statistics,
@@ -142,6 +144,7 @@ def vocab_parallel_linear_cross_entropy(
     output_dtype=None,
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
+    logits_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""Linear cross-entropy with the head's rows split across the ranks of `group`.
 
@@ -152,7 +155,8 @@ def vocab_parallel_linear_cross_entropy(
     chunks for the gradients (one more matmul than the single-process path) and all-reduces the input
     gradient, so every rank holds the full gradient of ``input``. Options (``return_stats`` too) as
     :func:`vocab_parallel_cross_entropy`; ``options`` (torch's ``LinearCrossEntropyOptions``: its
-    ``batch_chunk_size``), ``memory_budget`` and ``output_dtype`` as :func:`xent.linear_cross_entropy`.
+    ``batch_chunk_size``), ``memory_budget``, ``output_dtype`` and ``logits_dtype`` as
+    :func:`xent.linear_cross_entropy`.
     """
     fn = "vocab_parallel_linear_cross_entropy"
     opts = vocab_parallel_options(
@@ -163,6 +167,7 @@ def vocab_parallel_linear_cross_entropy(
     check_local_head(input, local_linear_weight, linear_bias, target, fn)
     memory_budget = check_memory_budget(memory_budget, fn)
     output_dtype = check_output_dtype(output_dtype, fn)
+    logits_dtype = check_logits_dtype(logits_dtype, local_linear_weight.dtype, fn)
     x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])  # not -1: ambiguous when H = 0
     problem = LinearProblem(
         x2,
@@ -176,6 +181,7 @@ def vocab_parallel_linear_cross_entropy(
         chunk_size=chunk_size_of(options),
         memory_budget=memory_budget,
         statistics=statistics,
+        logits_dtype=logits_dtype,
     )
     how = route(input, local_linear_weight, linear_bias, target, weight)
     if how == FUNC:
@@ -263,6 +269,7 @@ def vocab_parallel_linear_token_logprobs(
     memory_budget: int | None = None,
     backend: str | None = None,
     reduce_input_grad: bool = True,
+    logits_dtype: torch.dtype | None = torch.float32,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r""":func:`xent.token_logprobs` with the head's rows split across the ranks of `group` (tensor-parallel
     RL): ``input`` :math:`(..., H)` replicated, ``local_linear_weight`` :math:`(C_{local}, H)` and
@@ -273,7 +280,8 @@ def vocab_parallel_linear_token_logprobs(
     chunks with the global lse and entropy (both upstream gradients folded into each row's gradient) and
     all-reduces the input's gradient, so every rank holds the full gradient of ``input``. Returns as
     :func:`vocab_parallel_token_logprobs` (``temperature`` and ``entropy_requires_grad`` too);
-    ``memory_budget`` and ``backend`` as :func:`xent.linear_cross_entropy`. ``reduce_input_grad=False``
+    ``memory_budget`` and ``backend`` as :func:`xent.linear_cross_entropy`; ``logits_dtype`` as
+    :func:`xent.token_logprobs` (default fp32 logits). ``reduce_input_grad=False``
     leaves each rank its own part of the input's gradient (the sum over ranks is the gradient): for a
     caller whose hidden states come through a collective that sums in backward (Megatron's
     sequence-parallel gather), as verl's fused kernel does.
@@ -283,15 +291,18 @@ def vocab_parallel_linear_token_logprobs(
     vocab_parallel_options(input, target, None, "none", ignore_index, 0.0, 0.0, fn, "input")
     check_local_head(input, local_linear_weight, linear_bias, target, fn)
     memory_budget = check_memory_budget(memory_budget, fn)
+    logits_dtype = check_logits_dtype(logits_dtype, local_linear_weight.dtype, fn)
     if route(input, local_linear_weight, linear_bias, target) == FUNC:
         raise NotImplementedError(f"{fn} under torch.func transforms")
-    # the temperature divides the logits in fp32 inside the block passes (not the half-precision hidden states)
+    # the temperature divides the logits in fp32 inside the block passes (not the half-precision hidden states),
+    # by default the GEMM's fp32 accumulator (logits_dtype)
     x2 = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     options = ops.rl_options(int(ignore_index), t, check_backend(backend, fn))
     budget = None if memory_budget is None else int(memory_budget)
     p = ops.rl_linear_problem(
         x2, local_linear_weight, linear_bias, target.reshape(-1), options, budget, bool(return_entropy), row_t
     )
+    p = replace(p, logits_dtype=logits_dtype)
     logprobs, entropy = ops.vocab_parallel_linear_token_logprobs(p, Layout(group, vocab_start), bool(reduce_input_grad))
     return _token_results(logprobs, entropy, target.shape, return_entropy, entropy_requires_grad)
 

@@ -45,6 +45,7 @@ def linear_cross_entropy(
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
     memory_mode: str = "auto",
+    logits_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, TokenStatistics]:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without materializing the logits.
 
@@ -79,6 +80,10 @@ def linear_cross_entropy(
             weight gradient accumulated in fp32 over all tokens, memory beyond the returned gradients about
             two chunks of 1/64 of the logits); ``'auto'`` (default): ``'lean'`` where ``'fast'`` would keep
             the fp32 copy, on the CPU; ``'fast'`` otherwise (on a GPU until measured there).
+        logits_dtype (torch.dtype, optional): ``torch.float32`` keeps a bf16/fp16 head's logits in fp32:
+            the GEMM's fp32 accumulator goes to the softmax without being rounded to the head's dtype
+            (docs/precision.md). ``None`` (default) or the head's dtype: rounded to it, as
+            ``F.linear`` followed by ``F.cross_entropy`` computes them.
         output_dtype (torch.dtype, optional): dtype of the returned loss; default the input's (as torch).
             ``torch.float32`` keeps a bf16 model's loss unrounded (it is computed in fp32 either way).
         return_stats (str or sequence of str): per-token statistics to return as well, from the same pass
@@ -123,6 +128,7 @@ def linear_cross_entropy(
                 return_stats=return_stats,
                 backend=backend,
                 memory_mode=memory_mode,
+                logits_dtype=logits_dtype,
             ),
         )
     backend = check_backend(backend, "linear_cross_entropy")
@@ -142,6 +148,7 @@ def linear_cross_entropy(
         output_dtype,
         return_stats,
         memory_mode=memory_mode,
+        logits_dtype=logits_dtype,
     )
     if isinstance(described, ThroughLogits):
         return _through_logits(with_backend(described, backend))
@@ -156,9 +163,12 @@ def linear_cross_entropy(
 def _through_logits(d: ThroughLogits) -> Tensor:
     """Probability targets and K-dim heads, which torch also accepts: via the materialized logits."""
     hidden = d.input.shape[-1]
-    bias = d.linear_bias.reshape(-1) if d.linear_bias is not None else None
-    # not -1: ambiguous when H = 0
-    logits = F.linear(d.input, d.linear_weight.reshape(math.prod(d.linear_weight.shape[:-1]), hidden), bias)
+    x, w, b = d.input, d.linear_weight, d.linear_bias
+    if d.logits_dtype is not None:
+        x, w, b = (t.to(d.logits_dtype) if t is not None else t for t in (x, w, b))
+    bias = b.reshape(-1) if b is not None else None
+    # not -1: ambiguous when H = 0 (fp32 logits of a half head: F.linear of the exactly upcast operands)
+    logits = F.linear(x, w.reshape(math.prod(w.shape[:-1]), hidden), bias)
     lead = d.input.shape[:-1]
     o = d.options
     names = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "backend")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from . import functional as F
@@ -140,7 +141,8 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         device, dtype: of the linear layer's parameters.
         weight, reduction, ignore_index, label_smoothing: as :func:`xent.linear_cross_entropy`
             (``ignore_index=None`` means -100, as torch).
-        z_loss, softcap, options, memory_budget, backend, memory_mode: as :func:`xent.linear_cross_entropy`.
+        z_loss, softcap, options, memory_budget, backend, memory_mode, logits_dtype: as
+            :func:`xent.linear_cross_entropy`.
 
     Shape:
         - Input: :math:`(..., H)`; target: :math:`(...)` class indices; output: scalar or target's shape.
@@ -156,6 +158,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
 
     backend: str | None = None  # (class defaults: modules pickled before the attributes existed load)
     memory_mode: str = "auto"
+    logits_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -176,6 +179,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         memory_budget: int | None = None,
         backend: str | None = None,
         memory_mode: str = "auto",
+        logits_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(weight, None, None, reduction)
         self.in_features, self.num_classes, self.out_features = in_features, num_classes, tuple(out_features)
@@ -184,7 +188,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         )
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.z_loss, self.softcap, self.options, self.memory_budget = z_loss, softcap, options, memory_budget
-        self.backend, self.memory_mode = backend, memory_mode
+        self.backend, self.memory_mode, self.logits_dtype = backend, memory_mode, logits_dtype
 
     def forward(self, input: Tensor, target: Tensor, *, return_stats: str | Sequence[str] | None = None):
         shape = (self.num_classes, *self.out_features)
@@ -198,6 +202,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             options=self.options,
             memory_budget=self.memory_budget,
             memory_mode=self.memory_mode,
+            logits_dtype=self.logits_dtype,
             return_stats=return_stats,
             **_cross_entropy_options(self),
         )
@@ -209,6 +214,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
             + (f", backend={self.backend!r}" if self.backend is not None else "")
             + (f", memory_mode={self.memory_mode!r}" if self.memory_mode != "auto" else "")
+            + (f", logits_dtype={self.logits_dtype}" if self.logits_dtype is not None else "")
         )
 
 

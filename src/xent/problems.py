@@ -164,6 +164,9 @@ class LinearProblem:
     statistics: tuple[str, ...] = ()  # per-token statistics to return besides the loss (TokenStatistics' names)
     row_temperature: Tensor | None = None  # (R,) each row's temperature (RL), compute dtype; None: the options'
     memory_mode: str = "auto"  # the gradient passes' plan: "auto" | "lean" | "fast" (kernels/linear.py)
+    # None: a half-precision head's logits rounded to its dtype, as F.linear rounds them; torch.float32: the
+    # GEMM's fp32 accumulator itself (only ever set for a half-precision head; kernels/linear.py Head)
+    logits_dtype: torch.dtype | None = None
 
     @property
     def temperature(self) -> float | Tensor:
@@ -208,6 +211,7 @@ class DistillProblem:
     memory_budget: int | None = None  # bytes of all of one chunk's workspaces together; None: the default
     backend: str | None = None  # as Options.backend
     memory_mode: str = "auto"  # the gradient passes' plan: "auto" | "lean" | "fast" (kernels/distill.py)
+    logits_dtype: torch.dtype | None = None  # as LinearProblem.logits_dtype, for the student's and teacher's heads
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -275,6 +279,7 @@ class ThroughLogits:
     weight: Tensor | None
     options: Options
     output_dtype: torch.dtype | None  # None: cross_entropy's (its dtype promotion of logits, target and weight)
+    logits_dtype: torch.dtype | None = None  # as LinearProblem.logits_dtype
 
 
 # How a loss is being called; the ops (ops/) pick their implementation by it.

@@ -2,9 +2,11 @@
 
     logprob_i = log_softmax((h_i @ W.T + b) / T)[y_i]        entropy_i = -sum_j p_ij log p_ij
 
-`token_logprobs` takes the hidden states and the head. The temperature divides the logits in fp32 inside
-the pass, after the GEMM (whose fp32 accumulator a half-precision head rounds once to its dtype, as
-F.linear does): dividing the half-precision hidden states instead would round them once more. The
+`token_logprobs` takes the hidden states and the head. A half-precision head's logits are the GEMM's fp32
+accumulator (logits_dtype=torch.float32, the default: RL trainers compare these log-probabilities across
+the rollout engine and the policies, and rounding of the logits to bf16 shows up as a mismatch), and
+the temperature divides them in fp32 inside the pass, after the GEMM (dividing the half-precision hidden
+states instead would round them once more). The
 log-probabilities alone are xent's fused linear cross-entropy per token
 (logprob = -cross-entropy, 'none' reduction). With the entropy, both come from one fused pass over the
 chunks of logits (the row kernel takes the entropy while it streams each row), and backward runs one
@@ -56,6 +58,7 @@ def token_logprobs(
     return_stats: str | Sequence[str] | None = None,
     backend: str | None = None,
     memory_mode: str = "auto",
+    logits_dtype: torch.dtype | None = torch.float32,
 ) -> Tensor | tuple:
     r"""Log-probability of each chosen token under ``softmax((input @ linear_weight.T + linear_bias) / T)``.
 
@@ -78,6 +81,11 @@ def token_logprobs(
         backend (str, optional): the compute backend, as in :func:`xent.cross_entropy`.
         memory_mode (str): ``'auto'`` | ``'lean'`` | ``'fast'``: how backward computes the head's gradient,
             as in :func:`xent.linear_cross_entropy`.
+        logits_dtype (torch.dtype, optional): ``torch.float32`` (default): a bf16/fp16 head's logits are
+            the GEMM's fp32 accumulator, never rounded to the head's dtype, and the temperature divides
+            them in fp32, as RL frameworks compute them (within verl's kernel tolerances of a float32
+            reference; docs/precision.md). ``None`` or the head's dtype: rounded to it first, as
+            ``F.linear`` rounds them.
 
     Returns:
         the log-probabilities, shape :math:`(...)` (float32 for half-precision inputs), and with
@@ -102,6 +110,7 @@ def token_logprobs(
             entropy_requires_grad=entropy_requires_grad,
             memory_budget=memory_budget,
             backend=backend,
+            logits_dtype=logits_dtype,
         )
         return dtensor.token_logprobs(token_logprobs, input, linear_weight, target, linear_bias, options)
     cd = compute_dtype(input.dtype, linear_weight.dtype)
@@ -126,6 +135,7 @@ def token_logprobs(
         fn="token_logprobs",
         temperature=t,
         memory_mode=memory_mode,
+        logits_dtype=logits_dtype,
     )
     if isinstance(described, ThroughLogits):
         raise ValueError("token_logprobs: target must hold token ids (class indices) and linear_weight must be (V, H)")
@@ -198,6 +208,7 @@ def token_topk(
     temperature: float | Tensor = 1.0,
     softcap: float | None = None,
     memory_budget: int | None = None,
+    logits_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     r"""The k most probable next tokens at each position and their log-probabilities, from the hidden
     states and the head, without materializing the logits (one chunk of rows at a time).
@@ -206,8 +217,8 @@ def token_topk(
         input (Tensor): hidden states, shape :math:`(..., H)`.
         linear_weight (Tensor): the head, :math:`(V, H)`; linear_bias (Tensor, optional): :math:`(V,)`.
         k (int): how many tokens per position, :math:`0 \le k \le V`.
-        temperature, softcap, memory_budget: as :func:`token_logprobs` (the log-probabilities are those of
-            ``softmax(softcap(logits) / T)``).
+        temperature, softcap, memory_budget, logits_dtype: as :func:`token_logprobs` (the
+            log-probabilities are those of ``softmax(softcap(logits) / T)``).
 
     Returns:
         ``(logprobs, token_ids)``, both of shape :math:`(..., k)`, most probable first: the log-probabilities
@@ -220,7 +231,9 @@ def token_topk(
         >>> logp, ids = xent.token_topk(hidden, head, 5)                   # (2, 16, 5) each
         >>> teacher = xent.TeacherTopK(ids, logp)                           # a top-k distillation target
     """
-    problem, k = linear_topk_problem(input, linear_weight, k, linear_bias, temperature, softcap, memory_budget)
+    problem, k = linear_topk_problem(
+        input, linear_weight, k, linear_bias, temperature, softcap, memory_budget, logits_dtype=logits_dtype
+    )
     values, ids = rl_ops.linear_topk(problem, k)
     shape = (*problem.output_shape, k)
     return values.reshape(shape), ids.reshape(shape)

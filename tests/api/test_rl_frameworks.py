@@ -57,7 +57,8 @@ def _tolerance(dtype):
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_per_token_temperature_from_a_head(backend, dtype, t_shape, softcap):
     """Each row's logits (after the cap) over its own temperature, forward and backward of both outputs,
-    against float64 formulas (half-precision heads: their logits as F.linear rounds them)."""
+    against float64 formulas (half-precision heads too: their logits are the GEMM's fp32 accumulator, by
+    default never rounded to bf16)."""
     h, w, b, y = _data(dtype)
     gen = torch.Generator().manual_seed(1)
     shape = {"per token": (3, 5), "per sequence": (3, 1), "0-d": ()}[t_shape]
@@ -74,9 +75,7 @@ def test_per_token_temperature_from_a_head(backend, dtype, t_shape, softcap):
         backend=backend,
     )
     ref_params = [t.detach().to(torch.float64).requires_grad_() for t in params]
-    logits = torch.nn.functional.linear(*(t.to(dtype) for t in ref_params)).double()  # rounded as F.linear
-    if dtype == torch.bfloat16:
-        logits = torch.nn.functional.linear(*params).detach().double()
+    logits = torch.nn.functional.linear(*ref_params).detach()  # the bf16 values' exact products
     ref_logp, ref_entropy = _formulas(logits, y, temperature, softcap)
     tol = _tolerance(dtype)
     assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -203,7 +202,7 @@ def test_sum_of_squared_probabilities_and_mean_logit(backend, dtype):
     logp, entropy, stats = xent.token_logprobs(
         h, w, t, linear_bias=b, temperature=0.8, return_entropy=True, return_stats=("sum_sq_probs", "mean_logit")
     )
-    logits = torch.nn.functional.linear(h, w, b).double() / 0.8
+    logits = torch.nn.functional.linear(h.double(), w.double(), b.double()) / 0.8  # fp32 logits, not rounded
     p = logits.softmax(-1)
     assert_close(stats.sum_sq_probs.double(), (p * p).sum(-1), torch.float32)
     assert_close(stats.mean_logit.double(), logits.mean(-1), torch.float32)
@@ -232,7 +231,8 @@ def test_topk_from_hidden_states(dtype, k):
     temperature = (torch.rand(3, 1, generator=gen) + 0.5).to(DEVICE)
     for t, cap in ((1.0, None), (0.7, 3.0), (temperature, None)):
         logp, ids = xent.token_topk(h, w, k, linear_bias=b, temperature=t, softcap=cap, memory_budget=2 * 40 * 4)
-        logits = torch.nn.functional.linear(h, w, b).to(_tolerance(dtype))  # as F.linear rounds them
+        # the logits of the head's values in fp32 (bf16 heads: the GEMM's accumulator, not rounded to bf16)
+        logits = torch.nn.functional.linear(*(x.to(_tolerance(dtype)) for x in (h, w, b)))
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
         logits = logits / (t.unsqueeze(-1) if isinstance(t, torch.Tensor) else t)
@@ -285,15 +285,17 @@ def _verl_reference(hidden, weight, labels, temperature, reduction="none"):
 VERL_SHAPES = [(37, 3584, 1520), (43, 896, 1519), (30, 2048, 3225), (27, 4096, 1024), (64, 4096, 1024)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("shape", VERL_SHAPES[:3] if DEVICE == "cpu" else VERL_SHAPES)
-def test_verl_linear_cross_entropy_matches_verls_reference(shape, reduction):
+def test_verl_linear_cross_entropy_matches_verls_reference(shape, reduction, dtype):
     """verl's own tolerances (log-probs atol 1e-3 / rtol 2e-4, entropy 5e-3 / 5e-4, gradients 2e-2 / 4e-2
-    for upstreams U(-1, 1) and U(-0.5, 0.5)) on fp32 inputs at T = 1.5, in verl's (1, N, H) layout."""
+    for upstreams U(-1, 1) and U(-0.5, 0.5)) at T = 1.5, in verl's (1, N, H) layout; fp32 inputs, and bf16
+    ones (the reference upcasts them; xent's default fp32 logits, tests/api/test_fp32_logits.py)."""
     n, hidden_size, vocab = shape
     gen = torch.Generator().manual_seed(5)
-    hidden = (torch.rand(1, n, hidden_size, generator=gen) - 0.5).to(DEVICE).requires_grad_()
-    weight = (torch.rand(vocab, hidden_size, generator=gen) - 0.5).to(DEVICE).requires_grad_()
+    hidden = (torch.rand(1, n, hidden_size, generator=gen) - 0.5).to(dtype).to(DEVICE).requires_grad_()
+    weight = (torch.rand(vocab, hidden_size, generator=gen) - 0.5).to(dtype).to(DEVICE).requires_grad_()
     labels = torch.randint(0, vocab, (1, n), generator=gen).to(DEVICE)
     logprobs, entropy = xent_verl.linear_cross_entropy(hidden, weight, labels, 1.5, reduction)
     ref_logprobs, ref_entropy = _verl_reference(hidden, weight, labels, 1.5, reduction)
@@ -305,7 +307,8 @@ def test_verl_linear_cross_entropy_matches_verls_reference(shape, reduction):
     grads = torch.autograd.grad((logprobs * g_logprobs).sum() + (entropy * g_entropy).sum(), (hidden, weight))
     refs = torch.autograd.grad((ref_logprobs * g_logprobs).sum() + (ref_entropy * g_entropy).sum(), (hidden, weight))
     for g, r in zip(grads, refs):
-        torch.testing.assert_close(g, r, atol=2e-2, rtol=4e-2)
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), r.float(), atol=2e-2, rtol=4e-2)
 
 
 def test_verl_form_takes_per_token_temperatures_and_refuses_unknown_reductions():

@@ -1196,6 +1196,21 @@ def _rl(rank, world, sizes):
         for a, bb in zip(ours, theirs):
             _close(a, bb, "rl float32", rtol=1e-5, atol=1e-6)
         _close(g, ge[:, start : start + size], "rl float32 grad", rtol=1e-5, atol=1e-6)
+    # a bf16 head: each rank's block of logits is the GEMM's fp32 accumulator (logits_dtype's default), so the
+    # results are those of float64 over the same bf16 values, up to fp32 rounding; bf16 logits are not
+    with check("bf16 head, fp32 logits"):
+        xb = (torch.rand(40, 16, generator=gen) - 0.5).bfloat16()
+        wb = (torch.rand(c, 16, generator=gen) * 2 - 1).bfloat16()
+        local = wb[start : start + size].clone().requires_grad_()
+        ours = vocab_parallel_linear_token_logprobs(xb, local, y, temperature=1.5, return_entropy=True)
+        z = (xb.double() @ wb.double().T) / 1.5
+        logp = z.log_softmax(-1)
+        exact = (logp.gather(-1, y.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1))
+        for a, e, what in zip(ours, exact, ("logprob", "entropy")):
+            _close(a.double(), e, f"rl bf16 head {what}", rtol=1e-5, atol=1e-5)
+        rounded = vocab_parallel_linear_token_logprobs(xb, local, y, temperature=1.5, logits_dtype=torch.bfloat16)
+        single = xent.token_logprobs(xb, wb, y, temperature=1.5, logits_dtype=torch.bfloat16)
+        _close(rounded, single, "rl bf16 head, bf16 logits", rtol=1e-5, atol=1e-5)
     # torch.compile(fullgraph=True): the custom ops, with and without a gradient
     local = full[:, start : start + size].double()
     head = torch.randn(c, 3, generator=gen, dtype=torch.float64)

@@ -11,7 +11,8 @@ of the head (the weight's accumulated in fp32) before the next chunk reuses the 
 The chunks run through the same driver (kernels/driver.py: a DistillRowPass step) and the same chunk-row
 and GEMM helpers (kernels/linear.py: row_ranges, Head, HeadGradients) as linear cross-entropy. The
 workspaces are in fp32 (fp64 for fp64 inputs); half-precision heads run half-precision GEMMs (fp32
-accumulation inside, as F.linear) whose results are copied into them.
+accumulation inside, as F.linear) whose results are copied into them, rounded to half as F.linear rounds
+them unless the problem's logits_dtype keeps them in fp32.
 """
 
 from __future__ import annotations
@@ -168,8 +169,11 @@ def distill_pass(
     buffers = [torch.empty(size, dtype=cd, device=dev) for _ in range(workspaces(p))]
     # the gradient GEMMs of a half-precision head read a half copy of the fp32 gradient (never an fp32 GEMM)
     half_buf = torch.empty(size, dtype=x.dtype, device=dev) if need_grad and x.dtype != cd else None
-    student = Head(w, b, p.temperature)
-    teacher = Head(p.teacher_weight, p.teacher_bias, p.temperature, finite=p.divergence != "reverse_kl")
+    fp32_logits = p.logits_dtype is not None
+    student = Head(w, b, p.temperature, fp32_logits=fp32_logits)
+    teacher = Head(
+        p.teacher_weight, p.teacher_bias, p.temperature, finite=p.divergence != "reverse_kl", fp32_logits=fp32_logits
+    )
 
     def load(work: tuple[Tensor, ...], x_rows: Tensor, counted: Tensor, r0: int, r1: int) -> None:
         """The chunk's student logits / T into work[0] and a dense teacher's into work[2]."""

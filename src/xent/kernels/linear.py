@@ -35,12 +35,17 @@ MAX_CHUNK_BYTES = 256 << 20
 MAX_GPU_CHUNK_BYTES = 4 << 30
 
 
-def workspace_dtype(device: torch.device, dtype: torch.dtype, choice: str | None = None) -> torch.dtype:
+def workspace_dtype(
+    device: torch.device, dtype: torch.dtype, choice: str | None = None, logits_dtype: torch.dtype | None = None
+) -> torch.dtype:
     """The dtype of the logits workspace for a head of `dtype`: the head's own for bf16/fp16 on a backend
     whose chunk step works in half-precision workspaces (Triton: half-precision GEMMs, fp32 math in the
-    kernel), else the compute dtype (fp32 or fp64). `choice`: the call's backend choice."""
+    kernel), else the compute dtype (fp32 or fp64). `choice`: the call's backend choice; `logits_dtype`:
+    the problem's (fp32 logits keep an fp32 workspace on every backend)."""
     cd = compute_dtype(dtype)
-    return dtype if dtype in HALF_DTYPES and backend_for(device, cd, choice).half_precision_workspace else cd
+    if logits_dtype is not None or dtype not in HALF_DTYPES:
+        return cd
+    return dtype if backend_for(device, cd, choice).half_precision_workspace else cd
 
 
 def chunk_rows(
@@ -71,7 +76,7 @@ def rows_per_chunk(p: LinearProblem, weight_grad: bool = False) -> int:
     return chunk_rows(
         p.input.shape[0],
         vocab,
-        workspace_dtype(p.input.device, p.input.dtype, p.options.backend),
+        workspace_dtype(p.input.device, p.input.dtype, p.options.backend, p.logits_dtype),
         p.memory_budget,
         accumulator_bytes=vocab * hidden * 4 if weight_grad and p.input.device.type == "cuda" else 0,
     )
@@ -94,6 +99,7 @@ MEMORY_MODES = ("auto", "lean", "fast")  # validation checks against the same na
 # (chunks of 5 rows at V = 32768), with 1/20 ~1.3x (benchmarks/RESULTS.md).
 LEAN_ROW_FRACTION = 20
 LEAN_SLAB_FRACTION = 64
+LEAN_HEAD_FRACTION = 64  # the row pass's floor, a fraction of the head's bytes (lean_budgets)
 
 
 def lean_plan(p: LinearProblem, want: tuple[bool, bool, bool]) -> bool:
@@ -122,11 +128,19 @@ def statistics_problem(p: LinearProblem) -> LinearProblem:
 
 def lean_budgets(input: Tensor, vocab: int, memory_budget: int | None) -> tuple[int, int]:
     """Bytes of one chunk of the lean plan's row pass and of its slab pass: the caller's budget for both,
-    or LEAN_ROW_FRACTION / LEAN_SLAB_FRACTION of the (R x V) logits in the head's dtype (at least 1 MiB)."""
+    or LEAN_ROW_FRACTION / LEAN_SLAB_FRACTION of the (R x V) logits in the head's dtype (at least 1 MiB).
+
+    The row pass's chunks take at least LEAN_HEAD_FRACTION of the head's own bytes: every row chunk reads
+    the whole head, and with few tokens over a large vocabulary 1/20 of the logits is a row or two (48
+    tokens x 152064 classes: 48 chunks, each reading a 1 GiB head; its fp32 logits upcast it in pieces too),
+    while the head's gradient the pass returns is that size anyway."""
     if memory_budget is not None:
         return memory_budget, memory_budget
-    logits = input.shape[0] * vocab * torch.finfo(input.dtype).bits // 8
-    return max(1 << 20, logits // LEAN_ROW_FRACTION), max(1 << 20, logits // LEAN_SLAB_FRACTION)
+    item = torch.finfo(input.dtype).bits // 8
+    logits = input.shape[0] * vocab * item
+    head = vocab * input.shape[-1] * item
+    row = max(1 << 20, logits // LEAN_ROW_FRACTION, head // LEAN_HEAD_FRACTION)
+    return row, max(1 << 20, logits // LEAN_SLAB_FRACTION)
 
 
 def gradient_pass(
@@ -246,7 +260,7 @@ def linear_pass(
     if not vocab:  # no classes in this head (or this rank's block): sum exp = 0, lse = -inf, no chunk runs
         rows.classless_stats(stats)
     step = rows_per_chunk(p, want[1])
-    ws_dtype = workspace_dtype(dev, x.dtype, p.options.backend)
+    ws_dtype = workspace_dtype(dev, x.dtype, p.options.backend, p.logits_dtype)
     grads = HeadGradients(
         x, w_lin, want, cd, one_chunk=0 < num_rows <= step and vocab > 0 and ws_dtype == x.dtype == w_lin.dtype
     )
@@ -264,7 +278,7 @@ def linear_pass(
         if cap is not None and need_grad and work_buf is not None and backend.softcap_chain_scratch
         else None
     )
-    head = Head(w_lin, b_lin)
+    head = Head(w_lin, b_lin, fp32_logits=p.logits_dtype is not None)
 
     def chunks():
         for r0, r1 in row_ranges(num_rows if vocab else 0, step):
@@ -293,7 +307,8 @@ def linear_topk(p: LinearProblem, k: int) -> tuple[Tensor, Tensor]:
     """The k most probable classes of every row of a linear head and their log-probabilities under
     softmax(softcap(logits) / T): (R, k) in the compute dtype and (R, k) int64, most probable first (ties
     in torch.topk's order). No gradient. The logits of one chunk of rows at a time, in the compute dtype (a
-    half-precision head's GEMM in its dtype with fp32 accumulation, as F.linear)."""
+    half-precision head's GEMM in its dtype with fp32 accumulation, rounded to it as F.linear rounds, unless
+    p.logits_dtype keeps them in fp32)."""
     x, w, b = p.input, p.linear_weight, p.linear_bias
     num_rows, vocab = x.shape[0], w.shape[0]
     cd, dev = p.compute_dtype, x.device
@@ -303,7 +318,7 @@ def linear_topk(p: LinearProblem, k: int) -> tuple[Tensor, Tensor]:
         return values, indices
     step = p.chunk_size or chunk_rows(num_rows, vocab, cd, p.memory_budget)
     work = torch.empty(min(step, num_rows) * vocab, dtype=cd, device=dev)
-    head, cap, t = Head(w, b), p.options.softcap, p.temperature
+    head, cap, t = Head(w, b, fp32_logits=p.logits_dtype is not None), p.options.softcap, p.temperature
     with no_autocast(dev):
         for r0, r1 in row_ranges(num_rows, step):
             z = work[: (r1 - r0) * vocab].view(r1 - r0, vocab)
@@ -332,12 +347,21 @@ class Head:
     fp32/fp64 heads divide the chunk's hidden states and the bias instead of the logits ((h W^T + b) / T =
     (h / T) W^T + b / T: O(rows x H) work, not O(rows x V)); heads in another dtype than the workspace's
     (half precision) run their GEMM in their dtype and divide while copying into the workspace. With
-    `finite`, a -inf bias entry (a masked-out token) is clamped to the dtype's most negative finite value
-    divided by T: its probability stays exactly 0, and its log-probability finite, so 0 * log 0 terms
-    vanish without a mask (distillation)."""
+    `fp32_logits` a half-precision head's logits are the GEMM's fp32 accumulator itself, never rounded to
+    the head's dtype (fp32_linear_into_), and the temperature divides them in fp32. With `finite`, a -inf
+    bias entry (a masked-out token) is clamped to the dtype's most negative finite value divided by T: its
+    probability stays exactly 0, and its log-probability finite, so 0 * log 0 terms vanish without a mask
+    (distillation)."""
 
-    def __init__(self, weight: Tensor | None, bias: Tensor | None, temperature: float = 1.0, finite: bool = False):
-        self.weight, self.temperature = weight, temperature
+    def __init__(
+        self,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        temperature: float = 1.0,
+        finite: bool = False,
+        fp32_logits: bool = False,
+    ):
+        self.weight, self.temperature, self.fp32_logits = weight, temperature, fp32_logits
         if bias is not None and finite:
             bias = bias.clamp(min=torch.finfo(bias.dtype).min * min(1.0, temperature))
         self.raw_bias = bias  # for a GEMM in another dtype than the workspace's, which divides its output
@@ -347,6 +371,11 @@ class Head:
 
     def logits_into_(self, out: Tensor, x: Tensor) -> None:
         t, w, b = self.temperature, self.weight, self.bias
+        if x.dtype != out.dtype and self.fp32_logits:  # the fp32 accumulator, divided in fp32
+            fp32_linear_into_(out, x, w, self.raw_bias)
+            if t != 1.0:
+                out.div_(t)
+            return
         if x.dtype != out.dtype:  # another dtype (half precision): the GEMM in it, the division on the copy
             divide_into_(out, F.linear(x, w, self.raw_bias), t)
             return
@@ -355,6 +384,67 @@ class Head:
             torch.mm(x, w.T, out=out)
         else:
             torch.addmm(b, x, w.T, out=out)
+
+
+def fp32_linear_into_(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> None:
+    """out (fp32) = x @ w.T + b for half-precision x, w, b: the GEMM's fp32 accumulator, never rounded to half.
+
+    CUDA: a half-precision GEMM with an fp32 output (torch.mm(..., out_dtype=float32)). Elsewhere (the
+    CPU has no such kernel) an fp32 GEMM of the exactly upcast operands, the head upcast a piece of at
+    most FP32_HEAD_PIECE_BYTES at a time into one reused buffer (never a whole fp32 copy of the head); for a
+    bf16 head that GEMM runs in oneDNN's bf16 math mode (bf16 products, fp32 accumulation: exact on
+    operands that are bf16 values, at about the bf16 GEMM's speed instead of 3.5x its time)."""
+    if x.device.type == "cuda" and _OUT_DTYPE_MM.get("mm", True):
+        try:
+            torch.mm(x, w.T, out_dtype=out.dtype, out=out)
+            if b is not None:
+                out.add_(b)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_MM["mm"] = False  # this torch has no such kernel: the upcast GEMMs below
+    x32 = x.to(out.dtype)
+    vocab, hidden = w.shape
+    # pieces no larger than the chunk's own logits (within the memory plan), at least 1 MiB (smaller ones
+    # took up to 5x the time of 8 MiB ones: a GEMM call per piece)
+    piece_bytes = min(FP32_HEAD_PIECE_BYTES, max(1 << 20, out.numel() * out.element_size()))
+    piece = max(1, min(vocab, piece_bytes // max(1, hidden * out.element_size())))
+    w32 = torch.empty((piece, hidden), dtype=out.dtype, device=w.device)
+    with bf16_math(w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+        for v0 in range(0, vocab, piece):
+            v1 = min(vocab, v0 + piece)
+            head = w32[: v1 - v0].copy_(w[v0:v1])
+            if b is None:
+                torch.mm(x32, head.T, out=out[:, v0:v1])
+            else:
+                torch.addmm(b[v0:v1].to(out.dtype), x32, head.T, out=out[:, v0:v1])
+
+
+_OUT_DTYPE_MM: dict[str, bool] = {}
+FP32_HEAD_PIECE_BYTES = 8 << 20
+
+
+@contextlib.contextmanager
+def bf16_math(enabled: bool):
+    """fp32 CPU matmuls in oneDNN's bf16 math mode inside (torch.backends.mkldnn.matmul.fp32_precision:
+    a process-wide setting, restored on exit); a no-op where this torch lacks it or `enabled` is False."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if not enabled or matmul is None or not hasattr(matmul, "fp32_precision"):
+        yield
+        return
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def formula_logits(x: Tensor, w: Tensor, b: Tensor | None, logits_dtype: torch.dtype | None) -> Tensor:
+    """The logits as the formula paths (torch.func, double backward) differentiate them: F.linear's, or with
+    `logits_dtype` (fp32 logits of a half-precision head) F.linear of the exactly upcast operands."""
+    if logits_dtype is None or x.dtype == logits_dtype:
+        return F.linear(x, w, b)
+    return F.linear(x.to(logits_dtype), w.to(logits_dtype), b.to(logits_dtype) if b is not None else None)
 
 
 def divide_into_(out: Tensor, logits: Tensor, temperature: float) -> None:

@@ -22,12 +22,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import distill as kernels
 from ..kernels import scale_by_upstream_
-from ..kernels.linear import no_autocast
+from ..kernels.linear import formula_logits, no_autocast
 from ..problems import EAGER, FUNC, TRACED, DistillProblem, route
 from .declare import OpFamily, Upstream
 from .handover import save_for_handover, saved_inputs, take_handover
@@ -117,7 +116,8 @@ def linear_distillation(p: DistillProblem, input: Tensor, linear_weight: Tensor,
 def distill_formula(p: DistillProblem, input2d: Tensor, linear_weight: Tensor, linear_bias) -> Tensor:
     cd = p.compute_dtype
     valid = kernels.valid_rows(p)
-    log_p_s = torch.log_softmax(F.linear(input2d, linear_weight, linear_bias).to(cd) / p.temperature, -1)
+    student = formula_logits(input2d, linear_weight, linear_bias, p.logits_dtype)
+    log_p_s = torch.log_softmax(student.to(cd) / p.temperature, -1)
     if p.teacher_kind == "topk":
         indices = torch.where(valid.unsqueeze(1), p.teacher_indices, 0)
         log_q = p.teacher_logprobs.to(cd)
@@ -125,7 +125,7 @@ def distill_formula(p: DistillProblem, input2d: Tensor, linear_weight: Tensor, l
         rows = _xlog(q, log_q - log_p_s.gather(1, indices)).sum(1)
     else:
         if p.teacher_kind == "head":
-            teacher = F.linear(p.teacher_input, p.teacher_weight, p.teacher_bias)
+            teacher = formula_logits(p.teacher_input, p.teacher_weight, p.teacher_bias, p.logits_dtype)
         else:
             teacher = p.teacher_logits
         log_p_t = torch.log_softmax(teacher.to(cd) / p.temperature, -1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import check_target_range
@@ -109,7 +108,7 @@ def linear_formula(
     target: Tensor,
     weight: Tensor | None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    logits = F.linear(input2d, linear_weight, linear_bias)
+    logits = linear_kernels.formula_logits(input2d, linear_weight, linear_bias, p.logits_dtype)
     problem = make_problem(logits, target, weight, p.options, p.output_dtype, p.statistics)
     loss = cross_entropy_formula(problem, logits, target, weight)
     loss = loss.reshape(p.output_shape) if p.options.reduction == "none" else loss
@@ -157,7 +156,7 @@ def _linear_double_backward(ctx, grad_loss) -> tuple:
     through the formulas)."""
     p: LinearProblem = ctx.problem
     input, w_lin, b_lin, target, weight = saved_inputs(ctx)
-    logits = F.linear(input, w_lin, b_lin).reshape(-1, w_lin.shape[0])
+    logits = linear_kernels.formula_logits(input, w_lin, b_lin, p.logits_dtype).reshape(-1, w_lin.shape[0])
     problem = make_problem(logits, target.reshape(-1), weight, p.options, p.output_dtype)
     loss, _ = cross_entropy(problem, logits, problem.target.reshape(-1), weight)
     loss = loss.reshape(p.output_shape) if p.options.reduction == "none" else loss

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -72,6 +71,7 @@ def token_linear_problem(p: LinearProblem, extra: tuple = ()) -> LinearProblem:
         TOKEN_STATISTICS + tuple(n for n in extra if n not in TOKEN_STATISTICS),
         p.row_temperature,
         p.memory_mode,
+        p.logits_dtype,
     )
 
 
@@ -138,7 +138,7 @@ def linear_token_logprobs(
     """(logprob, entropy) per row of p.input (the caller's `input` reshaped to (R, H)), differentiable, and
     the per-token `statistics` (TokenStatistics' names) by name, from the same pass, without gradient."""
     if route(input, linear_weight, linear_bias, p.target) == FUNC:
-        logits = F.linear(p.input, linear_weight, linear_bias)
+        logits = linear_kernels.formula_logits(p.input, linear_weight, linear_bias, p.logits_dtype)
         o = p.options
         if statistics and isinstance(p.temperature, Tensor):  # the formulas' statistics take one temperature
             raise NotImplementedError("token_logprobs: return_stats with per-token temperatures under torch.func")

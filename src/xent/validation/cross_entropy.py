@@ -330,6 +330,7 @@ def linear_cross_entropy_problem(
     fn: str = "linear_cross_entropy",
     temperature: float = 1.0,
     memory_mode: str = "auto",
+    logits_dtype: torch.dtype | None = None,
 ):
     """Validate linear_cross_entropy's arguments (torch 2.13's F.linear_cross_entropy order) into either
     (LinearProblem, input, linear_weight, linear_bias), the tensors as autocast casts them, or ThroughLogits.
@@ -354,6 +355,7 @@ def linear_cross_entropy_problem(
         input, linear_weight, linear_bias = (_autocast(t, autocast) for t in (input, linear_weight, linear_bias))
         output_dtype = output_dtype or torch.float32
     check_linear(input, linear_weight, linear_bias)
+    logits_dtype = check_logits_dtype(logits_dtype, input.dtype, fn)
 
     vocab = linear_weight.shape[0]
     # torch's test: the target has the logits' shape (a non-float one then fails cross_entropy's dtype check)
@@ -373,7 +375,7 @@ def linear_cross_entropy_problem(
         if statistics:
             raise NotImplementedError(f"{fn}: return_stats with probability targets or a K-dimensional head")
         options = Options(reduction, ignore_index, label_smoothing, z_loss, softcap, temperature)
-        return ThroughLogits(input, linear_weight, linear_bias, target, weight, options, output_dtype)
+        return ThroughLogits(input, linear_weight, linear_bias, target, weight, options, output_dtype, logits_dtype)
 
     label_smoothing = check_label_smoothing(label_smoothing)
     check_float_input(input, fn)
@@ -404,12 +406,21 @@ def linear_cross_entropy_problem(
         memory_budget,
         statistics,
         memory_mode=memory_mode,
+        logits_dtype=logits_dtype,
     )
     return problem, input, linear_weight, linear_bias
 
 
 def linear_topk_problem(
-    input, linear_weight, k, linear_bias, temperature, softcap, memory_budget, fn: str = "token_topk"
+    input,
+    linear_weight,
+    k,
+    linear_bias,
+    temperature,
+    softcap,
+    memory_budget,
+    fn: str = "token_topk",
+    logits_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[LinearProblem, int]:
     """token_topk's arguments as a LinearProblem over the (R, H) rows (no targets: an empty one) and k."""
     for t, name, optional in ((input, "input", False), (linear_weight, "linear_weight", False)):
@@ -419,6 +430,7 @@ def linear_topk_problem(
     if autocast is not None:  # the head's GEMM in autocast's dtype, as F.linear under autocast
         input, linear_weight, linear_bias = (_autocast(t, autocast) for t in (input, linear_weight, linear_bias))
     check_linear(input, linear_weight, linear_bias)
+    logits_dtype = check_logits_dtype(logits_dtype, input.dtype, fn)
     if linear_weight.dim() != 2:
         raise RuntimeError(f"{fn}: linear_weight must be (V, H), got {list(linear_weight.shape)}")
     check_float_input(input, fn)
@@ -444,6 +456,7 @@ def linear_topk_problem(
         check_memory_budget(memory_budget, fn),
         (),
         row_t,
+        logits_dtype=logits_dtype,
     )
     return problem, int(k)
 
@@ -460,6 +473,20 @@ def check_memory_mode(memory_mode, fn: str) -> str:
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"{fn}: memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
     return memory_mode
+
+
+def check_logits_dtype(logits_dtype, head_dtype: torch.dtype, fn: str) -> torch.dtype | None:
+    """The dtype a head's logits are computed in, as LinearProblem.logits_dtype holds it: None (rounded to
+    the head's dtype, as F.linear) or torch.float32 for a half-precision head. Accepted: None or the head's
+    dtype (F.linear's rounding), or torch.float32 (fp32 logits; an fp32 or fp64 head's own are already at
+    least that)."""
+    if logits_dtype is not None and not isinstance(logits_dtype, torch.dtype):
+        raise TypeError(f"{fn}: logits_dtype must be a torch.dtype or None, got {type(logits_dtype).__name__}")
+    if logits_dtype not in (None, head_dtype, torch.float32):
+        raise ValueError(
+            f"{fn}: logits_dtype must be None, torch.float32 or the head's dtype ({head_dtype}), got {logits_dtype}"
+        )
+    return torch.float32 if logits_dtype == torch.float32 and head_dtype in HALF_DTYPES else None
 
 
 def check_memory_budget(memory_budget, fn: str) -> int | None:

@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 
 from ..checks import as_index
-from ..problems import DIVERGENCES, REDUCTIONS, DistillProblem, autocast_dtype
+from ..problems import DIVERGENCES, HALF_DTYPES, REDUCTIONS, DistillProblem, autocast_dtype
 from .cross_entropy import (
     as_float,
     check_float_input,
     check_linear,
+    check_logits_dtype,
     check_memory_budget,
     check_memory_mode,
     check_same_device,
@@ -46,6 +47,7 @@ def linear_distillation_problem(
     output_dtype,
     fn: str = FN,
     memory_mode: str = "auto",
+    logits_dtype: torch.dtype | None = None,
 ):
     """(DistillProblem, input, linear_weight, linear_bias): the student's tensors as autocast casts them.
 
@@ -85,6 +87,10 @@ def linear_distillation_problem(
             teacher_tensors = {k: _autocast(t, autocast) for k, t in teacher_tensors.items()}
         output_dtype = output_dtype or torch.float32
     check_linear(input, linear_weight, linear_bias)
+    requested = logits_dtype
+    logits_dtype = check_logits_dtype(logits_dtype, input.dtype, fn)
+    if requested == torch.float32 and teacher_kind == "head" and teacher_tensors["input"].dtype in HALF_DTYPES:
+        logits_dtype = torch.float32  # an fp32 student over a half-precision teacher head: the teacher's too
     if linear_weight.dim() != 2:
         raise RuntimeError(f"{fn}: linear_weight must be 2-D (V, H), got shape {list(linear_weight.shape)}")
     check_float_input(input, fn)
@@ -143,6 +149,7 @@ def linear_distillation_problem(
         output_dtype or input.dtype,
         memory_budget,
         memory_mode=memory_mode,
+        logits_dtype=logits_dtype,
     )
     return problem, input, linear_weight, linear_bias
 
