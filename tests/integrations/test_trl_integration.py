@@ -179,8 +179,13 @@ def _common(tmp_path, **kw):
     }
 
 
-def _train(make_trainer, use_xent):
-    (xent_trl.apply if use_xent else xent_trl.remove)()
+def _train(make_trainer, use_xent, logits_dtype=torch.bfloat16):
+    # bfloat16: under bf16 autocast, TRL's own function rounds each tile of logits to bf16, and so does xent
+    # with this; xent's default fp32 logits are checked against TRL in test_sft_trainer_fp32_logits_under_bf16
+    if use_xent:
+        xent_trl.apply(logits_dtype=logits_dtype)
+    else:
+        xent_trl.remove()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = make_trainer()
@@ -218,6 +223,44 @@ def test_sft_trainer(options, tmp_path, xent_calls):
         return SFTTrainer(model=_model(), args=args, train_dataset=data, processing_class=_tokenizer())
 
     _same_training(make, ("entropy", "mean_token_accuracy"), xent_calls)
+
+
+@pytest.mark.slow
+def test_sft_trainer_fp32_logits_under_bf16(tmp_path, xent_calls):
+    """xent's default under TRL's bf16 autocast (padding-free SFT): fp32 logits where TRL rounds them to
+    bf16. The losses then differ from TRL's by bf16 rounding of the logits, and are closer to the loss of
+    the same bf16 hidden states and head in float64."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_dict({"text": _texts(16, 3, 12, seed=0)})
+
+    def make():
+        args = SFTConfig(per_device_train_batch_size=4, **_common(tmp_path, padding_free=True, max_length=None))
+        return SFTTrainer(model=_model(), args=args, train_dataset=data, processing_class=_tokenizer())
+
+    (ref_logs, _), (logs, _) = _train(make, False), _train(make, True, logits_dtype=torch.float32)
+    got = torch.tensor([e["loss"] for e in logs], dtype=torch.float64)
+    want = torch.tensor([e["loss"] for e in ref_logs], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=0)  # bf16 logits: relative error up to 2^-9 each
+    captured = []
+    real = xent_trl.token_logprobs
+
+    def spy(hidden, weight, targets, **kw):
+        captured.append((hidden.detach(), weight.detach(), targets, kw))
+        return real(hidden, weight, targets, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(xent_trl, "token_logprobs", spy)
+        _train(make, True, logits_dtype=torch.float32)
+    hidden, weight, targets, kw = captured[0]
+    assert hidden.dtype == weight.dtype == torch.bfloat16 and kw["logits_dtype"] == torch.float32
+    exact = torch.log_softmax(hidden.double() @ weight.double().T / kw["temperature"], -1)
+    valid = targets != -100
+    exact = exact.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)[valid]
+    ours = real(hidden, weight, targets, **kw)[0][valid]
+    rounded = real(hidden, weight, targets, **{**kw, "logits_dtype": torch.bfloat16})[0][valid]
+    assert (ours.double() - exact).abs().max() < 1e-5 < (rounded.double() - exact).abs().max()
 
 
 @pytest.mark.slow

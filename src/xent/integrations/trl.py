@@ -19,7 +19,10 @@ function up at each call, so replacing it here reaches every fused head, also of
 models) built before :func:`apply`.
 
 xent computes the log-probabilities and entropies with :func:`xent.token_logprobs` (the logits are never
-materialized; fp32 row math; the temperature and softcap applied to the fp32 logits); TRL's
+materialized; fp32 row math; the temperature and softcap applied to the fp32 logits). A bf16/fp16 head's
+logits (or one run under bf16 autocast, as TRL's bf16 training does) are the GEMM's fp32 accumulator, as
+RL frameworks compute them, where TRL's own function rounds each tile of logits to bf16 first:
+``apply(logits_dtype=torch.bfloat16)`` reproduces that rounding (docs/precision.md). TRL's
 ``logit_scale`` multiplies the logits before the softcap, so it folds exactly into xent's softcap and
 temperature (``c tanh(s z / c) / T = (c/s) tanh(z / (c/s)) / (T/s)``). The extra outputs, which carry no
 gradient, are statistics of the same pass (``return_stats=("sum_sq_probs", "mean_logit", "correct")``):
@@ -110,6 +113,7 @@ class XentChunkedLogProb:
                 softcap=softcap,
                 return_entropy=True,
                 return_stats=stats,
+                logits_dtype=_SETTINGS["logits_dtype"],
             )
         entropy = entropy if "entropy" in outputs else None
         log_sum_sq = st.sum_sq_probs.log() if "log_sum_sq_probs" in outputs else None
@@ -121,6 +125,8 @@ class XentChunkedLogProb:
 
 # TRL's extra outputs -> the xent statistics they come from
 _STATISTICS = {"log_sum_sq_probs": "sum_sq_probs", "mean_logits": "mean_logit", "is_top1": "correct"}
+# what apply() was last called with (process-wide, as the replacement itself)
+_SETTINGS: dict = {"logits_dtype": torch.float32}
 
 
 def _original():
@@ -146,11 +152,18 @@ def has_fused_lm_head(model) -> bool:
     return False
 
 
-def apply(trainer=None) -> None:
+def apply(trainer=None, *, logits_dtype: torch.dtype | None = torch.float32) -> None:
     """Route TRL's fused LM head through xent, process-wide (every trainer, built before or after). With a
     ``trainer``, also check that it has a fused head (ValueError otherwise: an older trainer, or one that
-    computes from the logits, would not use xent). Applying twice is harmless."""
+    computes from the logits, would not use xent). Applying twice is harmless. ``logits_dtype``: as
+    :func:`xent.token_logprobs` (fp32 logits by default; ``torch.bfloat16`` rounds them as TRL's own
+    function does under bf16)."""
+    if logits_dtype is not None and not isinstance(logits_dtype, torch.dtype):
+        raise TypeError(
+            f"xent.integrations.trl.apply: logits_dtype must be a torch.dtype or None, got {logits_dtype!r}"
+        )
     utils = _trl_utils()
+    _SETTINGS["logits_dtype"] = logits_dtype
     if trainer is not None:
         model = getattr(trainer, "model", None)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
