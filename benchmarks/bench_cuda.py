@@ -341,6 +341,9 @@ def linear_impls(peers: Peers, precision: bool = False) -> dict:
     }
     if not precision:  # the lean memory plan (vocabulary slabs), which 'auto' does not pick on a GPU unmeasured
         impls["xent memory_mode='lean'"] = lambda x, w, y: xent.linear_cross_entropy(x, w, y, memory_mode="lean")
+    # fp32 logits (the RL functions' default; docs/precision.md): what mm(out_dtype=fp32) and the fp32
+    # workspace cost against the bf16 workspace, unmeasured on a GPU so far
+    impls["xent logits_dtype=fp32"] = lambda x, w, y: xent.linear_cross_entropy(x, w, y, logits_dtype=torch.float32)
     if precision:
         impls["naive matmul + CE (bf16 logits)"] = _naive_linear_ce_bf16
     elif peers.compile:

@@ -234,32 +234,31 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _plot(args, progress_enabled: bool) -> None:
-    """Time and peak memory against vocabulary size, for both workloads."""
+    """Time and peak memory against vocabulary size, for the workloads --what asks for (a column each)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("xent bench --plot needs matplotlib: pip install 'xent[plot]'") from None
+        raise SystemExit("xent bench --plot needs matplotlib: pip install -e '.[plot]' from the xent clone") from None
     from .bench import CE_IMPLS, LINEAR_IMPLS, Workload
 
     vocabs = [int(v) for v in args.plot_vocabs.split(",")]
+    kinds = ("ce", "linear") if args.what == "all" else (args.what,)
+    impls_of = {"ce": CE_IMPLS, "linear": LINEAR_IMPLS}
     series = {}
     per_impl = args.plot_repeats + (0 if args.no_memory else 1)
-    progress = Progress(len(vocabs) * per_impl * (len(CE_IMPLS) + len(LINEAR_IMPLS)), enabled=progress_enabled)
+    count = len(vocabs) * per_impl * sum(len(impls_of[k]) for k in kinds)
+    progress = Progress(count, enabled=progress_enabled)
     for v in vocabs:
-        for w, impls in (
-            (Workload("ce", args.tokens, v, dtype=args.dtype, device=args.device), CE_IMPLS),
-            (
-                Workload("linear", args.tokens, v, hidden=args.hidden, dtype=args.dtype, device=args.device),
-                LINEAR_IMPLS,
-            ),
-        ):
-            for r in _bench_workload(w, impls, args.plot_repeats, progress, memory=not args.no_memory):
+        for kind in kinds:
+            hidden = args.hidden if kind == "linear" else 0
+            w = Workload(kind, args.tokens, v, hidden=hidden, dtype=args.dtype, device=args.device)
+            for r in _bench_workload(w, impls_of[kind], args.plot_repeats, progress, memory=not args.no_memory):
                 series.setdefault((w.kind, r["impl"]), []).append((v, r["time"], r["peak_mb"]))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for col, kind in enumerate(("ce", "linear")):
+    fig, axes = plt.subplots(2, len(kinds), figsize=(5.5 * len(kinds), 8), squeeze=False)
+    for col, kind in enumerate(kinds):
         for (k, impl), pts in series.items():
             if k != kind:
                 continue
@@ -291,17 +290,23 @@ def main(argv: list[str] | None = None) -> int:
         "--what",
         choices=["all", "ce", "linear"],
         default="all",
-        help="cross_entropy, linear_cross_entropy, or both (default)",
+        help="all: both (default); ce: cross_entropy; linear: linear_cross_entropy",
     )
     p_bench.add_argument("--tokens", type=int, default=1024, help="rows / tokens N (default 1024)")
     p_bench.add_argument("--hidden", type=int, default=512, help="hidden size H of the linear head (default 512)")
     p_bench.add_argument("--vocab", type=int, default=32768, help="classes / vocabulary V (default 32768)")
     p_bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
-    p_bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p_bench.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="a torch device: cpu, cuda, cuda:1 (default: cuda where there is one, else cpu)",
+    )
     p_bench.add_argument("--repeats", type=int, default=5, help="timed rounds per implementation (default 5)")
     p_bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p_bench.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
-    p_bench.add_argument("--plot", metavar="FILE.png", help="also write time and memory against vocabulary size")
+    p_bench.add_argument(
+        "--plot", metavar="FILE.png", help="also write time and memory against vocabulary size (for --what's losses)"
+    )
     p_bench.add_argument("--plot-vocabs", default="8192,16384,32768,65536", help="vocabulary sizes for --plot")
     p_bench.add_argument("--plot-repeats", type=int, default=2)
     p_bench.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -311,8 +316,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         return verify(args.tolerance)
     if args.command == "bench":
+        problem = device_problem(args.device)
+        if problem is not None:  # one line, not torch's traceback from deep inside the first allocation
+            print(f"xent bench: error: {problem}", file=sys.stderr)
+            return 2
         return bench(args)
     return 2
+
+
+def device_problem(name: str) -> str | None:
+    """Why `xent bench --device NAME` cannot run here (one line for the parser's error), or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name}: not a torch device (try cpu or cuda)"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is False)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        return None
+    return f"--device {name}: xent bench runs on cpu or cuda devices"
 
 
 if __name__ == "__main__":

@@ -111,3 +111,42 @@ def test_bench_plot(tmp_path, capsys):
         == 0
     )
     assert out_file.stat().st_size > 1000 and out_file.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bench_plot_draws_only_what_was_asked(tmp_path, monkeypatch):
+    """--what ce plots one column (cross_entropy), --what all both."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
+    base = ["bench", "--tokens", "16", "--hidden", "4", "--vocab", "32", "--repeats", "1", "--quiet", "--no-memory"]
+    plot = ["--plot", str(tmp_path / "b.png"), "--plot-vocabs", "16,32", "--plot-repeats", "1"]
+    for what, columns, titles in (("ce", 1, ["cross_entropy"]), ("all", 2, ["cross_entropy", "linear_cross_entropy"])):
+        assert cli.main([*base, "--what", what, *plot]) == 0
+        _, axes = figures[-1]
+        assert axes.shape == (2, columns)
+        drawn = [axes[0, c].get_title().split(" (")[0].split(",")[0] for c in range(columns)]
+        assert drawn == titles
+
+
+@pytest.mark.parametrize(
+    "device, says",
+    [
+        ("cuda" if not torch.cuda.is_available() else "cuda:99", "CUDA device"),
+        ("not-a-device", "not a torch device"),
+        ("meta", "runs on cpu or cuda"),
+    ],
+)
+def test_bench_refuses_a_device_it_cannot_use_in_one_line(device, says, capsys):
+    assert cli.main(["bench", "--device", device, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and err.startswith("xent bench: error:")
+
+
+def test_bench_help_lists_what_choices(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{all,ce,linear}" in out and "all: both (default)" in out

@@ -259,7 +259,7 @@ class TritonBackend(TorchBackend):
 
     def unavailable(self, device: torch.device) -> str | None:
         if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install 'xent[cuda]')"
+            return "triton is not installed (pip install -e '.[cuda]' from the xent clone)"
         if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
             return None  # CUDA tensors, or CPU tensors through Triton's interpreter
         return (
