@@ -316,6 +316,20 @@ class Peers:
             self.liger_ce = self.liger_flce = self.cce = None  # Triton kernels for CUDA only
 
 
+def _whole_row(fn, columns: int):
+    """fn with the Triton kernel's read-once launch switched on for rows of up to `columns` columns."""
+    from xent.kernels import triton_rows
+
+    def run(*args):
+        before, triton_rows.WHOLE_ROW_MAX_COLUMNS = triton_rows.WHOLE_ROW_MAX_COLUMNS, columns
+        try:
+            return fn(*args)
+        finally:
+            triton_rows.WHOLE_ROW_MAX_COLUMNS = before
+
+    return run
+
+
 def _ce(x, y):
     return F.cross_entropy(x, y)
 
@@ -412,6 +426,8 @@ def ce_section(report: Report, args, peers: Peers) -> None:
                 return Case(name, lambda: fn(x, y).backward(), lambda: reset(restore), lambda: _fresh_grad_bytes(x))
 
             impls = {"xent": xent.cross_entropy, "torch eager": F.cross_entropy}
+            if v <= 32768:  # the read-once launch (kernels/triton_rows.py WHOLE_ROW), off by default: measured here
+                impls["xent read-once rows (WHOLE_ROW)"] = _whole_row(xent.cross_entropy, v)
             if peers.compile:
                 impls["torch.compile(F.cross_entropy)"] = torch.compile(_ce, dynamic=False)
             cases = [make(name, fn) for name, fn in impls.items()]

@@ -10,6 +10,12 @@ times the softcap chain factor, re-reading the row (from L2 on a GPU, where a ro
 coefficients are the same per-row vectors rows.RowTerms / ChunkCoefficients form for the torch path, so
 the loss math lives in one place; the kernel only applies it. With STATS off it reads a given lse (the
 vocab-parallel gradient after the exchange); with GRAD off it only produces statistics.
+
+WHOLE_ROW (behind a switch, WHOLE_ROW_MAX_COLUMNS, off by default): a row of up to that many columns is one
+block, read once; the gradient loop takes the logits (capped, over T) and the cap's tanh from registers
+instead of re-reading the row. That is the read-once kernel a GPU run must still measure (whether 16-32
+warps hold a 32768-column row without spilling, and whether it beats the two-read launch); the
+interpreter tests check that it computes the same values.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ def _rows_kernel(
     STORE_SUMSQ: tl.constexpr,
     STORE_LOGIT_SUM: tl.constexpr,
     ENTROPY_GRAD: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
 ):
     # A grid smaller than the rows makes each program loop over rows (fewer rows in flight, so that the
     # gradient loop's second read of a row still finds it in L2); a grid of one program per row loops once.
@@ -142,6 +149,8 @@ def _rows_kernel(
             zsum = 0.0  # sum z, for the mean logit
             best = -float("inf")
             best_col = 0
+            z_keep = tl.zeros([BLOCK], dtype=tl.float32)  # WHOLE_ROW: the row, for the gradient loop
+            th_keep = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
                 idx = start + cols
                 mask = idx < n_cols
@@ -152,9 +161,14 @@ def _rows_kernel(
                     best_col = tl.where(raw_max > best, start + tl.argmax(z, 0), best_col)
                     best = tl.maximum(best, raw_max)
                 if SOFTCAP:  # the cap would turn the padding's -inf into -softcap
-                    z = tl.where(mask, softcap * _tanh(z / softcap), -float("inf"))
+                    th_block = _tanh(z / softcap)
+                    z = tl.where(mask, softcap * th_block, -float("inf"))
+                    if WHOLE_ROW:
+                        th_keep = th_block
                 if TEMPERATURE:  # the (capped) logits over T, in fp32: the half-precision input is not rounded again
                     z = z / t_row
+                if WHOLE_ROW:
+                    z_keep = z
                 m_new = tl.maximum(m, tl.max(z, 0))
                 new_shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
                 # the sums so far, re-based from `shift` to `new_shift`: exp(shift - new_shift) <= 1, and 0 when
@@ -220,12 +234,17 @@ def _rows_kernel(
             for start in range(0, n_cols, BLOCK):
                 idx = start + cols
                 mask = idx < n_cols
-                z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
-                if SOFTCAP:
-                    th = _tanh(z / softcap)
-                    z = softcap * th
-                if TEMPERATURE:
-                    z = z / t_row
+                if WHOLE_ROW:  # the one block the statistics loop read (the padding at -inf: p = 0 there)
+                    z = z_keep
+                    if SOFTCAP:
+                        th = th_keep
+                else:
+                    z = tl.load(z_row + idx, mask=mask, other=-float("inf")).to(tl.float32)
+                    if SOFTCAP:
+                        th = _tanh(z / softcap)
+                        z = softcap * th
+                    if TEMPERATURE:
+                        z = z / t_row
                 # exp((z - m) - log s), not exp(z - lse): lse rounded to fp32 would cost absolute precision
                 # in proportion to the largest logit.
                 p = tl.exp((z - m) - log_s)
@@ -262,6 +281,17 @@ def _multiprocessors(device_index: int) -> int:
 # (block, warps, programs per multiprocessor or 0 for one program per row): a sweep on the GPU may set it
 # (benchmarks/sweep_rows.py); None takes the defaults below.
 LAUNCH_OVERRIDE: tuple[int, int, int] | None = None
+# Rows of up to this many columns whose pass computes statistics and gradient together run as one block,
+# read once (WHOLE_ROW, module docstring). 0: off, the default until a GPU measurement shows it faster;
+# XENT_TRITON_WHOLE_ROW=32768 (or setting this) turns it on for such a measurement.
+WHOLE_ROW_MAX_COLUMNS = int(os.environ.get("XENT_TRITON_WHOLE_ROW", "0"))
+
+
+def _whole_row_launch(num_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK, num_warps, grid) of the read-once launch: the row in one power-of-two block, one program per
+    row, a warp per 1024 columns (4 to 32)."""
+    block = triton.next_power_of_2(max(16, n_cols))
+    return block, max(4, min(32, block // 1024)), num_rows
 
 
 def _launch(z: Tensor, num_rows: int, n_cols: int, softcap: bool = False) -> tuple[int, int, int]:
@@ -333,7 +363,11 @@ def rows_(
         return t if t is not None else dummy
 
     per_row_t = isinstance(temperature, Tensor)
-    block, warps, grid = _launch(z, num_rows, n_cols, softcap is not None)
+    whole_row = stats is not None and coefs is not None and n_cols <= WHOLE_ROW_MAX_COLUMNS
+    if whole_row:
+        block, warps, grid = _whole_row_launch(num_rows, n_cols)
+    else:
+        block, warps, grid = _launch(z, num_rows, n_cols, softcap is not None)
     with _on_device(z):
         _rows_kernel[(grid,)](
             z,
@@ -378,6 +412,7 @@ def rows_(
             STORE_SUMSQ=stats is not None and stats.sumsq is not None,
             STORE_LOGIT_SUM=stats is not None and stats.logit_sum is not None,
             ENTROPY_GRAD=entropy_c is not None,
+            WHOLE_ROW=whole_row,
             num_warps=warps,
         )
 
